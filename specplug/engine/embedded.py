@@ -1,0 +1,208 @@
+"""The embedded engine: any HF causal LM as target, any specplug drafter, batched.
+
+One decode step for a batch of rows:
+  1. drafter.propose -> chain/tree per row (target vocabulary)
+  2. the target runs once on [last committed token, draft nodes...] with a tree mask
+  3. verify -> accepted drafts + recovered/bonus token per row
+  4. the cache keeps the accepted path's slots, the rest is masked out (rollback is free)
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..drafters.base import Drafter
+from ..stats import SpecStats
+from ..types import PAD, DraftInput, DraftProposal, SamplingParams
+from ..verify import verify
+from ..sampling import next_tokens
+from .kv import SlotCache
+from .rows import Request, RequestOutput, Row
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def context_limit(config) -> int:
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def tree_block_mask(proposal: DraftProposal) -> torch.Tensor:
+    """[batch, n + 1, n + 1] bool: block input i may see block input j when j is i's ancestor
+    or i itself.  Block input 0 is the last committed token, input j + 1 is node j."""
+    batch, n = proposal.tokens.shape
+    mask = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool)
+    mask[:, :, 0] = True
+    mask[:, 0, 0] = True
+    parents, tokens = proposal.parents.tolist(), proposal.tokens.tolist()
+    for r in range(batch):
+        for j, par in enumerate(parents[r]):
+            if tokens[r][j] == PAD:
+                continue
+            mask[r, j + 1] = mask[r, par + 1] if par >= 0 else mask[r, 0]
+            mask[r, j + 1, j + 1] = True
+    return mask
+
+
+class EmbeddedEngine:
+    def __init__(self, model, tokenizer=None, drafter: Drafter | None = None,
+                 num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams()):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens if drafter else 0
+        self.sampling = sampling
+        self.hidden_layers = drafter.needs.hidden_layers if drafter else ()
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._next_row_id = 0
+
+    # -- public API ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], batch_size: int = 1,
+                 stats: SpecStats | None = None) -> tuple[list[RequestOutput], SpecStats]:
+        stats = stats or SpecStats()
+        limit = context_limit(self.model.config)
+        for req in requests:
+            need = len(req.prompt_ids) + req.max_new_tokens + self.num_draft_tokens + 1
+            if not req.prompt_ids:
+                raise ValueError("empty prompt")
+            if need > limit:
+                raise PromptTooLong(
+                    f"prompt of {len(req.prompt_ids)} tokens + max_new_tokens {req.max_new_tokens} "
+                    f"+ {self.num_draft_tokens + 1} verify slots exceeds the model's context of {limit}")
+        outputs: list[RequestOutput] = []
+        start = time.perf_counter()
+        for i in range(0, len(requests), batch_size):
+            outputs += self._run_batch(requests[i:i + batch_size], stats)
+        stats.wall_time_s += time.perf_counter() - start
+        stats.num_prompts += len(requests)
+        stats.total_new_tokens += sum(o.num_new_tokens for o in outputs)
+        return outputs, stats
+
+    # -- one static batch ---------------------------------------------------------------------
+    def _run_batch(self, requests: list[Request], stats: SpecStats) -> list[RequestOutput]:
+        rows = []
+        for req in requests:
+            gen = None
+            if req.seed is not None:
+                gen = torch.Generator().manual_seed(req.seed)
+            rows.append(Row(self._next_row_id, req, list(req.prompt_ids), gen))
+            self._next_row_id += 1
+        cache = SlotCache(len(rows))
+        with stats.timer("prefill"):
+            self._prefill(rows, cache)
+        active = [r for r in rows if not r.finish_reason]
+        self._drop_finished(rows, active, cache)
+        while active:
+            step_start = time.perf_counter()
+            timed = dict.fromkeys(("draft", "verify", "sample", "cache"), 0.0)
+            t = time.perf_counter()
+            proposal = self._propose(active)
+            timed["draft"] = time.perf_counter() - t
+            t = time.perf_counter()
+            logits, feats = self._verify_forward(active, cache, proposal)
+            timed["verify"] = time.perf_counter() - t
+            t = time.perf_counter()
+            result = verify(logits, proposal, self.sampling, [r.generator for r in active])
+            timed["sample"] = time.perf_counter() - t
+            t = time.perf_counter()
+            num_nodes = proposal.num_nodes.tolist()
+            keep = []
+            for i, row in enumerate(active):
+                n_acc = int(result.num_accepted[i])
+                path = [0] + [int(j) + 1 for j in result.accepted_nodes[i, :n_acc]]
+                keep.append(path)
+                if feats is not None:
+                    row.pending_hidden.append(feats[i, path])
+                n_new = row.append(result.row_tokens(i), self.eos_ids, self.tokenizer)
+                row.accept_lengths.append(n_new)
+                stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
+            cache.commit(keep)
+            still = [r for r in active if not r.finish_reason]
+            if len(still) < len(active):
+                self._drop_finished(active, still, cache)
+            active = still
+            timed["cache"] = time.perf_counter() - t
+            total = time.perf_counter() - step_start
+            for k, v in timed.items():
+                stats.timing_ms[k] += v * 1e3
+            stats.timing_ms["other"] += (total - sum(timed.values())) * 1e3
+        return [r.output(self.tokenizer) for r in rows]
+
+    def _drop_finished(self, before: list[Row], after: list[Row], cache: SlotCache) -> None:
+        if len(after) == len(before):
+            return
+        keep_ids = {r.row_id for r in after}
+        cache.select_rows([i for i, r in enumerate(before) if r.row_id in keep_ids])
+        if self.drafter:
+            self.drafter.release([r.row_id for r in before if r.row_id not in keep_ids])
+
+    # -- model calls --------------------------------------------------------------------------
+    def _forward(self, cache, ids, pos, real, block_mask=None):
+        out = cache.forward(self.model, ids, pos, real, block_mask,
+                            output_hidden_states=bool(self.hidden_layers))
+        feats = None
+        if self.hidden_layers:
+            feats = torch.cat([out.hidden_states[i] for i in self.hidden_layers], dim=-1)
+        return out.logits, feats
+
+    def _prefill(self, rows: list[Row], cache: SlotCache) -> None:
+        lens = [len(r.tokens) for r in rows]
+        width = max(lens)
+        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :lens[i]] = torch.tensor(r.tokens)
+        real = ids != PAD
+        pos = torch.arange(width).expand(len(rows), width)
+        logits, feats = self._forward(cache, ids, pos, real)
+        cache.commit([list(range(n)) for n in lens])
+        last = torch.tensor(lens) - 1
+        first = next_tokens(logits[torch.arange(len(rows)), last], self.sampling,
+                            [r.generator for r in rows])
+        for i, r in enumerate(rows):
+            if feats is not None:
+                r.pending_hidden.append(feats[i, :lens[i]])
+            r.append([int(first[i])], self.eos_ids, self.tokenizer)
+
+    def _propose(self, rows: list[Row]) -> DraftProposal:
+        if not self.drafter:
+            return DraftProposal.empty(len(rows))
+        starts = [r.hidden_start for r in rows]
+        feats = [r.take_hidden() for r in rows] if self.hidden_layers else None
+        inp = DraftInput(
+            row_ids=[r.row_id for r in rows],
+            token_ids=[torch.tensor(r.tokens, dtype=torch.long) for r in rows],
+            num_draft_tokens=self.num_draft_tokens, sampling=self.sampling,
+            hidden_states=feats, hidden_start=starts if feats is not None else None,
+            generators=[r.generator for r in rows])
+        proposal = self.drafter.propose(inp)
+        # never draft past a row's token budget: the extra tokens could not be kept anyway
+        budget = torch.tensor([r.req.max_new_tokens - r.num_new for r in rows])
+        return _limit_depth(proposal, budget)
+
+    def _verify_forward(self, rows, cache, proposal: DraftProposal):
+        batch, n = proposal.tokens.shape
+        last = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long)
+        ids = torch.cat([last[:, None], proposal.tokens], dim=1)
+        real = ids != PAD
+        base = cache.length[:, None]
+        depth = torch.cat([torch.zeros(batch, 1, dtype=torch.long), proposal.depths()], dim=1)
+        pos = base + depth
+        block_mask = None if proposal.is_chain() else tree_block_mask(proposal)
+        return self._forward(cache, ids, pos, real, block_mask)
+
+
+def _limit_depth(proposal: DraftProposal, budget: torch.Tensor) -> DraftProposal:
+    """Drop nodes deeper than budget - 1 (the bonus token takes the last slot)."""
+    if proposal.tokens.shape[1] == 0:
+        return proposal
+    too_deep = proposal.depths() > (budget[:, None] - 1)
+    if not too_deep.any():
+        return proposal
+    return DraftProposal(proposal.tokens.masked_fill(too_deep, PAD), proposal.parents,
+                         proposal.draft_probs)

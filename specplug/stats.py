@@ -1,0 +1,76 @@
+"""One statistics type for every engine: accept lengths, acceptance, and where the time went."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+TIMING_KEYS = ("prefill", "draft", "verify", "sample", "cache", "other")
+
+
+@dataclass
+class SpecStats:
+    num_prompts: int = 0
+    total_new_tokens: int = 0
+    wall_time_s: float = 0.0
+    num_drafts: int = 0  # verify steps that carried at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accept_lengths: list[int] = field(default_factory=list)  # per verify step, incl. bonus
+    timing_ms: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in TIMING_KEYS})
+
+    @contextmanager
+    def timer(self, key: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing_ms[key] += (time.perf_counter() - start) * 1e3
+
+    def record_step(self, num_draft: int, num_accepted: int) -> None:
+        """One verify step of one row."""
+        if num_draft:
+            self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        self.accept_lengths.append(num_accepted + 1)
+
+    @property
+    def mean_accept_length(self) -> float:
+        """tau: accepted + bonus tokens per verify step (vLLM and SGLang count it so)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.total_new_tokens / self.wall_time_s if self.wall_time_s else 0.0
+
+    def histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accept_lengths).items()))
+
+    def summary(self) -> dict:
+        return {
+            "num_prompts": self.num_prompts,
+            "total_new_tokens": self.total_new_tokens,
+            "wall_time_s": round(self.wall_time_s, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "mean_accept_length": round(self.mean_accept_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "accept_length_histogram": {str(k): v for k, v in self.histogram().items()},
+            "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+        }
+
+    def summary_line(self, label: str = "") -> str:
+        t = self.timing_ms
+        return (f"[BatchSummary]{' ' + label if label else ''} prompts={self.num_prompts} "
+                f"new_tokens={self.total_new_tokens} wall={self.wall_time_s:.2f}s "
+                f"tok/s={self.tokens_per_second:.2f} tau={self.mean_accept_length:.3f} "
+                f"accept_rate={self.acceptance_rate:.3f} "
+                + " ".join(f"{k}={t[k]:.0f}ms" for k in TIMING_KEYS))

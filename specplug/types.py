@@ -1,0 +1,119 @@
+"""The few types every part of specplug speaks.
+
+Vocabulary (used the same way in every module):
+  committed tokens  the prompt plus every output token so far, per row.
+  draft tokens      what a drafter proposes after the last committed token: a chain or a tree.
+  accepted tokens   draft tokens the target agreed with (greedy) or kept (rejection sampling).
+  recovered token   sampled from the residual max(0, p - q) where a draft token was rejected.
+  bonus token       sampled from the target when every draft token on the path was accepted.
+  accept length     accepted drafts + 1 (the recovered or bonus token), per verify step; its
+                    mean over steps is tau, as vLLM and SGLang count it.
+
+A chain is a tree whose node j has parent j - 1.  Node parents index into the same row's nodes;
+-1 is the root, i.e. the last committed token.  Worked example, gamma = 3 chain after "the":
+  tokens  = [[cat, sat, on]]      parents = [[-1, 0, 1]]
+  target sees [the, cat, sat, on] and returns logits for 4 positions; position 0 judges "cat".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PAD = -1  # padding for ragged token tensors; a node is real iff its token != PAD
+ROOT = -1  # parent index of the root's children (the root is the last committed token)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0  # 1.0 means off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(
+                f"bad sampling settings: temperature={self.temperature} top_k={self.top_k} "
+                f"top_p={self.top_p} (need temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
+
+
+@dataclass
+class DrafterNeeds:
+    """What a drafter asks the engine to hand it besides token ids."""
+    # Indices into HF's `hidden_states` tuple (0 = embeddings, i + 1 = output of layer i,
+    # -1 = final normed hidden).  Empty: token-only drafter.
+    hidden_layers: tuple[int, ...] = ()
+
+
+@dataclass
+class DraftInput:
+    """One drafting step for a batch of rows (rows are requests; order may change per step)."""
+    row_ids: list[int]  # stable request ids: a drafter keys its per-request state on them
+    token_ids: list[torch.Tensor]  # per row [num_committed] int64, prompt + output so far
+    num_draft_tokens: int  # gamma: chain length, or tree depth for tree drafters
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Target features for committed positions the drafter has not been given yet: row r gets
+    # positions [hidden_start[r], num_committed[r] - 1) as [n_new, len(hidden_layers) * H].
+    # The last committed token has no feature yet (the target has not run on it).
+    hidden_states: list[torch.Tensor] | None = None
+    hidden_start: list[int] | None = None
+    generators: list[torch.Generator | None] | None = None  # per row, for sampled drafts
+
+
+@dataclass
+class DraftProposal:
+    """Draft tokens for a batch, in the TARGET's vocabulary."""
+    tokens: torch.Tensor  # [batch, num_nodes] int64, PAD where a row has fewer nodes
+    parents: torch.Tensor  # [batch, num_nodes] int64, ROOT = last committed token; ignored on PAD
+    # Distribution each node was drawn from (over the target vocab), [batch, num_nodes, vocab].
+    # None: drafts are deterministic (argmax, top-k, lookup) and verified as point masses,
+    # which is lossless too (see verify.py).
+    draft_probs: torch.Tensor | None = None
+
+    @staticmethod
+    def chain(tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftProposal":
+        """tokens [batch, gamma] padded with PAD at the end of short rows."""
+        batch, n = tokens.shape
+        parents = torch.arange(-1, n - 1, dtype=torch.long).expand(batch, n).clone()
+        return DraftProposal(tokens.long(), parents, draft_probs)
+
+    @staticmethod
+    def empty(batch: int) -> "DraftProposal":
+        return DraftProposal.chain(torch.full((batch, 0), PAD, dtype=torch.long))
+
+    @property
+    def num_nodes(self) -> torch.Tensor:  # [batch]
+        return (self.tokens != PAD).sum(dim=1)
+
+    def is_chain(self) -> bool:
+        n = self.tokens.shape[1]
+        expect = torch.arange(-1, n - 1).expand_as(self.parents)
+        real = self.tokens != PAD
+        return bool(((self.parents == expect) | ~real).all())
+
+    def depths(self) -> torch.Tensor:
+        """[batch, num_nodes] depth of each node (root's children have depth 1), 0 on PAD."""
+        depth = torch.zeros_like(self.parents)
+        for j in range(self.parents.shape[1]):  # parents always precede children
+            par = self.parents[:, j]
+            parent_depth = torch.where(par >= 0, depth.gather(1, par.clamp(min=0)[:, None])[:, 0], 0)
+            depth[:, j] = torch.where(self.tokens[:, j] == PAD, 0, parent_depth + 1)
+        return depth
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of one verify step."""
+    # [batch, num_nodes + 1] accepted draft tokens then the recovered/bonus token, PAD after.
+    tokens: torch.Tensor
+    num_accepted: torch.Tensor  # [batch] draft tokens accepted; accept length = this + 1
+    # [batch, num_nodes] node indices on the accepted path, in order, PAD after.
+    accepted_nodes: torch.Tensor
+
+    def row_tokens(self, row: int) -> list[int]:
+        n = int(self.num_accepted[row]) + 1
+        return self.tokens[row, :n].tolist()
