@@ -1,0 +1,125 @@
+"""`specplug bench ...` and `specplug bench report DIR` (the lead's CLI dispatches here)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .engines import ENGINES
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specplug bench",
+        description="Benchmark a drafter against the same engine's plain run and transformers' "
+                    "generate() anchors, on the same prompts in one process. "
+                    "`specplug bench report DIR` rebuilds the table and plots from saved JSON.")
+    p.add_argument("--suite", required=True,
+                   help="mtbench, humaneval, sharegpt, or a .txt (one prompt per line) / .jsonl file")
+    p.add_argument("--target", required=True, help="target model folder (HF format)")
+    p.add_argument("--drafter", default=None,
+                   help="drafter checkpoint folder, or 'ngram' (then --method defaults to it)")
+    p.add_argument("--method", default=None,
+                   help="drafter method (ngram, draft, eagle3, ...; none = baselines only). "
+                        "Default: draft when --drafter is a folder, else ngram")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="drafter option, repeatable (e.g. max_ngram=3)")
+    p.add_argument("--engine", default="embedded", choices=ENGINES)
+    p.add_argument("--no-anchors", action="store_true",
+                   help="skip the HF generate() arms beside a non-HF engine")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--turns", type=int, default=1, choices=(1, 2))
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed prompts as raw text even when the tokenizer has a chat template")
+    p.add_argument("--output", default="bench_results", help="folder for the JSON and plots")
+    p.add_argument("--name", default=None, help="JSON file stem (default from suite/engine/method)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specplug bench report",
+                                description="Rebuild the results table and plots from saved JSON.")
+    p.add_argument("dir", help="folder holding bench JSON files")
+    p.add_argument("--readme", default=None,
+                   help="markdown file whose results section is rewritten "
+                        "(default: benchmarks/README.md)")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+        k, v = pair.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _method(args) -> tuple[str, str | None]:
+    drafter = args.drafter
+    if drafter == "ngram":
+        return args.method or "ngram", None
+    if args.method:
+        return args.method, drafter
+    return ("draft", drafter) if drafter else ("ngram", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        return _report_main(argv[1:])
+    args = _bench_parser().parse_args(argv)
+    from specplug.datasets import DatasetError
+    from specplug.models.loading import ModelLoadError
+    from .engines import EngineUnavailable
+    from .plots import plot_run
+    from .report import results_table
+    from .runner import BenchConfig, run_bench, write_json
+    try:
+        method, drafter = _method(args)
+        if drafter and not os.path.isdir(drafter):
+            raise ValueError(f"drafter path not found: {drafter}")
+        cfg = BenchConfig(
+            suite=args.suite, target=args.target, method=method, drafter=drafter,
+            options=_options(args.option), engine=args.engine, anchors=not args.no_anchors,
+            num_prompts=args.num_prompts, turns=args.turns, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,
+            chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,
+            output=args.output, name=args.name)
+        result = run_bench(cfg, progress=not args.no_progress)
+    except (DatasetError, ModelLoadError, EngineUnavailable, ValueError, OSError) as e:
+        print(f"specplug bench: error: {e}", file=sys.stderr)
+        return 2
+    path = write_json(result, cfg.output)
+    plots = plot_run(result, os.path.join(cfg.output, "plots"))
+    print(results_table([result]))
+    print(f"wrote {path} and {len(plots)} plots under {os.path.join(cfg.output, 'plots')}")
+    return 0
+
+
+def _report_main(argv: list[str]) -> int:
+    args = _report_parser().parse_args(argv)
+    from .report import DEFAULT_README, ReportError, report
+    try:
+        out = report(args.dir, args.readme or DEFAULT_README, plots=not args.no_plots)
+    except (ReportError, OSError, KeyError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        print(f"specplug bench report: error: {msg}", file=sys.stderr)
+        return 2
+    print(out["table"])
+    print(f"{len(out['runs'])} runs, {len(out['plots'])} plots; table written to "
+          f"{args.readme or DEFAULT_README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

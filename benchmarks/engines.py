@@ -1,0 +1,154 @@
+"""The engine switch: each engine contributes arms (plain baseline, speculative, anchors) that all
+run on the same requests in the same process.
+
+  embedded  specplug's EmbeddedEngine: baseline = no drafter, spec = the drafter asked for
+  hf        transformers generate(): plain (baseline), prompt lookup, assisted (with --drafter)
+  vllm      specplug.integrations.vllm.generate.run_vllm (extra `vllm`)
+  sglang    specplug.integrations.sglang.generate.run_sglang (extra `sglang`)
+
+External engines plug in by providing a module function
+  run_<engine>(target=PATH, requests=list[Request], drafter=DrafterSpec | None,
+               num_draft_tokens=int, sampling=SamplingParams, batch_size=int)
+      -> (list[RequestOutput], SpecStats)
+which the switch calls once with drafter=None (their own baseline) and once with the drafter.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from specplug.drafters.base import DrafterSpec
+from specplug.engine.rows import Request, RequestOutput
+from specplug.stats import SpecStats
+from specplug.types import SamplingParams
+
+ENGINES = ("embedded", "hf", "vllm", "sglang")
+# the HF arm that uses the same drafter as a specplug method: the "vs HF" column divides by it
+HF_EQUIVALENT = {"draft": "hf/assisted", "ngram": "hf/prompt_lookup"}
+
+
+class EngineUnavailable(RuntimeError):
+    pass
+
+
+RunFn = Callable[[list[Request], SpecStats], list[RequestOutput]]
+
+
+@dataclass
+class Arm:
+    label: str  # "<engine>/<method>", e.g. embedded/ngram, hf/assisted
+    engine: str
+    method: str  # "none" for a plain baseline
+    role: str  # "baseline" | "spec" | "anchor"
+    run: RunFn = field(repr=False)
+    settings: dict = field(default_factory=dict)
+    # in-process arms take the requests a chunk at a time, interleaved with the other arms so
+    # load on a shared machine hits every arm alike; external engines take a phase at once
+    # (one engine start per call)
+    whole_phase: bool = False
+
+
+@dataclass
+class BenchTarget:
+    """What every engine's arms are built from."""
+    path: str
+    model: object  # HF causal LM (loaded once, shared by the embedded and HF arms)
+    tokenizer: object
+    drafter: DrafterSpec | None  # None: baseline and anchors only
+    gamma: int
+    sampling: SamplingParams
+    batch_size: int
+
+
+def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
+    if engine == "embedded":
+        return _embedded_arms(t)
+    if engine == "hf":
+        return _hf_arms(t)
+    if engine in ("vllm", "sglang"):
+        return _external_arms(engine, t)
+    raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+
+
+def _embedded_arms(t: BenchTarget) -> list[Arm]:
+    from specplug.drafters.base import build_drafter
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.models.loading import target_info
+
+    def runner(engine: EmbeddedEngine) -> RunFn:
+        return lambda reqs, stats: engine.generate(reqs, t.batch_size, stats)[0]
+
+    base = EmbeddedEngine(t.model, t.tokenizer, sampling=t.sampling)
+    arms = [Arm("embedded/none", "embedded", "none", "baseline", runner(base),
+                {"batch_size": t.batch_size})]
+    if t.drafter is not None:
+        drafter = build_drafter(t.drafter, target_info(t.model, t.tokenizer))
+        spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
+                              sampling=t.sampling)
+        arms.append(Arm(f"embedded/{t.drafter.method}", "embedded", t.drafter.method, "spec",
+                        runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
+                                       "drafter_path": t.drafter.path,
+                                       "options": dict(t.drafter.options)}))
+    return arms
+
+
+def _hf_arms(t: BenchTarget) -> list[Arm]:
+    from .hf_anchor import HFGenerate
+
+    def arm(mode: str, role: str, assistant=None) -> Arm:
+        gen = HFGenerate(t.model, t.tokenizer, mode, t.gamma, t.sampling.temperature, assistant,
+                         max_ngram=int((t.drafter.options if t.drafter else {}).get("max_ngram", 3)))
+        method = "none" if mode == "plain" else mode
+        return Arm(f"hf/{method}", "hf", method, role, gen.generate, gen.settings())
+
+    arms = [arm("plain", "baseline"), arm("prompt_lookup", "anchor")]
+    if t.drafter is not None and t.drafter.method == "draft" and t.drafter.path:
+        from specplug.models.loading import load_causal_lm
+        assistant = load_causal_lm(t.drafter.path, dtype=t.model.dtype)
+        arms.append(arm("assisted", "anchor", assistant))
+    return arms
+
+
+_EXTRAS = {"vllm": ("specplug.integrations.vllm.generate", "run_vllm"),
+           "sglang": ("specplug.integrations.sglang.generate", "run_sglang")}
+
+
+def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
+    module, fn_name = _EXTRAS[engine]
+    try:
+        fn = getattr(importlib.import_module(module), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise EngineUnavailable(
+            f"--engine {engine} needs {module}.{fn_name} and the '{engine}' extra "
+            f"(pip install 'specplug[{engine}]'): {e}") from None
+
+    def runner(drafter: DrafterSpec | None) -> RunFn:
+        def run(reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
+            outs, got = fn(target=t.path, requests=reqs, drafter=drafter,
+                           num_draft_tokens=t.gamma, sampling=t.sampling,
+                           batch_size=t.batch_size)
+            _merge(stats, got)
+            return outs
+        return run
+
+    arms = [Arm(f"{engine}/none", engine, "none", "baseline", runner(None),
+                {"batch_size": t.batch_size}, whole_phase=True)]
+    if t.drafter is not None:
+        arms.append(Arm(f"{engine}/{t.drafter.method}", engine, t.drafter.method, "spec",
+                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma},
+                        whole_phase=True))
+    return arms
+
+
+def _merge(into: SpecStats, other: SpecStats) -> None:
+    """Add one call's stats into an arm's running total."""
+    into.num_prompts += other.num_prompts
+    into.total_new_tokens += other.total_new_tokens
+    into.wall_time_s += other.wall_time_s
+    into.num_drafts += other.num_drafts
+    into.num_draft_tokens += other.num_draft_tokens
+    into.num_accepted_tokens += other.num_accepted_tokens
+    into.accept_lengths += other.accept_lengths
+    for k, v in other.timing_ms.items():
+        into.timing_ms[k] = into.timing_ms.get(k, 0.0) + v
