@@ -1,0 +1,235 @@
+"""DFlash (z-lab): a block-diffusion head drafts a whole block in one non-causal pass.
+
+Per step, for a row whose committed tokens end in `last` at position N - 1:
+  block  = [last, MASK, MASK, ..., MASK]            (block_len = min(gamma, block_size - 1) + 1)
+  query  = the target's embedding of the block, at positions N - 1 ... N - 2 + block_len
+  keys   = [context K/V, block K/V]; every block position sees every key (no causal mask)
+  drafts = argmax / sample of target_lm_head(norm(output)) at block positions 1 ...
+Context K/V come from the target's hidden states: feats = cat(hidden_states[id + 1] for id in
+target_layer_ids), ctx = hidden_norm(fc(feats)), and each layer projects ctx with its own
+k_proj/v_proj (+ k_norm, RoPE at the context positions).  They are cached per row and reconciled
+against the committed tokens on every call; only the block's K/V are recomputed.
+
+Checkpoint (z-lab): config architectures ["DFlashDraftModel"], Qwen3 fields, dflash_config
+{block_size, mask_token_id, target_layer_ids} (older checkpoints: the three at top level),
+optional input_embedding_scale / output_multiplier / final_logit_softcapping; weights fc.weight
+[H, n * H], hidden_norm.weight, layers.{i}.* with self_attn.{q,k}_norm, norm.weight.  Embedding
+and lm_head are the target's (embed_tokens.* / lm_head.* keys, if a checkpoint carries them, are
+dropped).
+
+Stopping inside an accepted block (EOS, stop strings, length) is the engine's job (Row.append), so
+this drafter never changes the output: drafts are verified like any other.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoint_io import CheckpointError, check_keys, read_config
+from ..sampling import probs_from_logits
+from ..types import DraftInput, DraftProposal, DrafterNeeds
+from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .diffusion_model import Layer, RMSNorm, Shape, expected_layer_keys, load_weights
+
+DFLASH_ARCHITECTURES = ("DFlashDraftModel",)
+
+
+@dataclass
+class DFlashConfig:
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    embed_scale: float = 1.0
+    logit_multiplier: float = 1.0
+    softcap: float | None = None
+
+    @staticmethod
+    def from_config(cfg: dict, where: str) -> "DFlashConfig":
+        sub = cfg.get("dflash_config") or {}
+
+        def get(name, default=None):
+            return sub.get(name, cfg.get(name, default))
+        ids = get("target_layer_ids")
+        if ids is None or get("mask_token_id") is None:
+            raise CheckpointError(f"{where}: dflash_config needs target_layer_ids and mask_token_id")
+        return DFlashConfig(int(get("block_size", 16)), int(get("mask_token_id")), [int(i) for i in ids],
+                            float(get("input_embedding_scale", 1.0)),
+                            float(get("output_multiplier", 1.0)), get("final_logit_softcapping"))
+
+
+class DFlashHead(nn.Module):
+    def __init__(self, s: Shape, num_features: int):
+        super().__init__()
+        self.fc = nn.Linear(num_features * s.hidden, s.hidden, bias=False)
+        self.hidden_norm = RMSNorm(s.hidden, s.eps)
+        self.layers = nn.ModuleList(Layer(s) for _ in range(s.layers))
+        self.norm = RMSNorm(s.hidden, s.eps)
+
+    def context_kv(self, feats: torch.Tensor, pos: torch.Tensor) -> list[tuple]:
+        """feats [1, n, num_features * H], pos [1, n] -> per layer (k, v) [1, kv_heads, n, head_dim]."""
+        ctx = self.hidden_norm(self.fc(feats))
+        return [layer.self_attn.kv(ctx, pos) for layer in self.layers]
+
+    def block(self, noise, pos, ctx_kv, ctx_valid):
+        """noise [b, q, H] embedded block; pos [b, q]; ctx_kv per layer (k, v) [b, kv_heads, P, hd];
+        ctx_valid [b, P] -> normed hidden [b, q, H]."""
+        b, q, _ = noise.shape
+        allowed = torch.cat([ctx_valid[:, None, :].expand(b, q, -1),
+                             torch.ones(b, q, q, dtype=torch.bool)], dim=2)
+        x = noise
+        for layer, past in zip(self.layers, ctx_kv):
+            x, _ = layer(x, pos, allowed, past)
+        return self.norm(x)
+
+
+@dataclass
+class _RowContext:
+    """Cached context K/V of one row: entry i holds position pos[i], which carried tokens[i]."""
+    tokens: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    kv: list[tuple] | None = None  # per layer (k, v) [kv_heads, n, head_dim]
+
+    def crop(self, n: int) -> None:
+        self.tokens, self.pos = self.tokens[:n], self.pos[:n]
+        if self.kv is not None:
+            self.kv = [(k[:, :n], v[:, :n]) for k, v in self.kv]
+
+    def append(self, kv: list[tuple], pos: list[int], tokens: list[int]) -> None:
+        kv = [(k[0], v[0]) for k, v in kv]
+        if self.kv is None:
+            self.kv = kv
+        else:
+            self.kv = [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1)) for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+        self.pos += pos
+        self.tokens += tokens
+
+
+class DFlashDrafter(Drafter):
+    def __init__(self, head: DFlashHead, cfg: DFlashConfig, target: TargetInfo, seed: int = 0):
+        if target.embed_tokens is None or target.lm_head is None:
+            raise ValueError("dflash shares the target's embedding and lm_head: TargetInfo has none")
+        self.head, self.cfg = head.eval(), cfg
+        self.embed, self.lm_head = target.embed_tokens, target.lm_head
+        self.needs = DrafterNeeds(hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
+        self.rows: dict[int, _RowContext] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def release(self, row_ids: list[int]) -> None:
+        for rid in row_ids:
+            self.rows.pop(rid, None)
+
+    def _reconcile(self, rid: int, tokens: list[int], feats, start: int | None) -> _RowContext:
+        """Keep cached entries whose token still matches the committed one and that the new
+        features do not cover; then add the new features."""
+        st = self.rows.setdefault(rid, _RowContext())
+        limit = start if feats is not None else len(tokens)
+        keep = 0
+        for tok, p in zip(st.tokens, st.pos):
+            if p >= limit or p >= len(tokens) - 1 or tokens[p] != tok:
+                break
+            keep += 1
+        st.crop(keep)
+        if feats is not None and feats.shape[0]:
+            n = min(feats.shape[0], len(tokens) - 1 - start)
+            pos = list(range(start, start + n))
+            dtype = self.head.fc.weight.dtype
+            kv = self.head.context_kv(feats[None, :n].to(dtype), torch.tensor([pos]))
+            st.append(kv, pos, tokens[start:start + n])
+        return st
+
+    @torch.inference_mode()
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        batch = len(inp.row_ids)
+        block_len = min(inp.num_draft_tokens, self.cfg.block_size - 1) + 1
+        if block_len < 2:
+            return DraftProposal.empty(batch)
+        tokens = [t.tolist() for t in inp.token_ids]
+        states = [self._reconcile(rid, toks,
+                                  inp.hidden_states[r] if inp.hidden_states else None,
+                                  inp.hidden_start[r] if inp.hidden_start else None)
+                  for r, (rid, toks) in enumerate(zip(inp.row_ids, tokens))]
+        ctx_kv, ctx_valid = self._stack_context(states)
+        ids = torch.full((batch, block_len), self.cfg.mask_token_id, dtype=torch.long)
+        ids[:, 0] = torch.tensor([t[-1] for t in tokens])
+        pos = torch.tensor([len(t) - 1 for t in tokens])[:, None] + torch.arange(block_len)
+        dtype = self.head.fc.weight.dtype
+        noise = self.embed(ids).to(dtype) * self.cfg.embed_scale
+        hidden = self.head.block(noise, pos, ctx_kv, ctx_valid)[:, 1:]
+        logits = self._logits(hidden)  # [batch, block_len - 1, vocab]
+        if inp.sampling.greedy:
+            return DraftProposal.chain(logits.argmax(-1))
+        probs = probs_from_logits(logits, inp.sampling)
+        gens = inp.generators or [None] * batch
+        drafts = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r] or self.generator)[:, 0]
+                              for r in range(batch)])
+        return DraftProposal.chain(drafts, probs)
+
+    def _stack_context(self, states: list[_RowContext]):
+        """Pad rows' context K/V to one width: per layer (k, v) [b, kv_heads, P, hd], valid [b, P]."""
+        width = max(len(st.pos) for st in states)
+        s = self.head.layers[0].self_attn.s
+        dtype = self.head.fc.weight.dtype
+        valid = torch.zeros(len(states), width, dtype=torch.bool)
+        out = []
+        for layer in range(len(self.head.layers)):
+            k = torch.zeros(len(states), s.kv_heads, width, s.head_dim, dtype=dtype)
+            v = torch.zeros_like(k)
+            for r, st in enumerate(states):
+                n = len(st.pos)
+                if n:
+                    k[r, :, :n], v[r, :, :n] = st.kv[layer]
+                    valid[r, :n] = True
+            out.append((k, v))
+        return out, valid
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight
+        logits = self.lm_head(hidden.to(weight.dtype)).double() * self.cfg.logit_multiplier
+        if self.cfg.softcap:
+            cap = float(self.cfg.softcap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlashConfig]:
+    cfg = read_config(folder)
+    where = os.path.join(folder, "config.json")
+    arch = (cfg.get("architectures") or ["<none>"])[0]
+    if arch not in DFLASH_ARCHITECTURES:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not DFlash "
+                              f"(known: {', '.join(DFLASH_ARCHITECTURES)})")
+    dcfg = DFlashConfig.from_config(cfg, where)
+    s = Shape.from_config(cfg, where, qkv_bias=False, qk_norm=True)
+    if s.hidden != target.hidden_size:
+        raise CheckpointError(f"{where}: hidden_size {s.hidden} differs from the target's "
+                              f"{target.hidden_size} (dflash shares the target's embedding)")
+    bad = [i for i in dcfg.target_layer_ids if not 0 <= i < target.num_layers]
+    if bad:
+        raise CheckpointError(f"{where}: target_layer_ids {bad} outside the target's "
+                              f"{target.num_layers} layers")
+    if dcfg.block_size < 2:
+        raise CheckpointError(f"{where}: block_size {dcfg.block_size} leaves no draft tokens")
+    n = len(dcfg.target_layer_ids)
+    expected = {"fc.weight": (s.hidden, n * s.hidden), "hidden_norm.weight": (s.hidden,),
+                "norm.weight": (s.hidden,)}
+    expected.update(expected_layer_keys(s, "layers."))
+    state, source = load_weights(folder)
+    # explicit drops: the target's embedding and head are used instead
+    state = {k: v for k, v in state.items() if not k.startswith(("embed_tokens.", "lm_head."))}
+    check_keys(state, expected, source)
+    head = DFlashHead(s, n)
+    head.load_state_dict(state, strict=True)
+    return head.to(target.dtype).eval(), dcfg
+
+
+@register_drafter("dflash")
+def build(spec: DrafterSpec, target: TargetInfo) -> DFlashDrafter:
+    if not spec.path:
+        raise ValueError("method 'dflash' needs --drafter PATH (a z-lab DFlash checkpoint folder)")
+    head, cfg = load_dflash_head(spec.path, target)
+    if "block_size" in spec.options:
+        cfg.block_size = int(spec.options["block_size"])
+    return DFlashDrafter(head, cfg, target, int(spec.options.get("seed", 0)))

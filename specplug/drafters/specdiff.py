@@ -1,0 +1,298 @@
+"""SpecDiff: a masked-diffusion LM (Dream layout) drafts gamma tokens in k denoising steps.
+
+One call, per row, in the drafter's own token ids (re-tokenised through text when its tokenizer
+differs from the target's):
+  sequence = context + [MASK] * gamma
+  step s = 1..k: one forward over the sequence (bidirectional unless the checkpoint says
+  is_causal); fill masked positions until ceil(gamma * s / k) of the block are unmasked, picking
+  which by `unmask_order`:
+    origin         random positions (the original masked-diffusion sampler; Dream's 'origin')
+    entropy        lowest predictive entropy first (Dream's 'entropy')
+    p2             Path Planning self-planner (Peng et al. 2025): score every block position,
+                   masked ones by the confidence of their proposal, unmasked ones by the current
+                   probability of the token they hold; keep the best ceil(gamma * s / k) and
+                   re-mask the rest, so early mistakes can be revised
+    left_to_right  leftmost first; with is_causal and k = gamma it is plain AR decoding
+  num_candidates C > 1: candidate i pins block position 0 to the model's i-th most likely token
+  at step 1; the C chains are merged into a prefix tree and verified in one target pass.
+Dream scores token i + 1 at position i (shift_logits), so block position j reads position
+n - 1 + j: the last context token is always part of the forward.
+
+Drafts are verified as point masses (draft_probs None): a diffusion sample's token j is not
+drawn from a distribution conditioned on tokens < j only, so q-ratio acceptance would be lossy.
+
+approx_kv_cache: reuse the context's K/V from earlier calls and denoising steps instead of
+re-running the whole sequence.  Bidirectional attention makes it approximate (cached positions
+never see tokens that came after them); with a causal checkpoint it is exact.  Verification is
+exact either way.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..sampling import probs_from_logits
+from ..types import PAD, ROOT, DraftInput, DraftProposal
+from ..vocab import TextBridge, same_tokenizer
+from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .diffusion_model import DiffusionLM, load_diffusion_lm
+
+UNMASK_ORDERS = ("origin", "entropy", "p2", "left_to_right")
+
+
+class SpecDiffDrafter(Drafter):
+    def __init__(self, model: DiffusionLM, target_vocab: int, bridge: TextBridge | None = None,
+                 denoise_steps: int | None = None, unmask_order: str = "entropy",
+                 num_candidates: int = 1, approx_kv_cache: bool = False, seed: int = 0):
+        if unmask_order not in UNMASK_ORDERS:
+            raise ValueError(f"unmask_order {unmask_order!r}: choose one of {', '.join(UNMASK_ORDERS)}")
+        if num_candidates < 1 or (denoise_steps is not None and denoise_steps < 1):
+            raise ValueError(f"need num_candidates >= 1 and denoise_steps >= 1 "
+                             f"(got {num_candidates}, {denoise_steps})")
+        self.model, self.target_vocab, self.bridge = model.eval(), target_vocab, bridge
+        self.denoise_steps, self.order, self.num_candidates = denoise_steps, unmask_order, num_candidates
+        self.approx_kv_cache = approx_kv_cache
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cache: dict[int, tuple[list[int], list]] = {}  # row id -> (tokens, per layer (k, v))
+
+    def release(self, row_ids: list[int]) -> None:
+        for rid in row_ids:
+            self.cache.pop(rid, None)
+
+    @torch.inference_mode()
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        gamma, cands = inp.num_draft_tokens, self.num_candidates
+        if gamma < 1:
+            return DraftProposal.empty(len(inp.row_ids))
+        contexts = [t.tolist() for t in inp.token_ids]
+        if self.bridge:
+            contexts = [self.bridge.to_draft(c) for c in contexts]
+        # candidates of a row sit next to each other: expanded row e belongs to row e // cands
+        ctx = [c for c in contexts for _ in range(cands)]
+        rids = [rid for rid in inp.row_ids for _ in range(cands)]
+        block = torch.full((len(ctx), gamma), self.model.mask_token_id, dtype=torch.long)
+        done = torch.zeros(len(ctx), gamma, dtype=torch.bool)
+        pinned = torch.zeros_like(done)
+        steps = min(self.denoise_steps or gamma, gamma)
+        if self.approx_kv_cache:
+            self._reconcile_cache(inp.row_ids, contexts)
+        for step in range(steps):
+            logits = self._block_logits(ctx, rids, block, step)  # [rows, gamma, vocab]
+            if step == 0 and cands > 1:
+                top = logits[:, 0].topk(cands, dim=-1).indices  # [rows, cands]
+                block[:, 0] = top[torch.arange(len(ctx)), torch.arange(len(ctx)) % cands]
+                done[:, 0] = pinned[:, 0] = True
+            want = math.ceil(gamma * (step + 1) / steps)
+            self._unmask(block, done, pinned, logits, want, inp.sampling)
+        chains = self._to_target(ctx, block)
+        return _merge_chains([chains[r * cands:(r + 1) * cands] for r in range(len(contexts))])
+
+    # -- denoising -----------------------------------------------------------------------------
+    def _unmask(self, block, done, pinned, logits, want, sampling) -> None:
+        """Fill masked positions in place until `want` per row are unmasked."""
+        probs = torch.softmax(logits.double(), dim=-1)  # the planner's view: the model's own p
+        if sampling.greedy:
+            proposal = logits.argmax(-1)
+        else:
+            p = probs_from_logits(logits, sampling)
+            proposal = torch.multinomial(p.flatten(0, 1), 1, generator=self.generator).view(p.shape[:2])
+        confidence = probs.gather(-1, proposal[..., None])[..., 0]
+        if self.order == "p2":
+            held = probs.gather(-1, block.clamp(max=probs.shape[-1] - 1)[..., None])[..., 0]
+            score = torch.where(done, held, confidence).masked_fill(pinned, float("inf"))
+            keep = _top_mask(score, want)
+            block.copy_(torch.where(keep & ~done, proposal, block))
+            block.masked_fill_(~keep, self.model.mask_token_id)
+            done.copy_(keep)
+            return
+        gamma = block.shape[1]
+        if self.order == "left_to_right":
+            score = -torch.arange(gamma, dtype=torch.double).expand(block.shape)
+        elif self.order == "entropy":
+            score = (probs * probs.clamp(min=1e-300).log()).sum(-1)  # -entropy
+        else:  # origin
+            score = torch.rand(block.shape, generator=self.generator, dtype=torch.double)
+        need = (want - done.sum(1)).clamp(min=0)  # [rows]
+        score = score.masked_fill(done, float("-inf"))
+        order = score.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(gamma).expand_as(order))
+        pick = (rank < need[:, None]) & ~done
+        block.copy_(torch.where(pick, proposal, block))
+        done |= pick
+
+    def _block_logits(self, ctx, rids, block, step) -> torch.Tensor:
+        """[rows, gamma, vocab] logits scoring each block position, mask token excluded."""
+        gamma = block.shape[1]
+        shift = 1 if self.model.shift_logits else 0
+        if not self.approx_kv_cache:
+            feeds = [c + b for c, b in zip(ctx, block.tolist())]
+            logits, _ = self._forward(feeds, [0] * len(ctx), [None] * len(ctx))
+            first = [len(c) - shift for c in ctx]
+        else:
+            past = [self.cache[rid] for rid in rids]
+            cached = [len(p[0]) for p in past]
+            feeds = [c[n:] + b for c, n, b in zip(ctx, cached, block.tolist())]
+            logits, new_kv = self._forward(feeds, cached, past)
+            if step == 0:
+                self._store(ctx, rids, cached, new_kv)
+            first = [len(c) - n - shift for c, n in zip(ctx, cached)]
+        idx = torch.tensor(first)[:, None] + torch.arange(gamma)
+        out = logits[torch.arange(len(ctx))[:, None], idx]
+        out[..., self.model.mask_token_id] = float("-inf")
+        if not self.bridge and out.shape[-1] > self.target_vocab:
+            out[..., self.target_vocab:] = float("-inf")  # padded vocab rows are no tokens
+        return out
+
+    def _forward(self, feeds: list[list[int]], starts: list[int], past: list):
+        """Ragged rows: feeds[r] at positions starts[r]..., after past[r]'s cached K/V."""
+        b, width = len(feeds), max(len(f) for f in feeds)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        real = torch.zeros(b, width, dtype=torch.bool)
+        for r, f in enumerate(feeds):
+            ids[r, :len(f)] = torch.tensor(f, dtype=torch.long)
+            real[r, :len(f)] = True
+        pos = torch.tensor(starts)[:, None] + torch.arange(width)
+        new = real[:, None, :].expand(b, width, width)
+        if self.model.is_causal:
+            new = new & torch.ones(width, width, dtype=torch.bool).tril()
+        new = new | torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no NaN
+        stacked, valid = _stack_past(past, self.model)
+        allowed = torch.cat([valid[:, None, :].expand(b, width, -1), new], dim=2)
+        return self.model(ids, pos, allowed, stacked)
+
+    # -- approximate context cache -------------------------------------------------------------
+    def _reconcile_cache(self, row_ids, contexts) -> None:
+        """Crop each row's cached K/V to the prefix it shares with the context, minus the last
+        token (always re-fed: with shifted logits its output scores block position 0)."""
+        for rid in [r for r in self.cache if r not in set(row_ids)]:
+            del self.cache[rid]
+        for rid, ctx in zip(row_ids, contexts):
+            toks, kv = self.cache.get(rid, ([], None))
+            n = 0
+            limit = min(len(toks), len(ctx) - 1)
+            while n < limit and toks[n] == ctx[n]:
+                n += 1
+            kv = None if kv is None or n == 0 else [(k[:, :n], v[:, :n]) for k, v in kv]
+            self.cache[rid] = (toks[:n], kv)
+
+    def _store(self, ctx, rids, cached, new_kv) -> None:
+        """Keep the K/V of context tokens fed this step (all but the last token), once per row."""
+        seen = set()
+        for e, (rid, c, n) in enumerate(zip(rids, ctx, cached)):
+            if rid in seen or len(c) - 1 <= n:
+                seen.add(rid)
+                continue
+            seen.add(rid)
+            m = len(c) - 1 - n
+            add = [(k[e, :, :m], v[e, :, :m]) for k, v in new_kv]
+            toks, kv = self.cache[rid]
+            kv = add if kv is None else [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
+                                         for (k0, v0), (k1, v1) in zip(kv, add)]
+            self.cache[rid] = (toks + c[n:len(c) - 1], kv)
+
+    # -- output ------------------------------------------------------------------------------
+    def _to_target(self, ctx, block) -> list[list[int]]:
+        chains = []
+        for c, toks in zip(ctx, block.tolist()):
+            if self.bridge:
+                chains.append(self.bridge.to_target(c, toks)[:block.shape[1]])
+            else:
+                cut = next((i for i, t in enumerate(toks) if t >= self.target_vocab), len(toks))
+                chains.append(toks[:cut])
+        return chains
+
+
+def _top_mask(score: torch.Tensor, want: int) -> torch.Tensor:
+    """[rows, n] bool marking each row's `want` highest scores."""
+    order = score.argsort(dim=1, descending=True, stable=True)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :want], True)
+
+
+def _stack_past(past: list, model: DiffusionLM):
+    """Per row (tokens, per layer (k, v) [kv_heads, n, hd]) or None -> padded per-layer
+    (k, v) [b, kv_heads, P, hd] (None when nothing is cached) and valid [b, P]."""
+    lens = [0 if p is None or p[1] is None else len(p[0]) for p in past]
+    width = max(lens)
+    valid = torch.zeros(len(past), width, dtype=torch.bool)
+    if width == 0:
+        return None, valid
+    s, dtype = model.shape, model.embed_tokens.weight.dtype
+    out = []
+    for layer in range(s.layers):
+        k = torch.zeros(len(past), s.kv_heads, width, s.head_dim, dtype=dtype)
+        v = torch.zeros_like(k)
+        for r, (p, n) in enumerate(zip(past, lens)):
+            if n:
+                k[r, :, :n], v[r, :, :n] = p[1][layer]
+                valid[r, :n] = True
+        out.append((k, v))
+    return out, valid
+
+
+def _merge_chains(per_row: list[list[list[int]]]) -> DraftProposal:
+    """Per row, candidate chains -> one prefix tree (shared prefixes verified once)."""
+    rows = []
+    for chains in per_row:
+        tokens, parents, children = [], [], {}
+        for chain in chains:
+            node = ROOT
+            for tok in chain:
+                key = (node, tok)
+                if key not in children:
+                    children[key] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(node)
+                node = children[key]
+        rows.append((tokens, parents))
+    width = max((len(t) for t, _ in rows), default=0)
+    tok_t = torch.full((len(rows), width), PAD, dtype=torch.long)
+    par_t = torch.full((len(rows), width), ROOT, dtype=torch.long)
+    for r, (t, p) in enumerate(rows):
+        tok_t[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+        par_t[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+    if all(p == list(range(-1, len(p) - 1)) for _, p in rows):
+        return DraftProposal.chain(tok_t)
+    return DraftProposal(tok_t, par_t)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    # asking AutoTokenizer about a folder without one logs a warning about the Dream config
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(folder, n)) for n in names)
+
+
+def _option(options: dict, name: str, kind, default):
+    value = options.get(name, default)
+    if value is None:
+        return None
+    if kind is bool and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
+@register_drafter("specdiff")
+def build(spec: DrafterSpec, target: TargetInfo) -> SpecDiffDrafter:
+    from ..models.loading import load_tokenizer
+    if not spec.path:
+        raise ValueError("method 'specdiff' needs --drafter PATH (a Dream-layout diffusion LM or "
+                         "a LoRA adapter folder over one)")
+    opts = spec.options
+    model, base_folder = load_diffusion_lm(spec.path, target.dtype, opts.get("base"))
+    draft_tok = None
+    for folder in (spec.path, base_folder):
+        if draft_tok is None and _has_tokenizer(folder):
+            draft_tok = load_tokenizer(folder, required=False)
+    bridge = None
+    if draft_tok is not None and target.tokenizer is not None and not same_tokenizer(draft_tok, target.tokenizer):
+        bridge = TextBridge(target.tokenizer, draft_tok)
+    elif model.vocab < target.vocab_size and draft_tok is None:
+        raise ValueError(f"{spec.path}: diffusion vocabulary ({model.vocab}) is smaller than the "
+                         f"target's ({target.vocab_size}) and there is no tokenizer to map it through")
+    return SpecDiffDrafter(model, target.vocab_size, bridge,
+                           denoise_steps=_option(opts, "denoise_steps", int, None),
+                           unmask_order=_option(opts, "unmask_order", str, "entropy"),
+                           num_candidates=_option(opts, "num_candidates", int, 1),
+                           approx_kv_cache=_option(opts, "approx_kv_cache", bool, False),
+                           seed=_option(opts, "seed", int, 0))

@@ -1,0 +1,164 @@
+"""Tiny checkpoints in DFlash (z-lab) and Dream (SpecDiff) layouts, written by the tests.
+
+Constructions used to reach tau = gamma + 1 (see each builder):
+  repeat_target   a tiny Llama whose layers add nothing (o_proj, down_proj = 0) and whose lm_head
+                  is its embedding with equal-norm rows: greedy next token = current token.
+  copy_dflash     a DFlash head that puts norm(embedding(last token)) on every mask position, so
+                  it drafts the repeat target's continuation exactly.
+  dream_from_llama the target's own weights in Dream layout, is_causal: with left_to_right order
+                  and one token per step it is the target decoding autoregressively.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from specplug.drafters.dflash import DFlashHead
+from specplug.drafters.diffusion_model import Shape
+from specplug.models.tiny import build_tiny_llama
+
+
+def write_checkpoint(folder: str, config: dict, state: dict) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+# -- targets ---------------------------------------------------------------------------------------
+def repeat_target(seed: int = 0, mask_token_id: int = 0):
+    """Greedy continuation of any prompt = its last token forever; mask token embeds to zero."""
+    model = build_tiny_llama(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        emb.copy_(torch.nn.functional.normalize(emb, dim=-1) * 4.0)
+        emb[mask_token_id] = 0.0
+        model.lm_head.weight.copy_(emb * 2.0)
+    return model
+
+
+# -- DFlash ----------------------------------------------------------------------------------------
+def dflash_config(target_config, block_size=8, target_layer_ids=(0, 1), mask_token_id=0, layers=1,
+                  heads=4, kv_heads=2, head_dim=16, nested=True) -> dict:
+    cfg = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+           "hidden_size": target_config.hidden_size, "intermediate_size": 2 * target_config.hidden_size,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "head_dim": head_dim, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+           "attention_bias": False, "vocab_size": target_config.vocab_size,
+           "num_target_layers": target_config.num_hidden_layers, "tie_word_embeddings": False}
+    inner = {"block_size": block_size, "mask_token_id": mask_token_id,
+             "target_layer_ids": list(target_layer_ids)}
+    if nested:
+        cfg["dflash_config"] = inner
+    else:  # older z-lab checkpoints
+        cfg.update(inner)
+    return cfg
+
+
+def _dflash_shape(cfg: dict) -> Shape:
+    return Shape.from_config(cfg, "fixture", qkv_bias=False, qk_norm=True)
+
+
+def random_dflash(folder: str, target, seed: int = 0, scale: float = 1.0, **kw) -> str:
+    cfg = dflash_config(target.config, **kw)
+    ids = cfg.get("dflash_config", cfg)["target_layer_ids"]
+    torch.manual_seed(seed)
+    head = DFlashHead(_dflash_shape(cfg), len(ids)).double()
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if "norm" not in name:
+                p.mul_(scale)
+    return write_checkpoint(folder, cfg, head.state_dict())
+
+
+def copy_dflash(folder: str, target, block_size: int = 8, mask_token_id: int = 0) -> str:
+    """For repeat_target: zero context (fc = 0), zero queries so attention is uniform, values =
+    identity; masks embed to 0, so each mask position gets c * norm(e_last) and the shared
+    lm_head scores the last token highest (RMS norms are scale-free)."""
+    hidden = target.config.hidden_size
+    cfg = dflash_config(target.config, block_size=block_size, mask_token_id=mask_token_id,
+                        heads=4, kv_heads=4, head_dim=hidden // 4)
+    head = DFlashHead(_dflash_shape(cfg), 2).double()
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.copy_(torch.eye(hidden))
+            else:
+                p.zero_()
+        head.norm.weight.copy_(target.model.norm.weight)
+    return write_checkpoint(folder, cfg, head.state_dict())
+
+
+# -- Dream -----------------------------------------------------------------------------------------
+def dream_config(vocab, hidden=64, layers=2, heads=4, kv_heads=2, mask_token_id=255,
+                 is_causal=False, tie=False) -> dict:
+    cfg = {"architectures": ["DreamModel"], "model_type": "Dream", "vocab_size": vocab,
+           "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0, "mask_token_id": mask_token_id, "tie_word_embeddings": tie,
+           "max_position_embeddings": 512}
+    if is_causal:
+        cfg["is_causal"] = True
+    return cfg
+
+
+def dream_state_from_llama(model) -> dict:
+    """A Llama's weights under Dream's names, with the zero q/k/v biases Qwen2 layers carry."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(model.config.num_hidden_layers):
+        for name in ("q", "k", "v"):
+            w = state[f"model.layers.{i}.self_attn.{name}_proj.weight"]
+            state[f"model.layers.{i}.self_attn.{name}_proj.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+    return state
+
+
+def dream_from_llama(folder: str, model, is_causal=True, mask_token_id=255) -> str:
+    c = model.config
+    cfg = dream_config(c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                       c.num_key_value_heads, mask_token_id, is_causal)
+    cfg["intermediate_size"] = c.intermediate_size
+    return write_checkpoint(folder, cfg, dream_state_from_llama(model))
+
+
+def random_dream(folder: str, vocab: int, seed: int = 0, mask_token_id: int = 255,
+                 is_causal: bool = False) -> str:
+    model = build_tiny_llama(seed, vocab_size=vocab)
+    return dream_from_llama(folder, model, is_causal=is_causal, mask_token_id=mask_token_id)
+
+
+def constant_dream(folder: str, vocab: int, token: int, mask_token_id: int) -> str:
+    """Always predicts `token`: layers add nothing, embedding dim 0 is positive for every token,
+    and only lm_head row `token` reads dim 0."""
+    model = build_tiny_llama(0, vocab_size=vocab)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 5.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token, 0] = 10.0
+    return dream_from_llama(folder, model, is_causal=False, mask_token_id=mask_token_id)
+
+
+def write_lora_adapter(folder: str, base: str, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       r: int, alpha: float) -> str:
+    """deltas: module name (e.g. model.layers.0.self_attn.q_proj) -> (A [r, in], B [out, r])."""
+    os.makedirs(folder, exist_ok=True)
+    state = {}
+    for module, (a, b) in deltas.items():
+        state[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "base_model_name_or_path": base, "r": r,
+                   "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in deltas})}, f)
+    return folder
