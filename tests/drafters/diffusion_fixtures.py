@@ -162,3 +162,57 @@ def write_lora_adapter(folder: str, base: str, deltas: dict[str, tuple[torch.Ten
         json.dump({"peft_type": "LORA", "base_model_name_or_path": base, "r": r,
                    "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in deltas})}, f)
     return folder
+
+
+# -- engine helpers ----------------------------------------------------------------------------------
+def mixed_prompts(n: int = 20, seed: int = 0, max_new_tokens: int = 24, lo: int = 3, hi: int = 40,
+                  last_token: int | None = None):
+    from specplug.engine.rows import Request
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for length in torch.randint(lo, hi, (n,), generator=g).tolist():
+        ids = torch.randint(1, 256, (length,), generator=g).tolist()
+        if last_token is not None:
+            ids[-1] = last_token
+        reqs.append(Request(ids, max_new_tokens=max_new_tokens))
+    return reqs
+
+
+def generate(model, tokenizer, drafter, requests, batch_size=1, gamma=5, sampling=None):
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.types import SamplingParams
+    engine = EmbeddedEngine(model, tokenizer, drafter, num_draft_tokens=gamma,
+                            sampling=sampling or SamplingParams())
+    return engine.generate(requests, batch_size=batch_size)
+
+
+def markov_marginals(model, last_token: int, steps: int, sampling) -> list[torch.Tensor]:
+    """For repeat_target (next token depends on the current token only): the exact distribution
+    of output tokens 1..steps after a prompt ending in last_token."""
+    from specplug.sampling import probs_from_logits
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(vocab)[:, None]).logits[:, 0]
+    trans = probs_from_logits(logits, sampling)  # [vocab, vocab] row x -> next token
+    dist = trans[last_token]
+    out = [dist]
+    for _ in range(steps - 1):
+        dist = dist @ trans
+        out.append(dist)
+    return out
+
+
+def chi_square_p(samples: list[int], probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Goodness of fit of samples to probs; bins with small expected counts are merged."""
+    from scipy.stats import chisquare
+    n = len(samples)
+    counts = torch.bincount(torch.tensor(samples), minlength=probs.shape[0]).double()
+    expected = probs.double() * n
+    big = expected >= min_expected
+    obs = counts[big].tolist() + [float(counts[~big].sum())]
+    exp = expected[big].tolist() + [float(expected[~big].sum())]
+    if exp[-1] < 1e-9:
+        assert obs[-1] == 0, "a token with zero probability was produced"
+        obs, exp = obs[:-1], exp[:-1]
+    scale = sum(obs) / sum(exp)
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
