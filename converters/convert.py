@@ -38,6 +38,8 @@ def convert(src: str, dst: str, from_format: str = "auto", to_format: str = "spe
         raise ConvertError(f"unknown target format {to_format!r}; known: {', '.join(TARGETS)}")
     if from_format not in SOURCES + ("auto",):
         raise ConvertError(f"unknown source format {from_format!r}; known: {', '.join(SOURCES)}, auto")
+    if not os.path.isdir(src):
+        raise ConvertError(f"source folder not found: {src}")
     if os.path.exists(dst) and not force:  # refuse before reading anything
         raise ConvertError(f"{dst} already exists (pass --force to replace it)")
     if os.path.abspath(src) == os.path.abspath(dst):

@@ -56,15 +56,21 @@ def save(folder: str, cfg: dict | None, state: dict, fmt: str = "safetensors", s
     return folder
 
 
-def eagle1(folder, seed=0, fc_bias=True, qwen2=False, embed=True, layers=1, fmt="safetensors", shards=1):
+def _target_embed(ver):
+    from specplug.checkpoint_io import load_state_dict
+    return load_state_dict(ver)["model.embed_tokens.weight"].clone()
+
+
+def eagle1(folder, seed=0, fc_bias=True, qwen2=False, embed=True, layers=1, fmt="safetensors", shards=1,
+           embed_from=None):
     g = torch.Generator().manual_seed(seed)
     st = {"fc.weight": torch.randn(H, 2 * H, generator=g)}
     if fc_bias:
         st["fc.bias"] = torch.randn(H, generator=g)
     for i in range(layers):
         st.update(_layer(f"layers.{i}.", H, g, qkv_bias=qwen2, input_ln=i > 0))
-    if embed:
-        st["embed_tokens.weight"] = torch.randn(V, H, generator=g)
+    if embed:  # SafeAILab heads carry a copy of the target's embedding
+        st["embed_tokens.weight"] = _target_embed(embed_from) if embed_from else torch.randn(V, H, generator=g)
     arch, mt = ("Qwen2ForCausalLM", "qwen2") if qwen2 else ("LlamaForCausalLM", "llama")
     return save(folder, llama_cfg(arch, layers, mt), st, fmt, shards)
 
@@ -100,11 +106,13 @@ def eagle3(folder, seed=0, draft_vocab=48, fmt="safetensors", **kw):
     return save(folder, eagle3_cfg(draft_vocab, aux=[1, 2, 3]), eagle3_state(seed, draft_vocab, **kw), fmt)
 
 
-def specforge(out_dir, seed=0, draft_vocab=48):
+def specforge(out_dir, seed=0, draft_vocab=48, embed_from=None):
     """SpecForge training output: epoch folders with draft_model.-prefixed weights, d2t/t2d in a
     vocab_mapping.pt saved beside (not in the weights), optimizer state that must be ignored."""
     st = eagle3_state(seed, draft_vocab, prefix="draft_model.", embed=True)
     mapping = {"d2t": st.pop("draft_model.d2t"), "t2d": st.pop("draft_model.t2d")}
+    if embed_from:
+        st["draft_model.embed_tokens.weight"] = _target_embed(embed_from)
     for epoch in (0, 1):
         folder = save(os.path.join(out_dir, f"epoch_{epoch}"), eagle3_cfg(draft_vocab), st if epoch else {k: v * 0 for k, v in st.items()})
         torch.save({"step": epoch}, os.path.join(folder, "training_state.pt"))
@@ -121,7 +129,6 @@ def specforge_het(folder, seed=0, drafter="LlamaDrafter"):
                      speculative_decoding_algorithm="EagleV2", speculative_decoding_draft_model=drafter,
                      speculative_decoding_base_model_path="/models/base", draft_layers=1,
                      skip_first_input_layernorm=True, skip_output_norm=True)
-    save(folder, base, {}, fmt="none") if False else None
     os.makedirs(os.path.join(folder, "draft_model"), exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(base, f)
