@@ -1,0 +1,208 @@
+"""Drafting with an EAGLE-style head (EAGLE-1/2 or EAGLE-3): per-row head KV cache, chains, trees.
+
+A head is any module with
+    head(tokens [b, q], feats [b, q, F], positions [b, q], kv: HeadKV, mask [b, q, slots],
+         from_target: bool) -> (out_feats [b, q, F'], logits [b, q, target_vocab])
+where the entry for committed token x_j reads the target feature of position j - 1
+(`from_target` True) and a draft entry reads the head's own previous output (False).
+
+Per call, each row's cache is reconciled with the committed tokens: entries survive while their
+tokens agree with the committed prefix (a feature at j - 1 depends on x_0..x_{j-1} only), the
+rest are dropped and rebuilt from the features the engine hands over for positions
+[hidden_start, num_committed - 1).  Draft entries are cropped when the call ends, so the cache
+only ever holds committed entries between calls.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sampling import probs_from_logits, sample
+from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
+from .base import Drafter
+from .llama_layer import HeadKV
+from .tree import TreeSettings, expand_tree
+
+
+class EagleDrafter(Drafter):
+    def __init__(self, head, hidden_layers: tuple[int, ...], tree: TreeSettings | None = None):
+        self.head = head.eval()
+        self.needs = DrafterNeeds(hidden_layers=tuple(hidden_layers))
+        self.tree = tree
+        self.kv = HeadKV(head.num_layers)
+        self.rows: list[int] = []  # row ids in cache order
+        self.context: dict[int, list[int]] = {}  # x_0..x_m: the row has entries for x_1..x_m
+        self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # last entry's (feat, logits)
+
+    # -- row bookkeeping ----------------------------------------------------------------------
+    def release(self, row_ids: list[int]) -> None:
+        gone = set(row_ids)
+        keep = [i for i, rid in enumerate(self.rows) if rid not in gone]
+        if len(keep) < len(self.rows):
+            self.kv.select_rows(keep)
+            self.rows = [self.rows[i] for i in keep]
+        for rid in gone:
+            self.context.pop(rid, None)
+            self.last.pop(rid, None)
+
+    def _align_rows(self, row_ids: list[int]) -> None:
+        """Make the cache hold exactly row_ids, in that order (new rows start empty)."""
+        self.release([rid for rid in self.rows if rid not in set(row_ids)])
+        new = [rid for rid in row_ids if rid not in self.rows]
+        if new:
+            self.kv.add_rows(len(new))
+            self.rows += new
+            for rid in new:
+                self.context[rid] = []
+        index = {rid: i for i, rid in enumerate(self.rows)}
+        order = [index[rid] for rid in row_ids]
+        if order != list(range(len(row_ids))):
+            self.kv.select_rows(order)
+            self.rows = list(row_ids)
+
+    # -- one call -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        self._align_rows(inp.row_ids)
+        feats, logits, ready = self._catch_up(inp)
+        if not ready.any():
+            return DraftProposal.empty(len(inp.row_ids))
+        base = torch.tensor([len(t) - 1 for t in inp.token_ids])  # last committed position
+        committed_width = self.kv.width
+        try:
+            if self.tree is not None:
+                topk, depth, nodes = self.tree.resolve(inp.num_draft_tokens)
+                proposal = self._draft_tree(feats, logits, base, topk, depth, nodes)
+            else:
+                proposal = self._draft_chain(inp, feats, logits, base)
+        finally:
+            self.kv.crop(committed_width)  # forget draft entries
+        proposal.tokens[~ready] = PAD
+        return proposal
+
+    def _catch_up(self, inp: DraftInput):
+        """Feed each row the committed entries its cache lacks.  Returns the last entry's
+        (feats [b, F'], logits [b, V]) and ready [b] (rows that have at least one entry)."""
+        b = len(inp.row_ids)
+        feeds: list[tuple[list[int], torch.Tensor | None, int]] = []  # (tokens, feats, first pos)
+        for r, (rid, ids) in enumerate(zip(inp.row_ids, inp.token_ids)):
+            ctx, have = ids.tolist(), self.context[rid]
+            n = len(ctx)
+            keep = max(_common_prefix(have, ctx) - 1, 0)  # entries still valid (x_1..x_keep)
+            self.kv.truncate(r, keep + 1)
+            if keep < len(have) - 1:
+                self.last.pop(rid, None)
+            self.context[rid] = ctx[:keep + 1]
+            want = n - 1 - keep  # entries to (re)build: x_{keep+1} .. x_{n-1}
+            if want == 0:
+                feeds.append(([], None, 0))
+                continue
+            start = inp.hidden_start[r] if inp.hidden_start else 0
+            given = inp.hidden_states[r] if inp.hidden_states else None
+            have_feats = 0 if given is None else given.shape[0]
+            if start > keep or start + have_feats < n - 1:
+                raise RuntimeError(
+                    f"eagle drafter, row {rid}: needs target features for positions "
+                    f"[{keep}, {n - 1}) but got [{start}, {start + have_feats})")
+            feeds.append((ctx[keep + 1:n], given[keep - start:n - 1 - start], keep + 1))
+            self.context[rid] = ctx
+        width = max(len(f[0]) for f in feeds)
+        if width:
+            self._feed(feeds, width, inp.row_ids)
+        ready = torch.tensor([rid in self.last and len(self.context[rid]) == len(ids)
+                              for rid, ids in zip(inp.row_ids, inp.token_ids)], dtype=torch.bool)
+        if not ready.any():
+            return None, None, ready
+        feat0, logits0 = next(self.last[rid] for rid, ok in zip(inp.row_ids, ready) if ok)
+        feats = feat0.new_zeros(b, feat0.shape[-1])
+        logits = logits0.new_zeros(b, logits0.shape[-1])
+        for r, rid in enumerate(inp.row_ids):
+            if ready[r]:
+                feats[r], logits[r] = self.last[rid]
+        return feats, logits, ready
+
+    def _feed(self, feeds, width: int, row_ids: list[int]) -> None:
+        b = len(feeds)
+        feat_dim = next(f[1].shape[-1] for f in feeds if f[1] is not None)
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        feats = torch.zeros(b, width, feat_dim, dtype=self._dtype())
+        positions = torch.zeros(b, width, dtype=torch.long)
+        real = torch.zeros(b, width, dtype=torch.bool)
+        for r, (toks, f, first) in enumerate(feeds):
+            m = len(toks)
+            if m:
+                tokens[r, :m] = torch.tensor(toks)
+                feats[r, :m] = f.to(feats.dtype)
+                positions[r, :m] = torch.arange(first, first + m)
+                real[r, :m] = True
+        block = torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :]
+        block = block | torch.eye(width, dtype=torch.bool)  # padding sees itself: no NaN
+        mask = torch.cat([self.kv.valid[:, None, :].expand(b, width, -1), block], dim=2)
+        start = self.kv.extend(positions)
+        out, logits = self.head(tokens, feats, positions, self.kv, mask, True)
+        self.kv.valid[:, start:] = real
+        for r, (toks, _, _) in enumerate(feeds):
+            if toks:
+                self.last[row_ids[r]] = (out[r, len(toks) - 1], logits[r, len(toks) - 1])
+
+    # -- drafting -----------------------------------------------------------------------------
+    def _draft_chain(self, inp: DraftInput, feats, logits, base) -> DraftProposal:
+        b, gamma = len(inp.row_ids), inp.num_draft_tokens
+        tokens = torch.full((b, gamma), PAD, dtype=torch.long)
+        sampled = not inp.sampling.greedy
+        probs = torch.zeros(b, gamma, logits.shape[-1], dtype=torch.float64) if sampled else None
+        gens = inp.generators or [None] * b
+        chain_start = self.kv.width
+        for step in range(gamma):
+            if sampled:
+                p = probs_from_logits(logits, inp.sampling)
+                probs[:, step] = p
+                tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)])
+            else:
+                tokens[:, step] = logits.argmax(-1)
+            if step + 1 == gamma:
+                break
+            # every draft slot so far belongs to this row's chain
+            visible = self.kv.valid.clone()
+            visible[:, chain_start:] = True
+            mask = torch.cat([visible, torch.ones(b, 1, dtype=torch.bool)], dim=1)[:, None, :]
+            positions = (base + step + 1)[:, None]
+            self.kv.extend(positions)
+            out, out_logits = self.head(tokens[:, step:step + 1].clamp(min=0), feats[:, None],
+                                        positions, self.kv, mask, False)
+            feats, logits = out[:, 0], out_logits[:, 0]
+        return DraftProposal.chain(tokens, probs)
+
+    def _draft_tree(self, root_feats, root_logits, base, topk, depth, nodes) -> DraftProposal:
+        b = root_feats.shape[0]
+        state = {"feats": root_feats[:, None], "visible": self.kv.valid[:, None, :], "level": 0}
+
+        def expand(tokens: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+            k = tokens.shape[1]
+            par = parent.clamp(min=0)
+            feats = state["feats"].gather(1, par[:, :, None].expand(-1, -1, state["feats"].shape[-1]))
+            visible = state["visible"].gather(1, par[:, :, None].expand(-1, -1, state["visible"].shape[-1]))
+            width_before = self.kv.width
+            visible = torch.cat([visible, torch.zeros(b, k, width_before - visible.shape[-1],
+                                                      dtype=torch.bool)], dim=2)
+            mask = torch.cat([visible, torch.eye(k, dtype=torch.bool).expand(b, k, k)], dim=2)
+            state["level"] += 1
+            positions = (base + state["level"])[:, None].expand(b, k)
+            self.kv.extend(positions)
+            out, logits = self.head(tokens, feats, positions, self.kv, mask, False)
+            state["feats"], state["visible"] = out, mask  # a node sees what its parent saw + itself
+            return torch.log_softmax(logits.double(), dim=-1)
+
+        root_logprobs = torch.log_softmax(root_logits.double(), dim=-1)
+        return expand_tree(root_logprobs, expand, topk, depth, nodes)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
