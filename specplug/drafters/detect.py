@@ -1,0 +1,29 @@
+"""Which drafter family a checkpoint folder holds, from its config."""
+from __future__ import annotations
+
+from ..checkpoint_io import read_config
+
+# architecture name -> method; families register theirs here as plain data
+ARCHITECTURES = {
+    "DFlashDraftModel": "dflash",
+    "LlamaForCausalLMEagle3": "eagle3",
+    "Eagle3LlamaForCausalLM": "eagle3",
+    "LlamaForCausalLMEagle": "eagle",
+    "EagleLlamaForCausalLM": "eagle",
+}
+
+
+def detect_method(path: str) -> str:
+    cfg = read_config(path)
+    if "dflash_config" in cfg:
+        return "dflash"
+    if cfg.get("speculators_model_type"):
+        return {"eagle3": "eagle3", "dflash": "dflash", "eagle": "eagle"}.get(cfg["speculators_model_type"], "eagle3")
+    for arch in cfg.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    if cfg.get("specplug_method"):
+        return cfg["specplug_method"]
+    if cfg.get("mask_token_id") is not None and cfg.get("model_type") in ("Dream", "dream", "llada"):
+        return "specdiff"
+    return "draft"  # any other HF causal LM is a classic draft model
