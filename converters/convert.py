@@ -47,8 +47,7 @@ def convert(src: str, dst: str, from_format: str = "auto", to_format: str = "spe
     if from_format == "auto":
         from_format = detect_source(src)
     verifier_cfg = _read_verifier(verifier)
-    hints = {"verifier": os.path.abspath(verifier) if verifier else None, "draft_vocab_map": draft_vocab_map,
-             "target_hidden_size": (verifier_cfg or {}).get("hidden_size")}
+    hints = {"verifier": os.path.abspath(verifier) if verifier else None, "draft_vocab_map": draft_vocab_map}
     spec, state = read_source(src, from_format, hints)
     if verifier_cfg is not None:
         check_verifier(spec, verifier_cfg, verifier)

@@ -113,14 +113,22 @@ def read_eagle3(src: str, hints: dict | None = None, specforge: bool = False) ->
     draft_vocab = cfg.get("draft_vocab_size") or (lm_head.shape[0] if lm_head is not None else None)
     spec = spec_from_config(
         cfg, "eagle3", "llama", folder, draft_vocab_size=int(draft_vocab or cfg.get("vocab_size", 0)),
-        target_hidden_size=cfg.get("target_hidden_size") or hints.get("target_hidden_size"),
+        target_hidden_size=cfg.get("target_hidden_size") or _fc_width(state, len(aux) if aux else 3),
         num_aux=len(aux) if aux else 3, aux_layer_ids=list(aux) if aux else None,
         norm_before_residual=bool(cfg.get("norm_before_residual", False)),
         has_embed="embed_tokens.weight" in state, verifier=hints.get("verifier"))
     if any(k.endswith("q_proj.bias") for k in state):
         spec.qkv_bias = True
-    state = _attach_vocab_map(state, spec, folder, hints.get("draft_vocab_map"), search_beside=specforge or True)
+    state = _attach_vocab_map(state, spec, folder, hints.get("draft_vocab_map"), search_beside=True)
     return _finish(spec, state, eagle3_source_map(spec, state), folder)
+
+
+def _fc_width(state: dict, n_inputs: int) -> int | None:
+    """The target hidden size an fc [H, n * Ht] implies, when the config does not say it."""
+    fc = state.get("fc.weight")
+    if fc is None or fc.dim() != 2 or fc.shape[1] % max(n_inputs, 1):
+        return None  # the shape check then names fc.weight
+    return int(fc.shape[1] // n_inputs)
 
 
 def _strip_prefix(key: str) -> str:
@@ -252,7 +260,7 @@ def read_dflash(src: str, hints: dict | None = None) -> tuple[DraftSpec, dict]:
         cfg, "dflash", _arch_from_keys(state, "llama"), src, block_size=int(block),
         mask_token_id=dcfg.get("mask_token_id", cfg.get("mask_token_id")),
         target_layer_ids=[int(i) for i in layer_ids], num_target_layers=cfg.get("num_target_layers"),
-        target_hidden_size=cfg.get("target_hidden_size") or (hints or {}).get("target_hidden_size"),
+        target_hidden_size=cfg.get("target_hidden_size") or _fc_width(state, len(layer_ids)),
         verifier=(hints or {}).get("verifier"), extra={k: cfg[k] for k in keep if k in cfg})
     spec.qkv_bias = spec.arch == "qwen2"
     return _finish(spec, state, _identity_map(spec, state), src)
