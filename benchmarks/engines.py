@@ -114,14 +114,26 @@ _EXTRAS = {"vllm": ("specplug.integrations.vllm.generate", "run_vllm"),
            "sglang": ("specplug.integrations.sglang.generate", "run_sglang")}
 
 
-def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
+def check_engine(engine: str) -> None:
+    """Fail before any model is loaded when an engine cannot run here."""
+    if engine not in ENGINES:
+        raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    if engine in _EXTRAS:
+        _external_fn(engine)
+
+
+def _external_fn(engine: str):
     module, fn_name = _EXTRAS[engine]
     try:
-        fn = getattr(importlib.import_module(module), fn_name)
+        return getattr(importlib.import_module(module), fn_name)
     except (ImportError, AttributeError) as e:
         raise EngineUnavailable(
             f"--engine {engine} needs {module}.{fn_name} and the '{engine}' extra "
             f"(pip install 'specplug[{engine}]'): {e}") from None
+
+
+def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
+    fn = _external_fn(engine)
 
     def runner(drafter: DrafterSpec | None) -> RunFn:
         def run(reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:

@@ -17,7 +17,7 @@ from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
 from . import metrics
-from .engines import HF_EQUIVALENT, Arm, BenchTarget, build_arms
+from .engines import HF_EQUIVALENT, Arm, BenchTarget, build_arms, check_engine
 from .prompting import encode, has_chat_template, render
 
 SCHEMA = "specplug-bench/1"
@@ -61,6 +61,8 @@ class _ArmState:
 
 def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     import torch
+    from transformers.utils import logging as hf_logging
+    from specplug.drafters.base import available_methods
     from specplug.models.loading import load_causal_lm, load_tokenizer
 
     if cfg.turns not in (1, 2):
@@ -70,6 +72,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     items = load_prompts(cfg.suite, cfg.num_prompts)
+    check_engine(cfg.engine)
+    if cfg.method != "none" and cfg.method not in available_methods():
+        raise ValueError(f"unknown method {cfg.method!r}; known: none, {', '.join(available_methods())}")
+    hf_logging.disable_progress_bar()  # the bench has its own bar
     model = load_causal_lm(cfg.target, dtype=getattr(torch, cfg.dtype))
     tokenizer = load_tokenizer(cfg.target)
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, cfg.drafter, cfg.options)

@@ -1,0 +1,166 @@
+"""A bench run on tiny models writes one valid JSON whose baseline ran in the same run."""
+import contextlib
+import io
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from specplug.benchmarks import engines, metrics
+from specplug.benchmarks.cli import main
+
+SUMMARY_KEYS = {"num_prompts", "total_new_tokens", "wall_time_s", "tokens_per_second",
+                "mean_accept_length", "acceptance_rate", "num_drafts", "num_draft_tokens",
+                "num_accepted_tokens", "timing_ms"}
+TIMING_KEYS = {"prefill", "draft", "verify", "sample", "cache", "other"}
+
+
+def _prompt_file(tmp_path):
+    path = tmp_path / "two_turns.jsonl"
+    rows = [{"turns": ["the cat sat on the", "and the dog"], "category": "animals"},
+            {"turns": ["def add(a, b): return", "def mul(a, b):"], "category": "code"},
+            {"prompt": "one two three four", "category": "code"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def draft_run(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "results"
+    argv = ["--suite", _prompt_file(tmp), "--target", tiny_models["target"],
+            "--drafter", tiny_models["draft"], "--turns", "2", "--max-new-tokens", "16",
+            "--batch-size", "2", "--gamma", "3", "--dtype", "float64", "--output", str(out),
+            "--no-progress", "--name", "tiny_draft"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(argv)
+    return rc, out, printed.getvalue()
+
+
+def test_run_writes_the_stats_schema_with_the_baseline_in_the_same_run(draft_run):
+    rc, out, printed = draft_run
+    assert rc == 0
+    run = json.loads((out / "tiny_draft.json").read_text())
+    assert {"summary", "requests", "config", "environment"} <= set(run)
+    assert SUMMARY_KEYS <= set(run["summary"]) and set(run["summary"]["timing_ms"]) == TIMING_KEYS
+    assert {"versions", "threads", "device"} <= set(run["environment"])
+    labels = [a["label"] for a in run["arms"]]
+    assert labels == ["embedded/none", "embedded/draft", "hf/none", "hf/prompt_lookup",
+                      "hf/assisted"]
+    base, spec = run["arms"][0], run["arms"][1]
+    assert base["role"] == "baseline" and run["headline"] == "embedded/draft"
+    # same prompts for every arm: 3 turn-1 requests + 2 turn-2 requests
+    for arm in run["arms"]:
+        assert [(r["id"], r["turn"]) for r in arm["requests"]] == \
+               [(r["id"], r["turn"]) for r in base["requests"]]
+        assert [r["prompt"] for r in arm["requests"]] == [r["prompt"] for r in base["requests"]]
+        assert arm["summary"]["num_prompts"] == 5
+    # the speedup is a ratio of two arms of this run
+    assert spec["speedup"] == pytest.approx(
+        spec["summary"]["tokens_per_second"] / base["summary"]["tokens_per_second"], rel=1e-3)
+    hf_assisted = run["arms"][4]
+    assert spec["hf_equivalent"] == "hf/assisted"
+    assert spec["speedup_vs_hf_equivalent"] == pytest.approx(
+        spec["summary"]["tokens_per_second"] / hf_assisted["summary"]["tokens_per_second"], rel=1e-3)
+    # greedy float64: every arm's tokens equal its engine's plain run, and the engines agree
+    assert all(a.get("matches_baseline", 5) == 5 for a in run["arms"])
+    assert [r["output_token_ids"] for r in base["requests"]] == \
+           [r["output_token_ids"] for r in run["arms"][2]["requests"]]
+    assert spec["summary"]["num_draft_tokens"] > 0
+    assert spec["tau_per_category"] == metrics.tau_per_category(spec["requests"])
+    assert set(spec["tau_per_category"]) == {"animals", "code"}
+    lev = spec["leviathan"]
+    assert lev["alpha"] == spec["summary"]["acceptance_rate"] and lev["gamma"] == 3
+    assert lev["speedup_bound"] == pytest.approx(
+        metrics.expected_accept_length(lev["alpha"], 3) / (3 * lev["draft_cost"] + 1), rel=1e-3)
+    assert lev["draft_cost"] > 0
+    assert printed.count("[BatchSummary]") == 5 and "embedded/draft" in printed
+
+
+def test_turn_two_prompt_holds_the_baselines_turn_one_answer(draft_run):
+    _, out, _ = draft_run
+    base = json.loads((out / "tiny_draft.json").read_text())["arms"][0]["requests"]
+    first = {r["id"]: r for r in base if r["turn"] == 1}
+    second = [r for r in base if r["turn"] == 2]
+    assert len(second) == 2  # the third prompt has a single turn
+    for r in second:
+        answer = first[r["id"]]["output_text"]
+        assert answer and (f"Assistant: {answer}\nUser:" in r["prompt"])
+
+
+def test_plots_are_written(draft_run):
+    _, out, _ = draft_run
+    names = sorted(os.listdir(out / "plots"))
+    assert names == ["tiny_draft_accept_hist.png", "tiny_draft_tau_category.png",
+                     "tiny_draft_throughput.png"]
+    for n in names:
+        assert (out / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_self_draft_accepts_every_draft_and_ngram_runs(tiny_models, tmp_path):
+    out = tmp_path / "r"
+    assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--drafter", tiny_models["self"], "--method", "draft", "--no-anchors",
+                 "--max-new-tokens", "12", "--gamma", "3", "--dtype", "float64",
+                 "--output", str(out), "--no-progress", "--name", "self"]) == 0
+    spec = json.loads((out / "self.json").read_text())["arms"][1]
+    assert spec["summary"]["acceptance_rate"] == 1.0
+    assert [a["label"] for a in json.loads((out / "self.json").read_text())["arms"]] == \
+           ["embedded/none", "embedded/draft"]
+    assert main(["--suite", "humaneval", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--drafter", "ngram", "--engine", "hf", "--max-new-tokens", "12",
+                 "--dtype", "float64", "--output", str(out), "--no-progress"]) == 0
+    run = json.loads((out / "humaneval_t1_hf_ngram_n2.json").read_text())
+    assert [a["label"] for a in run["arms"]] == ["hf/none", "hf/prompt_lookup"]
+
+
+def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path, monkeypatch):
+    """A stand-in run_vllm built on the embedded engine: the switch calls it for the baseline
+    (drafter=None) and for the drafter, each with the whole phase."""
+    from specplug.drafters.base import build_drafter
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.models.loading import load_causal_lm, load_tokenizer, target_info
+    import torch
+    calls = []
+
+    def run_vllm(target, requests, drafter, num_draft_tokens, sampling, batch_size):
+        calls.append((drafter.method if drafter else None, len(requests)))
+        model = load_causal_lm(target, dtype=torch.float64)
+        tok = load_tokenizer(target)
+        d = build_drafter(drafter, target_info(model, tok)) if drafter else None
+        return EmbeddedEngine(model, tok, d, num_draft_tokens, sampling).generate(requests, batch_size)
+
+    mod = types.ModuleType("fake_vllm_generate")
+    mod.run_vllm = run_vllm
+    monkeypatch.setitem(sys.modules, "fake_vllm_generate", mod)
+    monkeypatch.setitem(engines._EXTRAS, "vllm", ("fake_vllm_generate", "run_vllm"))
+    out = tmp_path / "r"
+    assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
+                 "--engine", "vllm", "--no-anchors", "--max-new-tokens", "10", "--dtype", "float64",
+                 "--output", str(out), "--no-progress", "--name", "ext"]) == 0
+    assert calls == [(None, 3), ("ngram", 3)]
+    run = json.loads((out / "ext.json").read_text())
+    assert [a["label"] for a in run["arms"]] == ["vllm/none", "vllm/ngram"]
+    assert run["arms"][1]["matches_baseline"] == 3 and run["summary"]["num_prompts"] == 3
+
+
+def test_errors_are_one_line_and_write_nothing(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(engines._EXTRAS, "sglang", ("specplug_missing_module.generate", "run_sglang"))
+    out = tmp_path / "none"
+    base = ["--target", tiny_models["target"], "--output", str(out), "--no-progress",
+            "--num-prompts", "1", "--max-new-tokens", "4"]
+    cases = [(["--suite", "mtbench", "--engine", "sglang"], "pip install 'specplug[sglang]'"),
+             (["--suite", "nope"], "unknown suite 'nope'"),
+             (["--suite", "mtbench", "--method", "bogus"], "unknown method 'bogus'"),
+             (["--suite", "mtbench", "--drafter", str(tmp_path / "missing")], "drafter path not found"),
+             (["--suite", "mtbench", "--gamma", "0"], "--gamma must be >= 1")]
+    for extra, needle in cases:
+        assert main(extra + base) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert main(["--suite", "mtbench", "--target", str(tmp_path / "nomodel"), "--no-progress"]) == 2
+    assert "model path not found" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,83 @@
+"""`specplug bench report DIR` rebuilds the README table and the plots from saved JSON alone."""
+import contextlib
+import io
+import json
+import os
+
+import pytest
+
+from specplug.benchmarks import report as report_mod
+from specplug.benchmarks.cli import main
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "results"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--suite", "mtbench", "--num-prompts", "12", "--target", tiny_models["target"],
+                     "--drafter", "ngram", "--max-new-tokens", "12", "--gamma", "3",
+                     "--dtype", "float64", "--output", str(out), "--no-progress",
+                     "--name", "tiny_ngram"]) == 0
+    return out, printed.getvalue()
+
+
+def _table_from(printed: str) -> str:
+    return "\n".join(ln for ln in printed.splitlines() if ln.startswith("|"))
+
+
+def test_report_reproduces_the_table_and_plots_without_models(results, tmp_path, monkeypatch):
+    out, printed = results
+    plots = sorted(os.listdir(out / "plots"))
+    assert plots == ["tiny_ngram_accept_hist.png", "tiny_ngram_tau_category.png",
+                     "tiny_ngram_throughput.png"]
+    before = {p: (out / "plots" / p).read_bytes() for p in plots}
+    for p in plots:
+        (out / "plots" / p).unlink()
+    # no model may be loaded: the report reads JSON only
+    import specplug.models.loading as loading
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\nHand-written intro.\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(out), "--readme", str(readme)]) == 0
+    # same table as the run printed, same plot files byte for byte
+    text = readme.read_text()
+    table = _table_from(printed)
+    assert table and table in text
+    assert {p: (out / "plots" / p).read_bytes() for p in sorted(os.listdir(out / "plots"))} == before
+    assert text.startswith("# Benchmarks\n\nHand-written intro.\n")
+    for p in plots:
+        assert f"]({os.path.relpath(out / 'plots' / p, tmp_path)})" in text
+    # running it again replaces the section instead of appending another
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text and text.count(report_mod.BEGIN) == 1
+
+
+def test_table_numbers_come_from_the_json(results):
+    out, _ = results
+    run = json.loads((out / "tiny_ngram.json").read_text())
+    table = report_mod.results_table(report_mod.load_runs(str(out)))
+    rows = {ln.split(" | ")[1]: ln.split(" | ") for ln in table.splitlines()[2:]}
+    spec = next(a for a in run["arms"] if a["label"] == "embedded/ngram")
+    row = rows["embedded/ngram"]
+    assert row[4] == f"{spec['summary']['tokens_per_second']:.2f}"
+    assert row[5] == f"{spec['speedup']:.3f}×"
+    assert row[6] == f"{spec['speedup_vs_hf_equivalent']:.3f}× (hf/prompt_lookup)"
+    assert row[7] == f"{spec['summary']['mean_accept_length']:.3f}"
+    assert row[10].rstrip(" |") == "12/12"
+    assert rows["hf/none"][6] == "–"  # a plain arm has no drafter to compare
+    assert len(rows) == 4
+
+
+def test_report_errors_are_clear(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such results folder" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"not": "a bench run"}')
+    assert main(["report", str(tmp_path), "--readme", str(tmp_path / "R.md")]) == 2
+    assert "no specplug bench JSON files" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"schema": ')
+    assert main(["report", str(tmp_path), "--readme", str(tmp_path / "R.md")]) == 2
+    assert "broken.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
