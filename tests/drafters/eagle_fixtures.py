@@ -191,3 +191,41 @@ def save_head(folder: str, state: dict, cfg: dict, layout: str = "safetensors") 
         from safetensors.torch import save_file
         save_file(state, os.path.join(folder, "model.safetensors"))
     return folder
+
+
+# -- running and checking -------------------------------------------------------------------
+def run(model, drafter, prompts, batch_size, gamma=4, max_new=20, sampling=None, seeds=None):
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.engine.rows import Request
+    from specplug.types import SamplingParams
+    reqs = [Request(p, max_new_tokens=max_new, seed=None if seeds is None else seeds[i])
+            for i, p in enumerate(prompts)]
+    engine = EmbeddedEngine(model, None, drafter, num_draft_tokens=gamma if drafter else 0,
+                            sampling=sampling or SamplingParams())
+    outs, stats = engine.generate(reqs, batch_size=batch_size)
+    return [o.output_token_ids for o in outs], stats
+
+
+def second_token_marginal(model, prompt: list[int]) -> torch.Tensor:
+    """Exact P(second output token) at T=1: sum over x1 of p(x1 | prompt) p(x2 | prompt, x1)."""
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        ids = torch.cat([torch.tensor(prompt).expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        p2 = torch.softmax(model(ids).logits[:, -1].double(), -1)  # [x1, x2]
+    return p1 @ p2
+
+
+def chi_square_p(samples: list[int], expected_probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value; bins with expected count < 5 are merged into one."""
+    from scipy.stats import chisquare
+    n = len(samples)
+    counts = torch.bincount(torch.tensor(samples), minlength=expected_probs.shape[0]).double()
+    expected = expected_probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] < 1e-9:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
