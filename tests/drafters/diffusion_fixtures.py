@@ -121,21 +121,28 @@ def dream_state_from_llama(model) -> dict:
     return state
 
 
-def dream_from_llama(folder: str, model, is_causal=True, mask_token_id=255) -> str:
+def dream_from_llama(folder: str, model, is_causal=True, mask_embedding=None) -> str:
+    """The model's weights in Dream layout plus one extra vocabulary row for the mask token (as
+    Dream adds its special mask token): zero embedding, zero lm_head row, id = vocab_size."""
     c = model.config
-    cfg = dream_config(c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                       c.num_key_value_heads, mask_token_id, is_causal)
+    cfg = dream_config(c.vocab_size + 1, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                       c.num_key_value_heads, c.vocab_size, is_causal)
     cfg["intermediate_size"] = c.intermediate_size
-    return write_checkpoint(folder, cfg, dream_state_from_llama(model))
+    state = dream_state_from_llama(model)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = state[key]
+        state[key] = torch.cat([w, w.new_zeros(1, w.shape[1])])
+    if mask_embedding is not None:
+        state["model.embed_tokens.weight"][-1] = mask_embedding
+    return write_checkpoint(folder, cfg, state)
 
 
-def random_dream(folder: str, vocab: int, seed: int = 0, mask_token_id: int = 255,
-                 is_causal: bool = False) -> str:
-    model = build_tiny_llama(seed, vocab_size=vocab)
-    return dream_from_llama(folder, model, is_causal=is_causal, mask_token_id=mask_token_id)
+def random_dream(folder: str, vocab: int, seed: int = 0, is_causal: bool = False) -> str:
+    """Random weights, vocab + 1 rows (the last is the mask token)."""
+    return dream_from_llama(folder, build_tiny_llama(seed, vocab_size=vocab), is_causal=is_causal)
 
 
-def constant_dream(folder: str, vocab: int, token: int, mask_token_id: int) -> str:
+def constant_dream(folder: str, vocab: int, token: int) -> str:
     """Always predicts `token`: layers add nothing, embedding dim 0 is positive for every token,
     and only lm_head row `token` reads dim 0."""
     model = build_tiny_llama(0, vocab_size=vocab)
@@ -146,7 +153,9 @@ def constant_dream(folder: str, vocab: int, token: int, mask_token_id: int) -> s
         model.model.embed_tokens.weight[:, 0] = 5.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[token, 0] = 10.0
-    return dream_from_llama(folder, model, is_causal=False, mask_token_id=mask_token_id)
+    mask_row = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    mask_row[0] = 5.0
+    return dream_from_llama(folder, model, is_causal=False, mask_embedding=mask_row)
 
 
 def write_lora_adapter(folder: str, base: str, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
