@@ -107,7 +107,9 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
             raise FileNotFoundError(f"drafter path not found: {path}")
         drafter = build_drafter(DrafterSpec(method, path, dict(cfg.options)),
                                 target_info(model, tokenizer))
-    return EmbeddedEngine(model, tokenizer, drafter, cfg.gamma, cfg.sampling)
+    # a tree drafter's depth is the number of draft tokens on its longest path
+    depth = int(cfg.options.get("tree_depth") or cfg.gamma)
+    return EmbeddedEngine(model, tokenizer, drafter, depth, cfg.sampling)
 
 
 def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[RequestOutput], SpecStats]:
