@@ -28,6 +28,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-anchors", action="store_true",
                    help="skip the HF generate() arms beside a non-HF engine")
     p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--per-category", type=int, default=None, metavar="K",
+                   help="keep the first K prompts of every category (before --num-prompts)")
     p.add_argument("--turns", type=int, default=1, choices=(1, 2))
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(
             suite=args.suite, target=args.target, method=method, drafter=drafter,
             options=_options(args.option), engine=args.engine, anchors=not args.no_anchors,
-            num_prompts=args.num_prompts, turns=args.turns, max_new_tokens=args.max_new_tokens,
+            num_prompts=args.num_prompts, per_category=args.per_category, turns=args.turns, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,
             chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,
             output=args.output, name=args.name)

@@ -33,6 +33,7 @@ class BenchConfig:
     engine: str = "embedded"
     anchors: bool = True  # add the HF generate() arms beside a non-HF engine
     num_prompts: int | None = None
+    per_category: int | None = None  # first k prompts of each category
     turns: int = 1
     max_new_tokens: int = 128
     batch_size: int = 1
@@ -48,7 +49,8 @@ class BenchConfig:
         if self.name:
             return self.name
         suite = os.path.splitext(os.path.basename(self.suite))[0]
-        return f"{suite}_t{self.turns}_{self.engine}_{self.method}_n{self.num_prompts or 'all'}"
+        n = f"k{self.per_category}" if self.per_category else f"n{self.num_prompts or 'all'}"
+        return f"{suite}_t{self.turns}_{self.engine}_{self.method}_{n}"
 
 
 @dataclass
@@ -71,7 +73,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
                     ("--gamma", cfg.gamma)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    items = load_prompts(cfg.suite, cfg.num_prompts)
+    items = load_prompts(cfg.suite, cfg.num_prompts, cfg.per_category)
     check_engine(cfg.engine)
     if cfg.method != "none" and cfg.method not in available_methods():
         raise ValueError(f"unknown method {cfg.method!r}; known: none, {', '.join(available_methods())}")

@@ -54,10 +54,23 @@ def package_file(suite: str) -> str:
     raise DatasetError(f"package {package} is installed but has no {rel}; reinstall {dist}")
 
 
-def load_prompts(suite: str, num_prompts: int | None = None) -> list[PromptItem]:
-    """A suite name or a .txt/.jsonl path -> the first num_prompts items (all when None)."""
+def load_prompts(suite: str, num_prompts: int | None = None,
+                 per_category: int | None = None) -> list[PromptItem]:
+    """A suite name or a .txt/.jsonl path -> the first num_prompts items (all when None);
+    per_category keeps only the first k items of each category first (MT-Bench sorts by
+    category, so a short run otherwise sees one category only)."""
     if num_prompts is not None and num_prompts < 1:
         raise DatasetError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if per_category is not None:
+        if per_category < 1:
+            raise DatasetError(f"--per-category must be >= 1, got {per_category}")
+        seen: dict[str, int] = {}
+        items = []
+        for item in load_prompts(suite):
+            seen[item.category] = seen.get(item.category, 0) + 1
+            if seen[item.category] <= per_category:
+                items.append(item)
+        return items[:num_prompts] if num_prompts else items
     if suite == "mtbench":
         items = _mtbench(package_file(suite), num_prompts)
     elif suite == "humaneval":

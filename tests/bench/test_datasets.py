@@ -49,6 +49,13 @@ def test_num_prompts_limits_and_rejects_zero():
         load_prompts("mtbench", 0)
 
 
+def test_per_category_takes_the_first_k_of_each_category():
+    items = load_prompts("mtbench", per_category=2)
+    assert len(items) == 16 and set(Counter(i.category for i in items).values()) == {2}
+    assert [i.id for i in items[:4]] == ["81", "82", "91", "92"]
+    assert len(load_prompts("mtbench", 5, per_category=2)) == 5
+
+
 def test_text_and_jsonl_prompt_files(tmp_path):
     txt = tmp_path / "mine.txt"
     txt.write_text("first prompt\n\nsecond prompt\n")
