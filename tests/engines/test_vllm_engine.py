@@ -31,7 +31,7 @@ def models(tmp_path_factory):
     return {
         "root": root,
         "target": os.path.join(root, "target"),
-        "draft": harness.build_draft(os.path.join(root, "draft"), target, tok, noise=0.3),
+        "draft": harness.build_draft(os.path.join(root, "draft"), target, tok, noise=0.1),
         "other_tok_draft": harness.build_other_tokenizer_draft(os.path.join(root, "other")),
         "dream": harness.build_causal_dream(os.path.join(root, "dream"), target),
         "prompts": harness.tiny_prompts(tok, n=6),

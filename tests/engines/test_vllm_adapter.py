@@ -1,0 +1,131 @@
+"""The vLLM adapter's translation, without vLLM: fake configs and result objects in, specplug types
+out.  (The real engine runs in test_vllm_engine.py.)"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from specplug.drafters.draft_model import DraftModelDrafter
+from specplug.drafters.ngram import NgramDrafter, lookup
+from specplug.integrations.vllm import compat
+from specplug.integrations.vllm.generate import (_spec_counters, _stats, _to_output,
+                                                 speculative_settings)
+from specplug.integrations.vllm.proposer import (CLASS_PATH, SpecplugProposer, drafter_spec_from,
+                                                 proposal_to_lists)
+from specplug.engine.rows import Request
+from specplug.models.tiny import build_tiny_llama
+from specplug.types import DraftProposal
+
+
+def fake_config(gamma=3, max_model_len=24, additional=None):
+    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=gamma),
+                           model_config=SimpleNamespace(max_model_len=max_model_len),
+                           additional_config=additional or {})
+
+
+def token_matrix(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((len(rows) + 2, width), dtype=np.int32)  # vLLM's buffer has spare rows
+    lens = np.zeros(len(rows) + 2, dtype=np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        lens[i] = len(r)
+    return ids, lens
+
+
+def test_propose_translates_rows_and_skips_rows_that_did_not_sample():
+    rows = [[1, 2, 3, 4, 1, 2], [7, 8, 9, 7, 8], [5, 5, 5]]
+    ids, lens = token_matrix(rows, 24)
+    prop = SpecplugProposer(fake_config(gamma=3), drafter=NgramDrafter(3, 1), check_vllm=False)
+    out = prop.propose([[2], [], [5]], lens, ids)
+    assert out == [[3, 4, 1], [], lookup(torch.tensor(rows[2]), 3, 1, 3)]
+    assert out[0] == lookup(torch.tensor(rows[0]), 3, 1, 3)
+
+
+def test_propose_never_drafts_past_max_model_len():
+    rows = [[1, 2, 3, 4, 5, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 1, 2]]
+    ids, lens = token_matrix(rows, 10)
+    prop = SpecplugProposer(fake_config(gamma=4, max_model_len=10), drafter=NgramDrafter(3, 1),
+                            check_vllm=False)
+    out = prop.propose([[4], [2]], lens, ids)
+    assert out == [[5], [3, 4]]  # room for 1 and 2 more tokens
+
+
+def test_row_index_reused_by_another_request_drafts_like_a_fresh_drafter():
+    model = build_tiny_llama(0)
+    a, b = [3, 9, 27, 81, 11], [50, 60, 70, 80]
+    shared = SpecplugProposer(fake_config(gamma=3), DraftModelDrafter(model, 256), check_vllm=False)
+    ids, lens = token_matrix([a, b], 24)
+    first = shared.propose([[11], [80]], lens, ids)
+    # vLLM condensed its batch: request b now sits in row 0, row 1 is gone
+    ids, lens = token_matrix([b + first[1][:1]], 24)
+    again = shared.propose([[first[1][0]]], lens, ids)
+    fresh = SpecplugProposer(fake_config(gamma=3), DraftModelDrafter(model, 256), check_vllm=False)
+    assert again == fresh.propose([[first[1][0]]], lens, ids)
+    assert len(again[0]) == 3
+
+
+def test_trees_are_refused_with_a_clear_error():
+    tree = DraftProposal(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, -1, 0]]))
+    with pytest.raises(ValueError, match="chains only"):
+        proposal_to_lists(tree)
+    assert proposal_to_lists(DraftProposal.chain(torch.tensor([[5, 6, -1]]))) == [[5, 6]]
+
+
+def test_drafter_spec_from_additional_config():
+    spec = drafter_spec_from({"specplug": {"method": "draft", "path": "/d", "options": {"k": 1}}})
+    assert (spec.method, spec.path, spec.options) == ("draft", "/d", {"k": 1})
+    with pytest.raises(ValueError, match="needs additional_config"):
+        drafter_spec_from({})
+    with pytest.raises(ValueError, match="unknown keys \\['gamma'\\]"):
+        drafter_spec_from({"specplug": {"method": "ngram", "gamma": 3}})
+
+
+def test_speculative_settings_per_family():
+    spec, extra = speculative_settings("ngram", None, {"max_ngram": 2}, 4)
+    assert spec == {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": 4}
+    assert extra == {"specplug": {"method": "ngram", "options": {"max_ngram": 2}}}
+    spec, extra = speculative_settings("eagle3", "/heads/e3", None, 5)
+    assert spec == {"method": "eagle3", "model": "/heads/e3", "num_speculative_tokens": 5}
+    assert extra == {}
+    assert speculative_settings("none", None, None, 5) == (None, {})
+    with pytest.raises(ValueError, match="needs a drafter checkpoint"):
+        speculative_settings("dflash", None, None, 5)
+
+
+def test_version_gate():
+    assert compat.version_supported("0.32.0") and compat.version_supported("0.32.1")
+    assert not compat.version_supported("0.33.0")
+    assert not compat.version_supported("0.320.0")
+
+
+def _fake_result(tokens, finish, stop_reason=None, accepted=None):
+    metrics = SimpleNamespace(per_step_accepted=accepted) if accepted is not None else None
+    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, text="x", finish_reason=finish,
+                                                    stop_reason=stop_reason,
+                                                    spec_decode_metrics=metrics)])
+
+
+def test_outputs_and_stats_from_vllm_results():
+    req = Request([1, 2], 8)
+    # 8 tokens: 1 from prefill, drafted steps accepting 2 and 3 (3 + 4 tokens), 0 undrafted
+    out = _to_output(req, _fake_result(list(range(8)), "length", accepted=[2, 3]))
+    assert out.accept_lengths == [3, 4] and out.finish_reason == "length"
+    # 6 tokens, one drafted step accepting 1 (2 tokens): 3 undrafted steps of 1
+    out2 = _to_output(req, _fake_result(list(range(6)), "stop", accepted=[1]))
+    assert out2.accept_lengths == [2, 1, 1, 1] and out2.finish_reason == "eos"
+    out3 = _to_output(req, _fake_result([4], "stop", stop_reason="END"))
+    assert out3.finish_reason == "stop" and out3.accept_lengths == []
+    metrics = [SimpleNamespace(name="vllm:spec_decode_num_drafts", value=2),
+               SimpleNamespace(name="vllm:spec_decode_num_drafts", value=1),  # a second engine
+               SimpleNamespace(name="vllm:spec_decode_num_draft_tokens", value=12),
+               SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens", value=6),
+               SimpleNamespace(name="vllm:num_requests_running", value=9)]
+    counters = _spec_counters(metrics)
+    assert counters == {"num_drafts": 3, "num_draft_tokens": 12, "num_accepted_tokens": 6}
+    stats = _stats([out, out2], counters, wall=2.0)
+    assert stats.total_new_tokens == 14 and stats.tokens_per_second == 7.0
+    assert stats.histogram() == {1: 3, 2: 1, 3: 1, 4: 1}
+    assert stats.summary()["acceptance_rate"] == 0.5
