@@ -3,10 +3,12 @@ run on the same requests in the same process.
 
   embedded  specplug's EmbeddedEngine: baseline = no drafter, spec = the drafter asked for
   hf        transformers generate(): plain (baseline), prompt lookup, assisted (with --drafter)
-  vllm      specplug.integrations.vllm.generate.run_vllm (extra `vllm`)
+  vllm      real vLLM through specplug.integrations.vllm (extra `vllm`): one engine per arm and
+            phase, each in a fresh process of a Python that has vLLM (vLLM cannot start a second
+            engine in one process once numba is loaded)
   sglang    specplug.integrations.sglang.generate.run_sglang (extra `sglang`)
 
-External engines plug in by providing a module function
+Other external engines plug in by providing a module function
   run_<engine>(target=PATH, requests=list[Request], drafter=DrafterSpec | None,
                num_draft_tokens=int, sampling=SamplingParams, batch_size=int)
       -> (list[RequestOutput], SpecStats)
@@ -66,7 +68,9 @@ def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
         return _embedded_arms(t)
     if engine == "hf":
         return _hf_arms(t)
-    if engine in ("vllm", "sglang"):
+    if engine == "vllm":
+        return _vllm_arms(t)
+    if engine == "sglang":
         return _external_arms(engine, t)
     raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
@@ -110,15 +114,16 @@ def _hf_arms(t: BenchTarget) -> list[Arm]:
     return arms
 
 
-_EXTRAS = {"vllm": ("specplug.integrations.vllm.generate", "run_vllm"),
-           "sglang": ("specplug.integrations.sglang.generate", "run_sglang")}
+_EXTRAS = {"sglang": ("specplug.integrations.sglang.generate", "run_sglang")}
 
 
 def check_engine(engine: str) -> None:
     """Fail before any model is loaded when an engine cannot run here."""
     if engine not in ENGINES:
         raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
-    if engine in _EXTRAS:
+    if engine == "vllm":
+        _vllm_python()
+    elif engine in _EXTRAS:
         _external_fn(engine)
 
 
@@ -151,6 +156,74 @@ def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
                         runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma},
                         whole_phase=True))
     return arms
+
+
+def _vllm_python() -> str:
+    """The Python that runs vLLM: this one when it imports vllm, else the vLLM venv's."""
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    try:
+        from specplug.integrations.vllm.subprocess_job import vllm_python
+        return vllm_python()
+    except (ImportError, RuntimeError) as e:
+        raise EngineUnavailable(f"--engine vllm needs the 'vllm' extra (pip install "
+                                f"'specplug[vllm]') or a vLLM venv: {e}") from None
+
+
+def _vllm_arms(t: BenchTarget) -> list[Arm]:
+    import os
+    import sys
+    import tempfile
+
+    from specplug.integrations.vllm import subprocess_job
+    python = _vllm_python()
+    if python == sys.executable:  # vLLM installed here: subprocess_job runs it with this Python
+        os.environ.setdefault("SPECPLUG_VLLM_PYTHON", python)
+    workdir = tempfile.mkdtemp(prefix="specplug-bench-vllm-")
+    counter = iter(range(1 << 30))
+
+    def runner(drafter: DrafterSpec | None) -> RunFn:
+        def run(reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
+            job = {"target": t.path, "prompt_ids": [r.prompt_ids for r in reqs],
+                   "max_new_tokens": max(r.max_new_tokens for r in reqs),
+                   "temperature": t.sampling.temperature, "seed": reqs[0].seed, "warmup": True,
+                   "llm_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
+                                  "max_num_seqs": t.batch_size}}
+            if drafter is not None:
+                job["specplug"] = {"method": drafter.method, "path": drafter.path,
+                                   "options": dict(drafter.options), "num_draft_tokens": t.gamma}
+            got = subprocess_job.run_job(job, workdir, f"arm{next(counter)}", timeout=3600)
+            return _from_job(got, reqs, t.tokenizer, stats)
+        return run
+
+    arms = [Arm("vllm/none", "vllm", "none", "baseline", runner(None),
+                {"batch_size": t.batch_size, "python": python}, whole_phase=True)]
+    if t.drafter is not None:
+        arms.append(Arm(f"vllm/{t.drafter.method}", "vllm", t.drafter.method, "spec",
+                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma},
+                        whole_phase=True))
+    return arms
+
+
+def _from_job(got: dict, reqs: list[Request], tokenizer, stats: SpecStats) -> list[RequestOutput]:
+    """The vLLM job's JSON (summary + per-request tokens) back into outputs and stats."""
+    s = got["summary"]
+    outs = []
+    for req, r in zip(reqs, got["requests"]):
+        ids = r["output_token_ids"]
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else ""
+        outs.append(RequestOutput(req.prompt, list(req.prompt_ids), ids, text,
+                                  list(r["accept_lengths"]), r["finish_reason"]))
+    one = SpecStats(num_prompts=s["num_prompts"], total_new_tokens=s["total_new_tokens"],
+                    wall_time_s=s["wall_time_s"], num_drafts=s["num_drafts"],
+                    num_draft_tokens=s["num_draft_tokens"],
+                    num_accepted_tokens=s["num_accepted_tokens"],
+                    accept_lengths=[a for o in outs for a in o.accept_lengths],
+                    timing_ms=dict(s["timing_ms"]))
+    _merge(stats, one)
+    return outs
 
 
 def _merge(into: SpecStats, other: SpecStats) -> None:

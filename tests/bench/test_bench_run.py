@@ -118,7 +118,7 @@ def test_self_draft_accepts_every_draft_and_ngram_runs(tiny_models, tmp_path):
 
 
 def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path, monkeypatch):
-    """A stand-in run_vllm built on the embedded engine: the switch calls it for the baseline
+    """A stand-in run_sglang built on the embedded engine: the switch calls it for the baseline
     (drafter=None) and for the drafter, each with the whole phase."""
     from specplug.drafters.base import build_drafter
     from specplug.engine.embedded import EmbeddedEngine
@@ -126,24 +126,24 @@ def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path
     import torch
     calls = []
 
-    def run_vllm(target, requests, drafter, num_draft_tokens, sampling, batch_size):
+    def run_sglang(target, requests, drafter, num_draft_tokens, sampling, batch_size):
         calls.append((drafter.method if drafter else None, len(requests)))
         model = load_causal_lm(target, dtype=torch.float64)
         tok = load_tokenizer(target)
         d = build_drafter(drafter, target_info(model, tok)) if drafter else None
         return EmbeddedEngine(model, tok, d, num_draft_tokens, sampling).generate(requests, batch_size)
 
-    mod = types.ModuleType("fake_vllm_generate")
-    mod.run_vllm = run_vllm
-    monkeypatch.setitem(sys.modules, "fake_vllm_generate", mod)
-    monkeypatch.setitem(engines._EXTRAS, "vllm", ("fake_vllm_generate", "run_vllm"))
+    mod = types.ModuleType("fake_sglang_generate")
+    mod.run_sglang = run_sglang
+    monkeypatch.setitem(sys.modules, "fake_sglang_generate", mod)
+    monkeypatch.setitem(engines._EXTRAS, "sglang", ("fake_sglang_generate", "run_sglang"))
     out = tmp_path / "r"
     assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
-                 "--engine", "vllm", "--no-anchors", "--max-new-tokens", "10", "--dtype", "float64",
+                 "--engine", "sglang", "--no-anchors", "--max-new-tokens", "10", "--dtype", "float64",
                  "--output", str(out), "--no-progress", "--name", "ext"]) == 0
     assert calls == [(None, 3), ("ngram", 3)]
     run = json.loads((out / "ext.json").read_text())
-    assert [a["label"] for a in run["arms"]] == ["vllm/none", "vllm/ngram"]
+    assert [a["label"] for a in run["arms"]] == ["sglang/none", "sglang/ngram"]
     assert run["arms"][1]["matches_baseline"] == 3 and run["summary"]["num_prompts"] == 3
 
 
@@ -164,3 +164,30 @@ def test_errors_are_one_line_and_write_nothing(tiny_models, tmp_path, monkeypatc
     assert main(["--suite", "mtbench", "--target", str(tmp_path / "nomodel"), "--no-progress"]) == 2
     assert "model path not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_vllm_job_result_becomes_outputs_and_stats():
+    from specplug.engine.rows import Request
+    from specplug.stats import SpecStats
+    got = {"summary": {"num_prompts": 2, "total_new_tokens": 7, "wall_time_s": 0.5,
+                       "num_drafts": 2, "num_draft_tokens": 6, "num_accepted_tokens": 3,
+                       "timing_ms": {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "sample": 0.0,
+                                     "cache": 0.0, "other": 500.0}},
+           "requests": [{"output_token_ids": [5, 6, 7, 8], "accept_lengths": [3, 1],
+                         "finish_reason": "length"},
+                        {"output_token_ids": [9, 9, 9], "accept_lengths": [2, 1],
+                         "finish_reason": "eos"}]}
+    stats = SpecStats()
+    outs = engines._from_job(got, [Request([1, 2], 4), Request([3], 4)], None, stats)
+    assert [o.output_token_ids for o in outs] == [[5, 6, 7, 8], [9, 9, 9]]
+    assert outs[1].finish_reason == "eos" and outs[0].prompt_ids == [1, 2]
+    assert stats.accept_lengths == [3, 1, 2, 1] and stats.acceptance_rate == 0.5
+    assert stats.total_new_tokens == 7 and stats.timing_ms["other"] == 500.0
+
+
+def test_vllm_without_vllm_names_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setenv("SPECPLUG_VLLM_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(engines.EngineUnavailable, match=r"specplug\[vllm\]"):
+        engines.check_engine("vllm")
