@@ -210,6 +210,10 @@ def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlas
     if bad:
         raise CheckpointError(f"{where}: target_layer_ids {bad} outside the target's "
                               f"{target.num_layers} layers")
+    vocab = target.embed_tokens.num_embeddings if target.embed_tokens is not None else target.vocab_size
+    if not 0 <= dcfg.mask_token_id < vocab:
+        raise CheckpointError(f"{where}: mask_token_id {dcfg.mask_token_id} is outside the target's "
+                              f"embedding of {vocab} rows")
     if dcfg.block_size < 2:
         raise CheckpointError(f"{where}: block_size {dcfg.block_size} leaves no draft tokens")
     n = len(dcfg.target_layer_ids)

@@ -24,7 +24,9 @@ drawn from a distribution conditioned on tokens < j only, so q-ratio acceptance 
 approx_kv_cache: reuse the context's K/V from earlier calls and denoising steps instead of
 re-running the whole sequence.  Bidirectional attention makes it approximate (cached positions
 never see tokens that came after them); with a causal checkpoint it is exact.  Verification is
-exact either way.
+exact either way.  Measured (tiny float64 Llama, 4 layers, hidden 128, 20 prompts of 60-200
+tokens, gamma 5, batch 4): draft time per step fell 10-16x; tau moved 1.107 -> 1.083 (entropy,
+k = 5), 1.108 -> 1.071 (k = 2), 1.181 -> 1.213 (p2, 3 candidates), and stayed 5.875 when causal.
 """
 from __future__ import annotations
 

@@ -160,6 +160,8 @@ def _rewrite(src, dst, edit_state=None, edit_config=None):
      "needs target_layer_ids"),
     ("bad_layer", None, lambda c: c["dflash_config"].update({"target_layer_ids": [0, 9]}),
      "target_layer_ids [9]"),
+    ("bad_mask", None, lambda c: c["dflash_config"].update({"mask_token_id": 999}),
+     "mask_token_id 999 is outside"),
 ])
 def test_loading_errors_name_file_and_key(tmp_path, target, tok, case, edit_state, edit_config, message):
     good = random_dflash(str(tmp_path / "good"), target)
