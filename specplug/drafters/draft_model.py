@@ -15,6 +15,7 @@ from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .row_slots import RowSlots, common_prefix
 
 
 class DraftModelDrafter(Drafter):
@@ -23,33 +24,13 @@ class DraftModelDrafter(Drafter):
         self.target_vocab = target_vocab
         self.bridge = bridge  # set when the draft's tokenizer differs from the target's
         self.cache = SlotCache(0)
-        self.rows: list[int] = []  # row ids in cache order
+        self.slots = RowSlots(self.cache)
         self.cached_tokens: dict[int, list[int]] = {}  # what each row's cache holds, in order
 
     def release(self, row_ids: list[int]) -> None:
-        gone = set(row_ids)
-        keep = [i for i, rid in enumerate(self.rows) if rid not in gone]
-        if len(keep) < len(self.rows):
-            self.cache.select_rows(keep)
-            self.rows = [self.rows[i] for i in keep]
-        for rid in gone:
+        self.slots.drop(row_ids)
+        for rid in row_ids:
             self.cached_tokens.pop(rid, None)
-
-    def _align_rows(self, row_ids: list[int]) -> list[int]:
-        """Make the cache hold exactly row_ids (adding empty rows); return their cache indices."""
-        self.release([rid for rid in self.rows if rid not in set(row_ids)])
-        new = [rid for rid in row_ids if rid not in self.rows]
-        if new:
-            self.cache.add_rows(len(new))
-            self.rows += new
-            for rid in new:
-                self.cached_tokens[rid] = []
-        index = {rid: i for i, rid in enumerate(self.rows)}
-        order = [index[rid] for rid in row_ids]
-        if order != list(range(len(row_ids))):
-            self.cache.select_rows(order)
-            self.rows = list(row_ids)
-        return order
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:
@@ -57,12 +38,13 @@ class DraftModelDrafter(Drafter):
         contexts = [t.tolist() for t in inp.token_ids]
         if self.bridge:
             contexts = [self.bridge.to_draft(c) for c in contexts]
-        self._align_rows(inp.row_ids)
+        for rid in self.slots.align(inp.row_ids):
+            self.cached_tokens[rid] = []
         # 1. roll back to the common prefix, then feed what the cache lacks
         feeds = []
         for i, (rid, ctx) in enumerate(zip(inp.row_ids, contexts)):
             have = self.cached_tokens[rid]
-            common = _common_prefix(have, ctx)
+            common = common_prefix(have, ctx)
             common = min(common, len(ctx) - 1)  # always feed >= 1 token to get fresh logits
             self.cache.truncate(i, common)
             self.cached_tokens[rid] = ctx[:common]
@@ -121,13 +103,6 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     pad = logits.new_full((logits.shape[0], vocab - logits.shape[-1]), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @register_drafter("draft")

@@ -19,6 +19,7 @@ import torch
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
+from .row_slots import RowSlots, common_prefix
 from .llama_layer import HeadKV
 from .tree import TreeSettings, expand_tree
 
@@ -29,40 +30,23 @@ class EagleDrafter(Drafter):
         self.needs = DrafterNeeds(hidden_layers=tuple(hidden_layers))
         self.tree = tree
         self.kv = HeadKV(head.num_layers)
-        self.rows: list[int] = []  # row ids in cache order
+        self.slots = RowSlots(self.kv)
         self.context: dict[int, list[int]] = {}  # x_0..x_m: the row has entries for x_1..x_m
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # last entry's (feat, logits)
 
     # -- row bookkeeping ----------------------------------------------------------------------
     def release(self, row_ids: list[int]) -> None:
-        gone = set(row_ids)
-        keep = [i for i, rid in enumerate(self.rows) if rid not in gone]
-        if len(keep) < len(self.rows):
-            self.kv.select_rows(keep)
-            self.rows = [self.rows[i] for i in keep]
-        for rid in gone:
+        self.slots.drop(row_ids)
+        for rid in row_ids:
             self.context.pop(rid, None)
             self.last.pop(rid, None)
-
-    def _align_rows(self, row_ids: list[int]) -> None:
-        """Make the cache hold exactly row_ids, in that order (new rows start empty)."""
-        self.release([rid for rid in self.rows if rid not in set(row_ids)])
-        new = [rid for rid in row_ids if rid not in self.rows]
-        if new:
-            self.kv.add_rows(len(new))
-            self.rows += new
-            for rid in new:
-                self.context[rid] = []
-        index = {rid: i for i, rid in enumerate(self.rows)}
-        order = [index[rid] for rid in row_ids]
-        if order != list(range(len(row_ids))):
-            self.kv.select_rows(order)
-            self.rows = list(row_ids)
 
     # -- one call -----------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:
-        self._align_rows(inp.row_ids)
+        for rid in self.slots.align(inp.row_ids):
+            self.context[rid] = []
+            self.last.pop(rid, None)
         feats, logits, ready = self._catch_up(inp)
         if not ready.any():
             return DraftProposal.empty(len(inp.row_ids))
@@ -87,7 +71,7 @@ class EagleDrafter(Drafter):
         for r, (rid, ids) in enumerate(zip(inp.row_ids, inp.token_ids)):
             ctx, have = ids.tolist(), self.context[rid]
             n = len(ctx)
-            keep = max(_common_prefix(have, ctx) - 1, 0)  # entries still valid (x_1..x_keep)
+            keep = max(common_prefix(have, ctx) - 1, 0)  # entries still valid (x_1..x_keep)
             self.kv.truncate(r, keep + 1)
             if keep < len(have) - 1:
                 self.last.pop(rid, None)
@@ -198,11 +182,3 @@ class EagleDrafter(Drafter):
     # -- helpers ------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
         return next(self.head.parameters()).dtype
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
