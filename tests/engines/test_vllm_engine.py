@@ -34,6 +34,7 @@ def models(tmp_path_factory):
         "draft": harness.build_draft(os.path.join(root, "draft"), target, tok, noise=0.1),
         "other_tok_draft": harness.build_other_tokenizer_draft(os.path.join(root, "other")),
         "dream": harness.build_causal_dream(os.path.join(root, "dream"), target),
+        "eagle": harness.build_eagle_head(os.path.join(root, "eagle"), target),
         "prompts": harness.tiny_prompts(tok, n=6),
     }
 
@@ -62,6 +63,8 @@ CASES = {
     "draft": ("draft", "draft", {}),
     "draft_other_tokenizer": ("draft", "other_tok_draft", {}),
     "specdiff": ("specdiff", "dream", {"unmask_order": "left_to_right"}),
+    # hidden-state family: vLLM's own EAGLE on the specplug (SafeAILab layout) checkpoint
+    "eagle": ("eagle", "eagle", {}),
 }
 
 
@@ -79,6 +82,15 @@ def test_greedy_identity_with_vllm_no_spec(models, baseline, case):
     assert sum(s["accept_length_histogram"].values()) == len(
         [a for r in res["requests"] for a in r["accept_lengths"]])
     assert s["num_accepted_tokens"] <= s["num_draft_tokens"]
+
+
+def test_eagle_head_is_one_specplug_loads_too(models):
+    from specplug.drafters.base import DrafterSpec, build_drafter
+    from specplug.models.loading import load_causal_lm, load_tokenizer, target_info
+    target = load_causal_lm(models["target"])
+    drafter = build_drafter(DrafterSpec("eagle", models["eagle"]),
+                            target_info(target, load_tokenizer(models["target"])))
+    assert drafter.needs.hidden_layers  # the family vLLM runs through its own EAGLE proposer
 
 
 def test_drafter_equal_to_target_accepts_every_draft(models, baseline):

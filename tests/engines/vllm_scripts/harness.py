@@ -76,3 +76,35 @@ def tiny_prompts(tokenizer, n: int = 6) -> list[list[int]]:
     prompts += extra[:max(0, n - len(prompts))]
     return prompts
 
+
+
+def build_eagle_head(folder: str, target, noise: float = 0.05, seed: int = 5) -> str:
+    """SafeAILab EAGLE-1/2 layout over the target: fc [H, 2H] reading the embedding, layer 0 =
+    the target's first layer (no input_layernorm), plus noise; the target's embedding."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    c = target.config
+    h = c.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    state = {"fc.weight": torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1),
+             "embed_tokens.weight": target.model.embed_tokens.weight.detach().clone()}
+    for k, v in target.model.layers[0].state_dict().items():
+        if not k.startswith("input_layernorm"):
+            state["layers.0." + k] = v.detach().clone()
+    for k, v in state.items():
+        if k != "embed_tokens.weight":
+            state[k] = (v + torch.randn(v.shape, generator=g) * noise * v.std()).float().contiguous()
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+           "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
+           "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+           "head_dim": h // c.num_attention_heads, "rms_norm_eps": c.rms_norm_eps,
+           "max_position_embeddings": c.max_position_embeddings,
+           "rope_theta": c.rope_parameters["rope_theta"], "vocab_size": c.vocab_size,
+           "hidden_act": "silu", "torch_dtype": "float32", "tie_word_embeddings": False}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    return folder
