@@ -1,0 +1,142 @@
+"""Hybrid: prompt lookup and a trained head, combined per row and per step.
+
+Both inner drafters are built through the registry and called on every step with the same
+input, because a head that reads target features must see each feature once as it streams by
+(the engine hands features over only once).  Then, per row:
+  mode "switch"  the lookup's chain when it matched an n-gram of at least `min_match` tokens and
+                 proposes at least `min_lookup_tokens` tokens, else the head's proposal;
+  mode "tree"    both, merged into one prefix tree (shared prefixes verified once), lookup
+                 branch first.  Costs a wider verify pass, never a lower accept length.
+
+Worked example, gamma 3, committed "... the cat sat on the mat . the cat":
+  lookup (3-gram ". the cat" matched) -> [sat, on, the];  head -> [sat, down, .]
+  switch: [sat, on, the]           tree: sat(-1) on(0) the(1) down(0) .(3)
+
+Lossless at any temperature: a lookup chain is deterministic (a point mass); in "switch" mode a
+row that takes it gets a one-hot draft distribution next to the head's rows; in "tree" mode every
+node is verified as a point mass, which is lossless for any draft chosen without looking at the
+target's random numbers (see verify.py).
+
+Options: head_method (default: detected from the drafter folder), head_* (passed to the head with
+the prefix removed, e.g. head_tree_topk), mode, max_ngram (4), min_match (2),
+min_lookup_tokens (1).  DrafterSpec.path is the head's checkpoint folder.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..types import PAD, ROOT, DraftInput, DraftProposal
+from .base import Drafter, DrafterSpec, TargetInfo, build_drafter, register_drafter
+
+MODES = ("switch", "tree")
+
+
+class HybridDrafter(Drafter):
+    def __init__(self, lookup: Drafter, head: Drafter, mode: str = "switch",
+                 min_lookup_tokens: int = 1):
+        if mode not in MODES:
+            raise ValueError(f"hybrid mode {mode!r}: choose one of {', '.join(MODES)}")
+        if min_lookup_tokens < 1:
+            raise ValueError(f"min_lookup_tokens must be >= 1, got {min_lookup_tokens}")
+        self.lookup, self.head = lookup, head
+        self.mode, self.min_lookup_tokens = mode, min_lookup_tokens
+        self.needs = head.needs  # the lookup needs token ids only
+        self.used_lookup = 0  # rows x steps that took the lookup (or had it in their tree)
+        self.used_head = 0
+
+    def release(self, row_ids: list[int]) -> None:
+        self.lookup.release(row_ids)
+        self.head.release(row_ids)
+
+    def propose(self, inp: DraftInput) -> DraftProposal:
+        from_lookup = self.lookup.propose(inp)
+        from_head = self.head.propose(inp)
+        found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
+        self.used_lookup += int(found.sum())
+        self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
+        if self.mode == "tree":
+            return merge_trees(from_lookup, from_head, found)
+        return switch_rows(from_lookup, from_head, found)
+
+
+def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.Tensor) -> DraftProposal:
+    """Per row, the lookup's proposal where take_lookup [batch] is set, else the head's."""
+    batch = take_lookup.shape[0]
+    width = max(lookup.tokens.shape[1] if take_lookup.any() else 0, head.tokens.shape[1])
+    tokens = torch.full((batch, width), PAD, dtype=torch.long)
+    parents = torch.full((batch, width), ROOT, dtype=torch.long)
+    for src, rows in ((lookup, take_lookup), (head, ~take_lookup)):
+        n = min(src.tokens.shape[1], width)
+        tokens[rows, :n] = src.tokens[rows, :n]
+        parents[rows, :n] = src.parents[rows, :n]
+    probs = None
+    if head.draft_probs is not None:
+        vocab = head.draft_probs.shape[-1]
+        probs = torch.zeros(batch, width, vocab, dtype=head.draft_probs.dtype)
+        n = head.tokens.shape[1]
+        probs[~take_lookup, :n] = head.draft_probs[~take_lookup]
+        # a lookup token is a point mass: one-hot q accepts with probability p(x), like None
+        look = take_lookup[:, None] & (tokens != PAD)
+        rows, cols = look.nonzero(as_tuple=True)
+        probs[rows, cols, tokens[rows, cols]] = 1.0
+    return DraftProposal(tokens, parents, probs)
+
+
+def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Tensor) -> DraftProposal:
+    """Per row, the union of two trees as one prefix tree (first's nodes first); rows where
+    use_first [batch] is unset get the second tree only.  Verified as point masses."""
+    rows = []
+    for r in range(first.tokens.shape[0]):
+        tokens, parents, index = [], [], {}  # index: (new parent, token) -> new node
+        sources = (first, second) if bool(use_first[r]) else (second,)
+        for src in sources:
+            remap = {}
+            for j, (tok, par) in enumerate(zip(src.tokens[r].tolist(), src.parents[r].tolist())):
+                if tok == PAD or (par != ROOT and par not in remap):
+                    continue
+                new_par = ROOT if par == ROOT else remap[par]
+                key = (new_par, tok)
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(new_par)
+                remap[j] = index[key]
+        rows.append((tokens, parents))
+    width = max((len(t) for t, _ in rows), default=0)
+    tok_t = torch.full((len(rows), width), PAD, dtype=torch.long)
+    par_t = torch.full((len(rows), width), ROOT, dtype=torch.long)
+    for r, (t, p) in enumerate(rows):
+        tok_t[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+        par_t[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return DraftProposal(tok_t, par_t)
+
+
+def _head_spec(spec: DrafterSpec) -> DrafterSpec:
+    opts = spec.options
+    method = opts.get("head_method")
+    if not method:
+        if not spec.path:
+            raise ValueError("method 'hybrid' needs --drafter PATH (the head's folder) or "
+                             "option head_method (e.g. head_method=draft)")
+        from .detect import detect_method
+        method = detect_method(spec.path)
+    if method == "hybrid":
+        raise ValueError("hybrid head_method cannot be 'hybrid'")
+    head_opts = {k[len("head_"):]: v for k, v in opts.items()
+                 if k.startswith("head_") and k not in ("head_method", "head_path")}
+    return DrafterSpec(str(method), opts.get("head_path") or spec.path, head_opts)
+
+
+@register_drafter("hybrid")
+def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
+    opts = spec.options
+    max_ngram = int(opts.get("max_ngram", 4))
+    min_match = int(opts.get("min_match", 2))
+    if not 1 <= min_match <= max_ngram:
+        raise ValueError(f"hybrid needs 1 <= min_match ({min_match}) <= max_ngram ({max_ngram})")
+    # an n-gram drafter whose shortest n is min_match proposes nothing without such a match
+    lookup = build_drafter(DrafterSpec("ngram", None, {"max_ngram": max_ngram,
+                                                      "min_ngram": min_match}), target)
+    head = build_drafter(_head_spec(spec), target)
+    return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
+                         int(opts.get("min_lookup_tokens", 1)))

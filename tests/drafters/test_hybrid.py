@@ -1,0 +1,169 @@
+"""Hybrid drafter (lookup + head): greedy identity at batch 1 and 4 for draft-model and EAGLE-3
+heads in both modes, lossless sampling, the per-row merge rules on literal tables, bad options."""
+import pytest
+import torch
+
+from eagle_fixtures import (attention_only_target, bos_prompts, chi_square_p, eagle3_state, run,
+                            save_head)
+from specplug.drafters.base import DrafterSpec, build_drafter
+from specplug.drafters.hybrid import HybridDrafter, merge_trees, switch_rows
+from specplug.models.loading import target_info
+from specplug.models.tiny import build_tiny_llama, perturbed_copy, save_model
+from specplug.types import PAD, ROOT, DraftProposal, SamplingParams
+
+GAMMA = 4
+
+
+def _repeating(prompts):
+    # every other prompt repeats its own start, so lookup finds matches in some rows only
+    return [p + p[1:1 + len(p) // 2] if i % 2 else p for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft_folder(llama, tmp_path_factory):
+    return save_model(perturbed_copy(llama, 0.3), None, str(tmp_path_factory.mktemp("draft")))
+
+
+@pytest.fixture(scope="module")
+def llama_prompts():
+    g = torch.Generator().manual_seed(5)
+    return _repeating([torch.randint(1, 256, (int(n),), generator=g).tolist()
+                       for n in torch.randint(4, 30, (16,), generator=g)])
+
+
+@pytest.mark.parametrize("mode", ["switch", "tree"])
+def test_greedy_identity_with_draft_model_head(llama, draft_folder, llama_prompts, mode):
+    plain = run(llama, None, llama_prompts, 1, max_new=24)[0]
+    taus = []
+    for batch in (1, 4):
+        drafter = build_drafter(DrafterSpec("hybrid", draft_folder, {"head_method": "draft",
+                                                                     "mode": mode}),
+                                target_info(llama))
+        outs, stats = run(llama, drafter, llama_prompts, batch, GAMMA, max_new=24)
+        assert outs == plain
+        assert drafter.used_lookup > 0 and drafter.used_head > 0
+        taus.append(stats.mean_accept_length)
+    assert taus[0] == pytest.approx(taus[1])
+
+
+@pytest.mark.parametrize("mode", ["switch", "tree"])
+def test_greedy_identity_with_eagle3_head(tmp_path, mode):
+    target = attention_only_target(0)
+    state, cfg = eagle3_state(target, [0, 1, 1], noise=0.05, draft_vocab=200)
+    folder = save_head(str(tmp_path / "e3"), state, cfg)
+    prompts = _repeating(bos_prompts(16, seed=2))
+    plain = run(target, None, prompts, 1)[0]
+    for batch in (1, 4):
+        # the head is detected from the folder; head_ options reach it (an EAGLE-2 tree)
+        drafter = build_drafter(DrafterSpec("hybrid", folder, {"mode": mode, "head_tree_topk": 2,
+                                                               "head_tree_nodes": 6}),
+                                target_info(target))
+        assert drafter.needs.hidden_layers == (0, 1, 1)
+        outs, stats = run(target, drafter, prompts, batch, GAMMA)
+        assert outs == plain
+        assert drafter.used_lookup > 0 and drafter.used_head > 0
+        assert stats.num_accepted_tokens > 0
+
+
+def test_tree_mode_accepts_the_better_branch(llama, draft_folder, llama_prompts):
+    """One step from the same state: the merged tree's greedy accept length is the max of the
+    lookup's and the head's (walked against the target's own greedy continuation)."""
+    from specplug.types import DraftInput
+    info = target_info(llama)
+    lookup_only = build_drafter(DrafterSpec("ngram", None, {"max_ngram": 4, "min_ngram": 2}), info)
+    head_only = build_drafter(DrafterSpec("draft", draft_folder), info)
+    tree = build_drafter(DrafterSpec("hybrid", draft_folder, {"head_method": "draft",
+                                                             "mode": "tree"}), info)
+    merged = 0
+    for i, p in enumerate(llama_prompts):
+        greedy = _greedy(llama, p, GAMMA)
+        inp = DraftInput([i], [torch.tensor(p)], GAMMA)
+        props = [d.propose(inp) for d in (lookup_only, head_only, tree)]
+        lengths = [_greedy_accept(prop, greedy) for prop in props]
+        assert lengths[2] == max(lengths[0], lengths[1])
+        merged += int(props[0].num_nodes[0]) > 0 and not props[2].is_chain()
+    assert merged > 0  # the repeating prompts give some rows a real two-branch tree
+
+
+def _greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _greedy_accept(prop, greedy) -> int:
+    """Draft tokens accepted by a greedy walk of row 0's tree."""
+    toks, pars = prop.tokens[0].tolist(), prop.parents[0].tolist()
+    node, n = ROOT, 0
+    while True:
+        nxt = next((j for j, (t, q) in enumerate(zip(toks, pars))
+                    if t != PAD and q == node and n < len(greedy) and t == greedy[n]), None)
+        if nxt is None:
+            return n
+        node, n = nxt, n + 1
+
+
+@pytest.mark.parametrize("mode", ["switch", "tree"])
+def test_sampling_is_lossless(tmp_path, mode):
+    """T = 1: the second output token (the first one speculation decides) follows the target."""
+    from eagle_fixtures import second_token_marginal
+    target = build_tiny_llama(seed=0, sharpness=1.5)
+    folder = save_model(perturbed_copy(target, 0.5), None, str(tmp_path / "d"))
+    prompt = [10, 20, 30, 40, 10, 20, 30]  # lookup matches "20 30" (and "10 20 30")
+    params = SamplingParams(temperature=1.0)
+    drafter = build_drafter(DrafterSpec("hybrid", folder, {"head_method": "draft", "mode": mode}),
+                            target_info(target))
+    draws = 3000
+    outs, _ = run(target, drafter, [prompt] * draws, 100, gamma=3, max_new=3, sampling=params,
+                  seeds=list(range(draws)))
+    assert drafter.used_lookup > 0 and drafter.used_head > 0
+    p = chi_square_p([o[1] for o in outs], second_token_marginal(target, prompt))
+    assert p > 0.01, f"{mode}: p={p:.2e}"
+
+
+# -- literal tables ---------------------------------------------------------------------------
+def test_switch_rows_table():
+    lookup = DraftProposal.chain(torch.tensor([[7, 8, 9], [PAD, PAD, PAD]]))
+    head_probs = torch.full((2, 2, 10), 0.1, dtype=torch.float64)
+    head = DraftProposal.chain(torch.tensor([[1, 2], [3, 4]]), head_probs)
+    out = switch_rows(lookup, head, torch.tensor([True, False]))
+    assert out.tokens.tolist() == [[7, 8, 9], [3, 4, PAD]]
+    assert out.is_chain()
+    assert out.draft_probs.shape == (2, 3, 10)
+    # lookup tokens are one-hot (point masses); head rows keep the head's q
+    assert out.draft_probs[0, 0].tolist() == [0.0] * 7 + [1.0, 0.0, 0.0]
+    assert out.draft_probs[0, 2, 9] == 1.0
+    assert torch.allclose(out.draft_probs[1, :2], head_probs[1])
+    assert out.draft_probs[1, 2].sum() == 0
+
+
+def test_merge_trees_table():
+    lookup = DraftProposal.chain(torch.tensor([[5, 6, 7], [5, 6, PAD]]))
+    head = DraftProposal(torch.tensor([[5, 9, 4], [8, 9, PAD]]), torch.tensor([[ROOT, 0, ROOT],
+                                                                               [ROOT, 0, ROOT]]))
+    out = merge_trees(lookup, head, torch.tensor([True, False]))
+    # row 0: 5 shared; 6 and 9 both under it; 4 a second root child
+    assert out.tokens.tolist() == [[5, 6, 7, 9, 4], [8, 9, PAD, PAD, PAD]]
+    assert out.parents[0].tolist() == [ROOT, 0, 1, 0, ROOT]
+    assert out.parents[1, :2].tolist() == [ROOT, 0]
+    assert out.draft_probs is None
+
+
+def test_bad_options(llama, draft_folder):
+    info = target_info(llama)
+    with pytest.raises(ValueError, match="hybrid mode 'both'"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"mode": "both"}), info)
+    with pytest.raises(ValueError, match="min_match"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"min_match": 6}), info)
+    with pytest.raises(ValueError, match="needs --drafter PATH"):
+        build_drafter(DrafterSpec("hybrid", None, {}), info)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"head_method": "nope"}), info)
+    assert isinstance(build_drafter(DrafterSpec("hybrid", draft_folder, {}), info), HybridDrafter)
