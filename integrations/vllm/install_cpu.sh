@@ -16,11 +16,16 @@ if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$TORCH_PIN $VLLM_PIN" ]]; then
     exit 0
 fi
 
+# pip here warns once per package about file:// index folders that do not exist: drop that noise
+pip_quiet() {
+    "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+PIP=(pip_quiet install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_PIN" "$VLLM_PIN"
 # The resolved torchvision is a CUDA build that breaks imports; triton is unused on CPU.
-"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+pip_quiet uninstall -q -y torchvision torchaudio torchcodec triton || true
 "${PIP[@]}" --no-deps -e "$REPO"
 # Whatever specplug needs that vLLM did not already bring (never upgrading vLLM's pins).
 MISSING="$("$VENV/bin/python" - <<'PY'
