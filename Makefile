@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast test-slow models drafters bench clean
+.PHONY: demo test test-fast models engines drafters bench clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,9 +28,13 @@ demo: models
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not engine" tests
 
+# The real engines run from venvs of their own (they pin their own dependency sets).
+engines:
+	integrations/vllm/install_cpu.sh $(CURDIR)/.venv-vllm
+
 # Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU.
-test: $(BIN)/.installed models
+test: $(BIN)/.installed models engines
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-vllm .venv-sglang .pytest_cache

@@ -127,19 +127,17 @@ def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[Requ
 
 
 def _generate_other_engine(cfg: GenerateConfig):
+    import importlib.util
+    if cfg.engine not in ("vllm", "sglang"):
+        raise ValueError(f"unknown engine {cfg.engine!r}; known: embedded, vllm, sglang")
+    if importlib.util.find_spec(cfg.engine) is None:
+        raise RuntimeError(f"--engine {cfg.engine} needs {cfg.engine} in this Python: "
+                           f"pip install 'specplug[{cfg.engine}]'")
     if cfg.engine == "vllm":
-        try:
-            from .integrations.vllm.generate import run_vllm
-        except ImportError as e:
-            raise RuntimeError(f"--engine vllm needs vLLM: pip install 'specplug[vllm]' ({e})") from e
+        from .integrations.vllm.generate import run_vllm
         return run_vllm(cfg)
-    if cfg.engine == "sglang":
-        try:
-            from .integrations.sglang.generate import run_sglang
-        except ImportError as e:
-            raise RuntimeError(f"--engine sglang needs SGLang: pip install 'specplug[sglang]' ({e})") from e
-        return run_sglang(cfg)
-    raise ValueError(f"unknown engine {cfg.engine!r}; known: embedded, vllm, sglang")
+    from .integrations.sglang.generate import run_sglang
+    return run_sglang(cfg)
 
 
 def write_stats(path: str, payload: dict) -> None:
