@@ -1,0 +1,148 @@
+"""The speculative algorithm names specplug adds to SGLang, and how each resolves server args.
+
+    python -m sglang.launch_server --model-path T --speculative-algorithm SPECPLUG_DRAFT \
+        --speculative-draft-model-path D [--speculative-num-draft-tokens K]
+
+Names (the user's vocabulary, not SGLang's):
+  SPECPLUG           the drafter family detected from the draft folder's config (a classic draft
+                     model, a SpecDiff diffusion drafter, ...); no folder means n-gram lookup
+  SPECPLUG_DRAFT     a draft causal LM, with the target's tokenizer or another one
+  SPECPLUG_SPECDIFF  a SpecDiff/Dream diffusion drafter (a whole block per step)
+  SPECPLUG_NGRAM     prompt lookup over each request's own tokens (no folder)
+EAGLE-1/2, EAGLE-3 and DFlash checkpoints run on SGLang's own EAGLE / EAGLE3 / DFLASH workers
+(`specplug convert --to sglang` writes the layouts they load), so they get no name here.
+
+Every specplug algorithm drafts one chain per request, verified by SGLang's own EAGLE chain
+verify: topk is 1 and num_draft_tokens = num_steps + 1 (the root plus the chain).  Drafts are
+computed from each request's committed tokens on the host, so the scheduler runs without overlap.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+# SGLang algorithm name -> specplug drafter method (None: detected from the draft folder)
+ALGORITHMS: dict[str, str | None] = {
+    "SPECPLUG": None,
+    "SPECPLUG_DRAFT": "draft",
+    "SPECPLUG_SPECDIFF": "specdiff",
+    "SPECPLUG_NGRAM": "ngram",
+}
+
+# specplug methods SGLang serves with its own workers (from converted checkpoints)
+SGLANG_BUILTINS = {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
+
+METHODS_WITH_FOLDER = {"draft", "specdiff"}
+DEFAULT_NUM_STEPS = 4  # draft tokens per verify when neither steps nor draft tokens are given
+OPTIONS_ENV = "SPECPLUG_DRAFTER_OPTIONS"  # JSON dict of drafter options, e.g. {"max_ngram": 4}
+
+log = logging.getLogger("specplug.sglang")
+
+
+def algorithm_for(method: str) -> str:
+    """The --speculative-algorithm value that runs specplug `method` in SGLang."""
+    if method in SGLANG_BUILTINS:
+        return SGLANG_BUILTINS[method]
+    for name, m in ALGORITHMS.items():
+        if m == method:
+            return name
+    raise ValueError(f"specplug method {method!r} has no SGLang algorithm; known: "
+                     f"{', '.join(sorted(set(SGLANG_BUILTINS) | {m for m in ALGORITHMS.values() if m}))}")
+
+
+def resolve_method(algorithm: str, draft_path: str | None) -> str:
+    """The specplug drafter method an algorithm name runs, with a one-line error if it cannot."""
+    name = algorithm.upper()
+    if name not in ALGORITHMS:
+        raise ValueError(f"{algorithm!r} is not a specplug algorithm; known: {', '.join(ALGORITHMS)}")
+    method = ALGORITHMS[name]
+    if method is None:
+        if not draft_path:
+            return "ngram"
+        from specplug.drafters.detect import detect_method
+        method = detect_method(draft_path)
+    if method in SGLANG_BUILTINS:
+        raise ValueError(f"{draft_path} is a {method} checkpoint: run it with SGLang's own "
+                         f"--speculative-algorithm {SGLANG_BUILTINS[method]} (after "
+                         "`specplug convert --to sglang` if it is not in SGLang's layout)")
+    if method in METHODS_WITH_FOLDER and not draft_path:
+        raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
+                         f"(a {method} drafter folder)")
+    if method not in METHODS_WITH_FOLDER and method != "ngram":
+        raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang "
+                         "(it needs target hidden states SGLang does not hand to plugins)")
+    return method
+
+
+def drafter_options() -> dict:
+    raw = os.environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{OPTIONS_ENV} is not JSON: {e}") from e
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def handle_server_args(args) -> None:
+    """Resolve the chain shape and scheduling a specplug algorithm needs; reject what it cannot do.
+
+    SGLang hands a recording stand-in: reads see the resolved args, writes become declarations.
+    """
+    name = str(args.speculative_algorithm).upper()
+    if args.speculative_draft_model_path and not os.path.exists(args.speculative_draft_model_path):
+        raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path} "
+                         "does not exist")
+    resolve_method(name, args.speculative_draft_model_path)
+    drafter_options()
+    topk = args.speculative_eagle_topk
+    if topk not in (None, 1):
+        raise ValueError(f"{name} drafts one chain per request: --speculative-eagle-topk must be 1, "
+                         f"got {topk}")
+    steps, tokens = args.speculative_num_steps, args.speculative_num_draft_tokens
+    if steps is None:
+        steps = tokens - 1 if tokens else DEFAULT_NUM_STEPS
+    if steps < 1:
+        raise ValueError(f"{name} needs at least one draft token per step, got "
+                         f"--speculative-num-steps {steps}")
+    if tokens is not None and tokens != steps + 1:
+        log.warning("%s: --speculative-num-draft-tokens set to num_steps + 1 = %d (a chain)",
+                    name, steps + 1)
+    args.speculative_num_steps = steps
+    args.speculative_eagle_topk = 1
+    args.speculative_num_draft_tokens = steps + 1
+    if not args.disable_overlap_schedule:
+        # the drafter reads each request's committed tokens, which overlap scheduling delays
+        args.disable_overlap_schedule = True
+        log.info("%s: overlap scheduling disabled (drafts come from committed tokens)", name)
+    if args.enable_mixed_chunk:
+        args.enable_mixed_chunk = False
+
+
+def spec_class():
+    """A CustomSpecAlgo that answers every question SGLang asks of an algorithm."""
+    from sglang.srt.speculative.spec_registry import CustomSpecAlgo
+
+    class SpecplugAlgo(CustomSpecAlgo):
+        # Not an EAGLE/STANDALONE family member: no draft model runner, no draft KV cache;
+        # the worker reuses EAGLE's chain verify directly.
+        def handle_server_args(self, server_args) -> None:
+            handle_server_args(server_args)
+
+        def has_draft_kv(self) -> bool:
+            return False
+
+        def carries_draft_hidden_states(self) -> bool:
+            return False
+
+        def create_future_map(self, device, req_to_token_pool, needs_cpu_seq_lens: bool = True,
+                              needs_confidence_relay: bool = False):
+            from sglang.srt.managers.overlap_utils import FutureMap
+            return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens,
+                             needs_confidence_relay)
+
+    return SpecplugAlgo

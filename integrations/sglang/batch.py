@@ -1,0 +1,84 @@
+"""Translation between SGLang's decode batch and specplug's DraftInput / DraftProposal.
+
+No algorithm lives here: rows in, committed tokens out; a proposal in, a fixed-width chain out.
+
+Worked example, num_steps = 3, two requests in SGLang's batch order:
+    req "a": prompt [5, 6], output [7]      -> DraftInput row 0: tokens [5, 6, 7]
+    req "b": prompt [9],    output [4, 2]   -> DraftInput row 1: tokens [9, 4, 2]
+    proposal tokens [[8, 1, 3], [6, PAD, PAD]]
+    chain           [[8, 1, 3], [6, 6, 6]]   (a short chain repeats its last token)
+SGLang verifies [bonus, chain...] per row, where the bonus is the last committed token (7, 2).
+"""
+from __future__ import annotations
+
+import torch
+
+from specplug.types import PAD, DraftInput, DraftProposal
+
+
+class RowIds:
+    """Stable integer row ids for SGLang's string request ids (drafters key state on them)."""
+
+    def __init__(self):
+        self._ids: dict[str, int] = {}
+        self._next = 0
+
+    def of(self, rid: str) -> int:
+        if rid not in self._ids:
+            self._ids[rid] = self._next
+            self._next += 1
+        return self._ids[rid]
+
+    def pop(self, rid: str) -> int | None:
+        return self._ids.pop(rid, None)
+
+    def pop_all(self) -> list[int]:
+        ids = list(self._ids.values())
+        self._ids.clear()
+        return ids
+
+
+def committed_tokens(req) -> list[int]:
+    """Prompt plus output so far of one SGLang request (without multimodal padding ids)."""
+    prompt = getattr(req, "origin_input_ids_unpadded", None)
+    if prompt is None:
+        prompt = req.origin_input_ids
+    return list(prompt) + list(req.output_ids)
+
+
+def draft_input(reqs, rows: RowIds, num_steps: int, bonus_tokens: torch.Tensor) -> DraftInput:
+    """One DraftInput row per request, in the batch's order.
+
+    bonus_tokens [batch]: the token each row's verify starts from.  Without overlap scheduling it
+    is the last committed token; anything else means the committed tokens are stale, and drafting
+    from them would propose for the wrong position.
+    """
+    tokens = [committed_tokens(r) for r in reqs]
+    bonus = bonus_tokens.tolist()
+    for req, toks, b in zip(reqs, tokens, bonus):
+        if not toks or toks[-1] != b:
+            raise RuntimeError(f"request {req.rid}: last committed token {toks[-1:]} is not the "
+                               f"verify root {b} (is overlap scheduling on?)")
+    return DraftInput(row_ids=[rows.of(r.rid) for r in reqs],
+                      token_ids=[torch.tensor(t, dtype=torch.long) for t in tokens],
+                      num_draft_tokens=num_steps)
+
+
+def chain_tokens(proposal: DraftProposal, roots: list[int], num_steps: int) -> torch.Tensor:
+    """[batch, num_steps] int64 draft chain per row, from a chain proposal.
+
+    SGLang verifies a fixed width.  A row with fewer drafts repeats its last one (its root when it
+    has none): greedy verification keeps a filler token only where it is the target's own choice,
+    so the output is unchanged; it can only add accepted tokens, never wrong ones.
+    """
+    if not proposal.is_chain():
+        raise ValueError("SGLang's specplug worker verifies chains; the drafter proposed a tree "
+                         "(set its tree options off)")
+    batch = len(roots)
+    out = torch.empty((batch, num_steps), dtype=torch.long)
+    width = min(proposal.tokens.shape[1], num_steps)
+    for r in range(batch):
+        real = [t for t in proposal.tokens[r, :width].tolist() if t != PAD]
+        fill = real[-1] if real else roots[r]
+        out[r] = torch.tensor(real + [fill] * (num_steps - len(real)), dtype=torch.long)
+    return out
