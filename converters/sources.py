@@ -107,8 +107,7 @@ def read_eagle3(src: str, hints: dict | None = None, specforge: bool = False) ->
                            "for an EAGLE-3 checkpoint (expected LlamaForCausalLMEagle3)")
     if int(cfg.get("num_hidden_layers", 1)) != 1:
         raise ConvertError(f"{folder}: EAGLE-3 with {cfg['num_hidden_layers']} layers is not supported (1 layer)")
-    eagle_cfg = cfg.get("eagle_config") or {}
-    aux = eagle_cfg.get("eagle_aux_hidden_state_layer_ids") or cfg.get("eagle_aux_hidden_state_layer_ids")
+    aux = eagle3_aux_indices(cfg, folder)
     lm_head = state.get("lm_head.weight")
     draft_vocab = cfg.get("draft_vocab_size") or (lm_head.shape[0] if lm_head is not None else None)
     spec = spec_from_config(
@@ -121,6 +120,20 @@ def read_eagle3(src: str, hints: dict | None = None, specforge: bool = False) ->
         spec.qkv_bias = True
     state = _attach_vocab_map(state, spec, folder, hints.get("draft_vocab_map"), search_beside=True)
     return _finish(spec, state, eagle3_source_map(spec, state), folder)
+
+
+def eagle3_aux_indices(cfg: dict, where: str) -> list[int] | None:
+    """The aux layers as HF hidden_states indices (canonical, vLLM's convention).  A top-level
+    `eagle_aux_hidden_state_layer_ids` (speculators / vLLM) is the index itself; the one in
+    `eagle_config` (SpecForge / SGLang) names the layer whose OUTPUT is read: index = id + 1."""
+    top = cfg.get("eagle_aux_hidden_state_layer_ids")
+    nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    from_nested = [int(i) + 1 for i in nested] if nested else None
+    if top and from_nested and [int(i) for i in top] != from_nested:
+        raise ConvertError(f"{where}: eagle_aux_hidden_state_layer_ids {list(top)} and eagle_config."
+                           f"eagle_aux_hidden_state_layer_ids {list(nested)} name different target layers "
+                           "(the top-level ids are hidden_states indices, eagle_config's are index - 1)")
+    return [int(i) for i in top] if top else from_nested
 
 
 def _fc_width(state: dict, n_inputs: int) -> int | None:
@@ -279,8 +292,8 @@ def read_speculators(src: str, hints: dict | None = None) -> tuple[DraftSpec, di
         spec = spec_from_config(
             layer_cfg, "eagle3", "llama", src, draft_vocab_size=int(cfg["draft_vocab_size"]),
             target_hidden_size=cfg.get("target_hidden_size"), norm_before_residual=bool(cfg["norm_before_residual"]),
-            aux_layer_ids=cfg.get("eagle_aux_hidden_state_layer_ids"),
-            num_aux=len(cfg.get("eagle_aux_hidden_state_layer_ids") or [0, 0, 0]),
+            aux_layer_ids=eagle3_aux_indices(cfg, src),
+            num_aux=len(eagle3_aux_indices(cfg, src) or [0, 0, 0]),
             has_embed="embed_tokens.weight" in state, verifier=verifier,
             qkv_bias=any(k.endswith("q_proj.bias") for k in state))
         return _finish(spec, state, _identity_map(spec, state), src)

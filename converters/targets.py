@@ -116,7 +116,7 @@ def _speculators(spec, state, verifier_cfg, verifier_state):
                "norm_before_residual": spec.norm_before_residual,
                "target_hidden_size": spec.target_hidden,
                "speculators_config": _speculators_config(spec, "eagle3", DEFAULT_SPEC_TOKENS, verifier_cfg)}
-        if spec.aux_layer_ids:
+        if spec.aux_layer_ids:  # vLLM reads the top-level key as hidden_states indices
             cfg["eagle_aux_hidden_state_layer_ids"] = list(spec.aux_layer_ids)
         if spec.torch_dtype:
             cfg["torch_dtype"] = spec.torch_dtype
@@ -166,7 +166,9 @@ def _eagle3_native_config(spec: DraftSpec, arch: str) -> dict:
     cfg.update({"draft_vocab_size": spec.draft_vocab_size, "target_hidden_size": spec.target_hidden,
                 "norm_before_residual": spec.norm_before_residual})
     if spec.aux_layer_ids:
-        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(spec.aux_layer_ids)}
+        # SpecForge/SGLang name the layer whose output is read: hidden_states index - 1
+        # (SGLang captures id + 1); specplug's loader reads it the same way
+        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in spec.aux_layer_ids]}
     return cfg
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..checkpoint_io import read_config
+from .speculators_format import is_speculators, speculators_method
 
 # architecture name -> method; families register theirs here as plain data
 ARCHITECTURES = {
@@ -17,8 +18,8 @@ def detect_method(path: str) -> str:
     cfg = read_config(path)
     if "dflash_config" in cfg:
         return "dflash"
-    if cfg.get("speculators_model_type"):
-        return {"eagle3": "eagle3", "dflash": "dflash", "eagle": "eagle"}.get(cfg["speculators_model_type"], "eagle3")
+    if is_speculators(cfg):
+        return speculators_method(cfg, path)
     for arch in cfg.get("architectures") or []:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]

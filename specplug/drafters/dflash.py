@@ -33,6 +33,7 @@ from ..sampling import probs_from_logits
 from ..types import DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
 from .diffusion_model import Layer, RMSNorm, Shape, expected_layer_keys, load_weights
+from .speculators_format import native_config
 
 DFLASH_ARCHITECTURES = ("DFlashDraftModel",)
 
@@ -195,7 +196,7 @@ class DFlashDrafter(Drafter):
 
 
 def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlashConfig]:
-    cfg = read_config(folder)
+    cfg = native_config(read_config(folder), folder)  # a speculators config becomes z-lab's
     where = os.path.join(folder, "config.json")
     arch = (cfg.get("architectures") or ["<none>"])[0]
     if arch not in DFLASH_ARCHITECTURES:

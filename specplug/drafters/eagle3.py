@@ -33,6 +33,7 @@ from .base import DrafterSpec, TargetInfo, register_drafter
 from .eagle import _check_loaded, _embedding, strip_prefixes, where
 from .eagle_runtime import EagleDrafter
 from .llama_layer import HeadLayer, HeadShape, RMSNorm, layer_keys, rotary
+from .speculators_format import native_config
 from .tree import TreeSettings
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Qwen3ForCausalLMEagle3",
@@ -100,8 +101,7 @@ def read_eagle3_checkpoint(path: str, target: TargetInfo | None = None,
     """Normalised state dict (SpecForge key names: midlayer.*, fc, norm, lm_head, embed_tokens,
     d2t, t2d) and config of an EAGLE-3 head (SafeAILab, SpecForge export or training folder,
     speculators).  `d2t` is absent only when the draft vocabulary equals the target's."""
-    cfg = read_config(path)
-    cfg = {**cfg.get("transformer_layer_config", {}), **cfg}  # speculators nests the layer config
+    cfg = native_config(read_config(path), path)  # a speculators config becomes SpecForge's
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in EAGLE3_ARCHITECTURES and not arch.endswith("Eagle3"):
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: unknown EAGLE-3 architecture "

@@ -55,7 +55,8 @@ def test_speculators_eagle3_config_fields(tmp_path, ver):
     cfg = json.load(open(tmp_path / "out" / "config.json"))
     assert cfg["speculators_model_type"] == "eagle3"
     assert cfg["norm_before_residual"] is False  # written even though False (vLLM defaults True)
-    assert cfg["draft_vocab_size"] == 48 and cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert cfg["draft_vocab_size"] == 48
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 3, 4]  # eagle_config ids [1, 2, 3] + 1
     assert cfg["transformer_layer_config"]["vocab_size"] == F.V
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == os.path.abspath(ver)
     from safetensors.torch import load_file
