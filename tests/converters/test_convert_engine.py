@@ -1,5 +1,7 @@
 """Converted drafters propose the same tokens as the originals in the embedded engine: same
-outputs, same accept lengths per step (specplug's own EAGLE-1 and DFlash loaders on both)."""
+outputs, same accept lengths per step (specplug's own EAGLE-1 and DFlash loaders on both; the
+speculators DFlash output through specplug.drafters.speculators_format).  EAGLE-3:
+test_convert_eagle3_engine.py."""
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_eagle1_converted_drafts_the_same(tmp_path, target, to):
     assert _run(model, "eagle", src) == _run(model, "eagle", str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("to", ["specplug", "sglang"])
+@pytest.mark.parametrize("to", ["specplug", "sglang", "speculators"])
 def test_dflash_converted_drafts_the_same(tmp_path, target, to):
     folder, model = target
     src = F.dflash(str(tmp_path / "src"), block_top_level=True)
