@@ -35,7 +35,10 @@ SGLANG_BUILTINS = {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
 
 METHODS_WITH_FOLDER = {"draft", "specdiff"}
 DEFAULT_NUM_STEPS = 4  # draft tokens per verify when neither steps nor draft tokens are given
-OPTIONS_ENV = "SPECPLUG_DRAFTER_OPTIONS"  # JSON dict of drafter options, e.g. {"max_ngram": 4}
+# JSON dict of drafter options, e.g. {"max_ngram": 4}; its "path" names the drafter folder when
+# --speculative-draft-model-path cannot (SGLang reads that folder's config with transformers'
+# AutoConfig, which rejects a Dream diffusion LM saved without its remote code)
+OPTIONS_ENV = "SPECPLUG_DRAFTER_OPTIONS"
 
 log = logging.getLogger("specplug.sglang")
 
@@ -88,17 +91,20 @@ def drafter_options() -> dict:
     return options
 
 
+def drafter_path(draft_model_path: str | None) -> str | None:
+    return draft_model_path or drafter_options().get("path")
+
+
 def handle_server_args(args) -> None:
     """Resolve the chain shape and scheduling a specplug algorithm needs; reject what it cannot do.
 
     SGLang hands a recording stand-in: reads see the resolved args, writes become declarations.
     """
     name = str(args.speculative_algorithm).upper()
-    if args.speculative_draft_model_path and not os.path.exists(args.speculative_draft_model_path):
-        raise ValueError(f"--speculative-draft-model-path {args.speculative_draft_model_path} "
-                         "does not exist")
-    resolve_method(name, args.speculative_draft_model_path)
-    drafter_options()
+    path = drafter_path(args.speculative_draft_model_path)
+    if path and not os.path.exists(path):
+        raise ValueError(f"drafter folder {path} does not exist")
+    resolve_method(name, path)
     topk = args.speculative_eagle_topk
     if topk not in (None, 1):
         raise ValueError(f"{name} drafts one chain per request: --speculative-eagle-topk must be 1, "

@@ -23,7 +23,8 @@ PINS=(
     python-multipart "prometheus-client>=0.20" setproctitle einops interegular xxhash zstandard
     pillow scipy IPython distro easydict watchfiles sentencepiece tiktoken dill
     compressed-tensors gguf aiohttp requests psutil pydantic packaging regex numpy tqdm
-    safetensors huggingface_hub python-dateutil
+    safetensors huggingface_hub python-dateutil jsonschema
+    soundfile==0.13.1
 )
 STAMP="$SGLANG_PIN ${PINS[*]}"
 

@@ -28,7 +28,7 @@ from sglang.srt.speculative.spec_utils import get_plan_stream
 
 from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter
 
-from .algorithms import drafter_options, resolve_method
+from .algorithms import drafter_options, drafter_path, resolve_method
 from .batch import RowIds, chain_tokens, draft_input
 
 log = logging.getLogger("specplug.sglang")
@@ -52,11 +52,11 @@ class SpecplugWorker(BaseSpecWorker):
         self.adaptive_controller = None
         self.rows = RowIds()
 
-        draft_path = spec.speculative_draft_model_path
+        draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
+        options = {k: v for k, v in drafter_options().items() if k != "path"}
         self.drafter = build_drafter(
-            DrafterSpec(self.method, draft_path if self.method != "ngram" else None,
-                        drafter_options()),
+            DrafterSpec(self.method, draft_path if self.method != "ngram" else None, options),
             _target_info(server_args, target_worker))
         if self.drafter.needs.hidden_layers:
             raise ValueError(f"specplug method {self.method!r} reads target hidden states, which "

@@ -1,0 +1,239 @@
+"""Run a batch through real SGLang (`sglang.Engine`) with a specplug drafter, and return what the
+embedded engine returns: per-request outputs and one SpecStats.
+
+    run_sglang(cfg: specplug.api.GenerateConfig) -> (list[RequestOutput], SpecStats)
+    run_sglang(target=, requests=, drafter=DrafterSpec | None, num_draft_tokens=, sampling=,
+               batch_size=)                                       (the benchmark tool's call)
+
+Acceptance comes from SGLang itself: per request, meta_info's spec_verify_ct and
+spec_correct_drafts_histogram (k correct drafts = accept length k + 1, bonus included).  SGLang
+reports counts, not their order, so a request's `accept_lengths` come sorted by length.
+
+When this Python has no SGLang, the batch runs in a fresh process of the SGLang venv's Python
+(SPECPLUG_SGLANG_PYTHON, else <repo>/.venv-sglang/bin/python; integrations/sglang/install_cpu.sh
+builds it):  python -m specplug.integrations.sglang.generate JOB.json RESULT.json
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from specplug.drafters.base import DrafterSpec
+from specplug.engine.rows import Request, RequestOutput
+from specplug.stats import SpecStats
+from specplug.types import SamplingParams
+
+from .algorithms import OPTIONS_ENV, algorithm_for
+
+# diffusion drafters: SGLang's AutoConfig cannot read the folder, so it travels in the options
+PATH_IN_OPTIONS = {"specdiff"}
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: int) -> dict:
+    """sglang.Engine / launch_server settings that run specplug `method` (empty: no speculation)."""
+    if method in (None, "none"):
+        return {}
+    kwargs = {"speculative_algorithm": algorithm_for(method),
+              "speculative_num_steps": num_draft_tokens, "speculative_eagle_topk": 1,
+              "speculative_num_draft_tokens": num_draft_tokens + 1}
+    if path and method not in PATH_IN_OPTIONS:
+        kwargs["speculative_draft_model_path"] = path
+    return kwargs
+
+
+def drafter_options_for(method: str | None, path: str | None, options: dict | None) -> dict:
+    """The SPECPLUG_DRAFTER_OPTIONS block: options, plus the folder SGLang cannot be given."""
+    out = dict(options or {})
+    if path and method in PATH_IN_OPTIONS:
+        out["path"] = path
+    return out
+
+
+def device_kwargs() -> dict:
+    """SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) needs its own attention backend for
+    speculative decoding; GPUs take SGLang's defaults."""
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        return {}
+    return {"device": "cpu", "attention_backend": "intel_amx",
+            "speculative_draft_attention_backend": "intel_amx", "disable_cuda_graph": True}
+
+
+def drafter_env(options: dict | None) -> dict:
+    return {OPTIONS_ENV: json.dumps(options)} if options else {}
+
+
+def run_engine(target: str, requests: list[Request], spec: dict, sampling: SamplingParams,
+               ignore_eos: bool = False, engine_kwargs: dict | None = None, warmup: bool = False,
+               ) -> tuple[list[RequestOutput], SpecStats]:
+    """Start one sglang.Engine on `target` in this process, run `requests` as one batch."""
+    import sglang
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    kwargs = dict(model_path=target, dtype="float32", log_level="error",
+                  context_length=_round_up(longest + spec.get("speculative_num_draft_tokens", 1)
+                                           + 8, 64))
+    kwargs.update(device_kwargs(), **spec, **(engine_kwargs or {}))
+    engine = sglang.Engine(**kwargs)
+    try:
+        if warmup:
+            engine.generate(input_ids=[requests[0].prompt_ids],
+                            sampling_params=_params(requests[0], sampling, ignore_eos, 8))
+        start = time.perf_counter()
+        results = engine.generate(input_ids=[r.prompt_ids for r in requests],
+                                  sampling_params=[_params(r, sampling, ignore_eos)
+                                                   for r in requests])
+        wall = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+    outputs = [to_output(r, res) for r, res in zip(requests, results)]
+    return outputs, stats_of(outputs, results, wall)
+
+
+def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] | None = None,
+               drafter: DrafterSpec | None = None, num_draft_tokens: int = 4,
+               sampling: SamplingParams = SamplingParams(), batch_size: int = 0,
+               ) -> tuple[list[RequestOutput], SpecStats]:
+    """`specplug generate --engine sglang` (cfg: GenerateConfig), or the benchmark's keywords."""
+    if cfg is not None:
+        target, requests, drafter, num_draft_tokens, sampling, batch_size = _from_config(cfg)
+    method = drafter.method if drafter else None
+    spec = speculative_kwargs(method, drafter.path if drafter else None, num_draft_tokens)
+    engine_kwargs = {"max_running_requests": batch_size} if batch_size else {}
+    if getattr(cfg, "dtype", None):
+        engine_kwargs["dtype"] = cfg.dtype
+    options = drafter_options_for(method, drafter.path if drafter else None,
+                                  drafter.options if drafter else None)
+    if importlib.util.find_spec("sglang") is not None:
+        os.environ.update(drafter_env(options))
+        return run_engine(target, requests, spec, sampling, engine_kwargs=engine_kwargs)
+    job = {"target": target, "spec": spec, "options": options, "engine_kwargs": engine_kwargs,
+           "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+           "requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
+                         "stop": list(r.stop), "prompt": r.prompt} for r in requests]}
+    result = run_job_subprocess(job)
+    outputs = [RequestOutput(**o) for o in result["outputs"]]
+    stats = SpecStats(**{k: v for k, v in result["stats"].items()})
+    return outputs, stats
+
+
+def _from_config(cfg):
+    from specplug.api import encode_prompts, resolve_method
+    from specplug.models.loading import load_tokenizer
+    cfg.method = resolve_method(cfg)
+    tokenizer = load_tokenizer(cfg.target)
+    ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
+    requests = [Request(p, cfg.max_new_tokens, tuple(cfg.stop), None, prompt)
+                for p, prompt in zip(ids, cfg.prompts)]
+    path = cfg.drafter if cfg.drafter and cfg.drafter != "ngram" else None
+    drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, path, dict(cfg.options))
+    return cfg.target, requests, drafter, cfg.gamma, cfg.sampling, cfg.batch_size
+
+
+# -- translation of SGLang's results ----------------------------------------------------------
+def _params(req: Request, sampling: SamplingParams, ignore_eos: bool, max_new: int | None = None):
+    params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+              "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+              "max_new_tokens": max_new or req.max_new_tokens, "ignore_eos": ignore_eos}
+    if req.stop:
+        params["stop"] = list(req.stop)
+    return params
+
+
+def to_output(req: Request, result: dict) -> RequestOutput:
+    meta = result["meta_info"]
+    reason = (meta.get("finish_reason") or {}).get("type", "length")
+    if reason == "stop":  # SGLang says "stop" for EOS too; a stop string sets "matched" to it
+        matched = (meta.get("finish_reason") or {}).get("matched")
+        reason = "stop" if isinstance(matched, str) else "eos"
+    return RequestOutput(req.prompt, list(req.prompt_ids), list(result["output_ids"]),
+                         result.get("text", ""), accept_lengths_of(meta), reason)
+
+
+def accept_lengths_of(meta: dict) -> list[int]:
+    """Accept length per verify step (drafts accepted + the bonus token), from meta_info."""
+    hist = meta.get("spec_correct_drafts_histogram") or []
+    return [k + 1 for k, count in enumerate(hist) for _ in range(count)]
+
+
+def stats_of(outputs: list[RequestOutput], results: list[dict], wall: float) -> SpecStats:
+    stats = SpecStats(num_prompts=len(outputs), wall_time_s=wall,
+                      total_new_tokens=sum(o.num_new_tokens for o in outputs))
+    for o, res in zip(outputs, results):
+        meta = res["meta_info"]
+        stats.accept_lengths += o.accept_lengths
+        stats.num_drafts += int(meta.get("spec_verify_ct", 0))
+        stats.num_draft_tokens += int(meta.get("spec_num_proposed_drafts", 0))
+        stats.num_accepted_tokens += int(meta.get("spec_num_correct_drafts", 0))
+    stats.timing_ms["other"] = wall * 1e3  # SGLang does not split its step time
+    return stats
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+# -- subprocess in the SGLang venv ------------------------------------------------------------
+def sglang_python() -> str:
+    """SPECPLUG_SGLANG_PYTHON, else <repo>/.venv-sglang/bin/python."""
+    path = os.environ.get("SPECPLUG_SGLANG_PYTHON",
+                          os.path.join(REPO, ".venv-sglang", "bin", "python"))
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"no SGLang venv python at {path}: run integrations/sglang/install_cpu.sh "
+                           "(or set SPECPLUG_SGLANG_PYTHON, or pip install 'specplug[sglang]')")
+    return path
+
+
+def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None = None) -> dict:
+    """run_job(job) in a fresh process of the SGLang venv; raises with the log tail on failure."""
+    with tempfile.TemporaryDirectory(prefix="specplug-sglang-") as tmp:
+        job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        env = dict(os.environ, **drafter_env(job.get("options")), **(env_extra or {}))
+        proc = subprocess.run([sglang_python(), "-m", "specplug.integrations.sglang.generate",
+                               job_path, out_path], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise RuntimeError(f"SGLang subprocess failed (rc {proc.returncode}):\n{tail}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def run_job(job: dict) -> dict:
+    """One JSON job: {"target", "spec", "requests": [{"prompt_ids", "max_new_tokens", ...}],
+    "temperature", "top_p", "top_k", "ignore_eos", "engine_kwargs", "warmup"}."""
+    requests = [Request(list(r["prompt_ids"]), int(r["max_new_tokens"]), tuple(r.get("stop", ())),
+                        None, r.get("prompt", "")) for r in job["requests"]]
+    sampling = SamplingParams(float(job.get("temperature", 0.0)), int(job.get("top_k", 0)),
+                              float(job.get("top_p", 1.0)))
+    outputs, stats = run_engine(job["target"], requests, job.get("spec") or {}, sampling,
+                                bool(job.get("ignore_eos", False)), job.get("engine_kwargs"),
+                                bool(job.get("warmup", False)))
+    plain = {k: v for k, v in stats.__dict__.items()}
+    return {"outputs": [o.__dict__ for o in outputs], "stats": plain, "summary": stats.summary()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m specplug.integrations.sglang.generate JOB.json RESULT.json",
+              file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        job = json.load(f)
+    result = run_job(job)
+    with open(argv[1] + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(argv[1] + ".tmp", argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

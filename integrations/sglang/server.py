@@ -1,0 +1,142 @@
+"""Server mode: a real `python -m sglang.launch_server` subprocess and a small HTTP client for it.
+
+    with SGLangServer(target, python=sglang_python(), spec=speculative_kwargs("draft", D, 4)) as s:
+        out = s.generate([5, 6, 7], max_new_tokens=32)       # POST /generate
+        reply = s.chat("hello", max_tokens=16)                # POST /v1/chat/completions
+
+Used by the engine tests and the benchmark tool (`generate_requests` runs a batch concurrently and
+returns what run_sglang returns).  Only loopback addresses are used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from specplug.engine.rows import Request, RequestOutput
+from specplug.stats import SpecStats
+from specplug.types import SamplingParams
+
+from .generate import device_kwargs, drafter_env, stats_of, to_output, _params
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cli_args(settings: dict) -> list[str]:
+    """{"speculative_num_steps": 4, "disable_cuda_graph": True} -> launch_server flags."""
+    args = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (False, None):
+            args += [flag, str(value)]
+    return args
+
+
+class SGLangServer:
+    """One launch_server process on a free loopback port; stopped on exit (or by stop())."""
+
+    def __init__(self, target: str, python: str, spec: dict | None = None,
+                 extra: dict | None = None, options: dict | None = None, log_path: str | None = None,
+                 env: dict | None = None, prefix: list[str] | None = None):
+        self.port = free_port()
+        settings = {"model_path": target, "host": HOST, "port": self.port, "dtype": "float32",
+                    **device_kwargs(), **(spec or {}), **(extra or {})}
+        # prefix: how Python starts the launcher (tests put a patching `-c` script here)
+        self.command = [python, *(prefix or ["-m", "sglang.launch_server"]), *cli_args(settings)]
+        self.env = dict(os.environ, **drafter_env(options), **(env or {}))
+        self.log_path = log_path or os.path.join("/tmp", f"specplug-sglang-{self.port}.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 300) -> "SGLangServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launch_server exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            try:
+                self._get("/health")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"launch_server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            return r.read().decode()
+
+    def post(self, path: str, payload: dict, timeout: float = 300) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read().decode())
+
+    def generate(self, input_ids: list[int], **sampling) -> dict:
+        """POST /generate with token ids; returns SGLang's JSON (output_ids, text, meta_info)."""
+        return self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
+
+    def chat(self, content: str, **params) -> dict:
+        return self.post("/v1/chat/completions",
+                         {"model": "default", "messages": [{"role": "user", "content": content}],
+                          **params})
+
+
+def generate_requests(server: SGLangServer, requests: list[Request],
+                      sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False,
+                      concurrency: int = 32) -> tuple[list[RequestOutput], SpecStats]:
+    """Send every request at once (up to `concurrency` in flight), like run_sglang's batch."""
+    def one(req: Request) -> dict:
+        return server.post("/generate", {"input_ids": req.prompt_ids,
+                                         "sampling_params": _params(req, sampling, ignore_eos)})
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
+        results = list(pool.map(one, requests))
+    wall = time.perf_counter() - start
+    outputs = [to_output(r, res) for r, res in zip(requests, results)]
+    return outputs, stats_of(outputs, results, wall)
