@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     msg = (f"converted {res.family} ({res.from_format} -> {res.to_format}): {res.num_tensors} tensors, "
            f"{res.num_bytes / 1e6:.1f} MB -> {res.dst}")
+    if res.folded_fc_bias:
+        msg += "; fc.bias folded into layer 0's q/k/v/o biases (vLLM's EAGLE fc has none)"
     if res.max_abs_logit_diff is not None:
         msg += f"; validated, max |logit diff| {res.max_abs_logit_diff:.3g}"
     print(msg)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from specplug.checkpoint_io import (DEFAULT_SHARD_BYTES, CheckpointError, StagedFolder, load_state_dict,
                                     read_config, save_state_dict)
 
+from .fold import fold_fc_bias, needs_fold
 from .sources import SOURCES, detect_source, latest_training_folder, read_source
 from .spec import ConvertError, DraftSpec
 from .targets import TARGETS, expected_target_keys, plan_target
@@ -29,6 +30,7 @@ class ConvertResult:
     num_bytes: int
     files: list[str] = field(default_factory=list)
     max_abs_logit_diff: float | None = None  # set by --validate (0.0 when exact)
+    folded_fc_bias: bool = False  # EAGLE-1 fc bias folded into layer 0 for vLLM (fold.py)
 
 
 def convert(src: str, dst: str, from_format: str = "auto", to_format: str = "speculators",
@@ -60,14 +62,18 @@ def convert(src: str, dst: str, from_format: str = "auto", to_format: str = "spe
         if not torch.equal(target_embed.to(state["embed_tokens.weight"].dtype), state["embed_tokens.weight"]):
             raise ConvertError(f"embed_tokens.weight differs from {verifier}'s embedding, and SGLang uses the "
                                "target's: the converted drafter would draft differently (use --to speculators or specplug)")
+    written_spec, written_state = spec, state
+    if to_format == "speculators" and needs_fold(spec, state):  # vLLM's EAGLE-1 fc has no bias
+        written_spec, written_state = fold_fc_bias(spec, state)
     try:
-        config, out_state = plan_target(spec, state, to_format, verifier_cfg, verifier_state)
+        config, out_state = plan_target(written_spec, written_state, to_format, verifier_cfg, verifier_state)
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
-    expected = expected_target_keys(spec, to_format) | ({"embed_tokens.weight", "lm_head.weight"} if verifier_state else set())
+    expected = expected_target_keys(written_spec, to_format) | ({"embed_tokens.weight", "lm_head.weight"} if verifier_state else set())
     assert set(out_state) == expected, f"writer produced {sorted(set(out_state) ^ expected)[:3]} unexpectedly"
     result = ConvertResult(dst, from_format, to_format, spec.family, len(out_state),
-                           sum(t.numel() * t.element_size() for t in out_state.values()))
+                           sum(t.numel() * t.element_size() for t in out_state.values()),
+                           folded_fc_bias=written_state is not state)
     try:
         with StagedFolder(dst, overwrite=force) as tmp:
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -76,7 +82,8 @@ def convert(src: str, dst: str, from_format: str = "auto", to_format: str = "spe
             result.files += _copy_tokenizer(src, verifier, tmp)
             if validate:  # on the staged copy: a failed validation leaves nothing behind
                 from .validate import validate_conversion
-                result.max_abs_logit_diff = validate_conversion(spec, state, tmp, to_format, hints)
+                result.max_abs_logit_diff = validate_conversion(spec, state, tmp, to_format, hints,
+                                                                written=(written_spec, written_state))
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
     return result

@@ -75,9 +75,14 @@ def read_eagle(src: str, hints: dict | None = None) -> tuple[DraftSpec, dict]:
     if not any(a in EAGLE1_ARCHS for a in archs):
         raise ConvertError(f"{src}: unknown architecture {archs[0]} for an EAGLE-1/2 checkpoint "
                            f"(known: {', '.join(EAGLE1_ARCHS)})")
-    arch = _arch_from_keys(state, "qwen2" if "qwen2" in str(cfg.get("model_type", "")) else "llama")
+    by_type = "qwen2" if "qwen2" in str(cfg.get("model_type", "")) else "llama"
+    # o_proj biases: vLLM's layout of a folded fc bias (fold.py), whose q/k/v biases say nothing
+    # about the architecture
+    o_bias = any(k.endswith("self_attn.o_proj.bias") for k in state)
+    arch = by_type if o_bias else _arch_from_keys(state, by_type)
     spec = spec_from_config(cfg, "eagle", arch, src, fc_bias="fc.bias" in state,
-                            qkv_bias=arch == "qwen2", has_embed="embed_tokens.weight" in state,
+                            qkv_bias=arch == "qwen2" or o_bias, attn_o_bias=o_bias,
+                            has_embed="embed_tokens.weight" in state,
                             verifier=(hints or {}).get("verifier"))
     # SafeAILab layout is the canonical one: identity map, rotary caches dropped
     return _finish(spec, state, _identity_map(spec, state), src)

@@ -8,7 +8,8 @@ per (source, target) pair; `converters.keymaps.pair_key_map` composes them for a
 Canonical keys per family (H draft hidden, Ht target hidden, V target vocab, Vd draft vocab,
 n the number of target layers fed to fc, nh/kv heads, hd head dim, I intermediate size):
   eagle   fc.weight [H, 2H] (+ fc.bias [H]), layers.{i}.self_attn.{q,k,v,o}_proj.weight
-          (+ q/k/v biases for Qwen2), layers.{i}.mlp.{gate,up,down}_proj.weight,
+          (+ q/k/v biases for Qwen2, + q/k/v/o biases once an fc bias is folded in for vLLM),
+          layers.{i}.mlp.{gate,up,down}_proj.weight,
           layers.{i}.post_attention_layernorm.weight, layers.{i}.input_layernorm.weight for
           i > 0 only, optional embed_tokens.weight [V, H]; Qwen3 heads add q_norm/k_norm [hd].
   eagle3  fc.weight [H, n*Ht], layers.0.* with q/k/v input 2H, layers.0.hidden_norm.weight,
@@ -47,6 +48,7 @@ class DraftSpec:
     torch_dtype: str | None = None
     fc_bias: bool = False
     qkv_bias: bool = False
+    attn_o_bias: bool = False  # o_proj biases: an EAGLE-1 fc bias folded in for vLLM (fold.py)
     has_embed: bool = False
     # EAGLE-3
     draft_vocab_size: int | None = None
@@ -84,6 +86,8 @@ def _layer_shapes(spec: DraftSpec, i: int, attn_in: int) -> dict[str, tuple]:
     if spec.qkv_bias:
         shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)})
+    if spec.attn_o_bias:
+        shapes[p + "self_attn.o_proj.bias"] = (H,)
     if spec.arch == "qwen3":
         shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     return shapes

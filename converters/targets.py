@@ -36,12 +36,13 @@ def layer_config(spec: DraftSpec, architectures: list[str]) -> dict:
         "rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling,
         "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta},
         "max_position_embeddings": spec.max_position_embeddings, "hidden_act": spec.hidden_act,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        # attention_bias: vLLM's o_proj bias, set only by a folded EAGLE-1 fc bias (fold.py)
+        "tie_word_embeddings": False, "attention_bias": spec.attn_o_bias, "mlp_bias": False,
     }
     if spec.torch_dtype:
         cfg["torch_dtype"] = spec.torch_dtype
-    if spec.arch == "qwen2":
-        cfg["qkv_bias"] = True  # vLLM's Llama layer: q/k/v biases without an o_proj bias
+    if spec.arch == "qwen2" or spec.attn_o_bias:
+        cfg["qkv_bias"] = True  # vLLM's Llama layer: q/k/v biases (o_proj's follow attention_bias)
     cfg.update(spec.extra)
     return cfg
 
@@ -72,11 +73,17 @@ def _eagle1_fc_bias(spec: DraftSpec, state: dict, engine: str, has_bias: bool) -
     if has_bias and "fc.bias" not in state:
         return {**state, "fc.bias": torch.zeros(spec.hidden_size, dtype=state["fc.weight"].dtype)}
     if not has_bias and "fc.bias" in state:
-        if bool(state["fc.bias"].any()):
+        if bool(state["fc.bias"].any()):  # convert() folds it first (fold.py)
             raise ConvertError(f"{engine}'s EAGLE-1 head has no fc bias, and fc.bias is nonzero: "
-                               "cannot be written exactly (use --to sglang or specplug)")
+                               "fold it into layer 0 (converters.fold) or use --to sglang or specplug")
         return {k: v for k, v in state.items() if k != "fc.bias"}
     return state
+
+
+def _refuse_o_bias(spec: DraftSpec, engine: str) -> None:
+    if spec.attn_o_bias:  # a vLLM layout with a folded fc bias, read back as a source
+        raise ConvertError(f"{engine}'s EAGLE-1 head has no o_proj bias: layers.0.self_attn.o_proj.bias "
+                           "(an fc bias folded in for vLLM) cannot be written; convert the original head")
 
 
 def midlayer_map(keys) -> dict[str, str]:
@@ -93,6 +100,7 @@ def plan_target(spec: DraftSpec, state: dict, to_format: str, verifier_cfg: dict
         return _sglang(spec, state)
     if to_format == "specplug":
         if fam == "eagle":
+            _refuse_o_bias(spec, "specplug")
             arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[spec.arch]
             return layer_config(spec, [arch]), _rename(state, {k: k for k in state})
         if fam == "eagle3":
@@ -146,6 +154,7 @@ def _sglang(spec, state):
     if spec.family == "eagle":
         if spec.arch == "qwen3":
             raise ConvertError("SGLang has no EAGLE-1 head with Qwen3 layers (q_norm/k_norm): use --to specplug")
+        _refuse_o_bias(spec, "SGLang")
         arch = "Qwen2ForCausalLMEagle" if spec.arch == "qwen2" else "LlamaForCausalLMEagle"
         no_embed = _eagle1_fc_bias(spec, no_embed, "SGLang", has_bias=True)
         cfg = layer_config(spec, [arch])
