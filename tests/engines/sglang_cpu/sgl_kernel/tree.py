@@ -66,7 +66,6 @@ def verify_tree_greedy_cpu(predicts, accept_index, accept_token_num, candidates,
                            retrive_next_token, retrive_next_sibling, target_predict):
     """Walk each row's tree from the root, following the child whose token equals the target's
     argmax at the last accepted node; record accepted nodes and the target's token after them."""
-
     max_accept = accept_index.shape[1]
     target = target_predict.reshape(-1)
     for b in range(candidates.shape[0]):
@@ -86,4 +85,3 @@ def verify_tree_greedy_cpu(predicts, accept_index, accept_token_num, candidates,
             accept_index[b, num_accepted] = last
         accept_token_num[b] = num_accepted
         predicts[last] = target[last]
-
