@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 
 def job(models, **extra) -> dict:
     return {"target": models["target"], "prompt_ids": models["prompts"], "max_new_tokens": MAX_NEW,
-            "ignore_eos": True, "llm_kwargs": {"max_model_len": 512}, **extra}
+            "ignore_eos": True, "llm_kwargs": dict(harness.LLM_KWARGS), **extra}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 # CPU attention takes head sizes 32, 64, 80, ...: hidden 128 over 2 heads gives 64
 TARGET_SHAPE = {"hidden": 128, "heads": 2, "kv_heads": 2, "layers": 2}
+# An explicit KV size: tiny models need a few MiB, a crowded test machine may not have the 1 GiB
+# VLLM_CPU_KVCACHE_SPACE asks for, and with eager mode vLLM then skips its warm-up pass.
+LLM_KWARGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 << 20}
 
 
 # -- tiny checkpoints (built in the main venv) ----------------------------------------------------

@@ -15,7 +15,8 @@ def main(target: str, gamma: int) -> None:
     reqs = [Request([5, 6, 7, 8, 5, 6, 7], 24), Request([40, 41, 42, 40, 41], 24)]
     # "mp" runs the worker in its own process even at tensor_parallel_size 1
     outputs, stats = run_vllm_requests(target, reqs, spec, extra, ignore_eos=True,
-                                       llm_kwargs={"distributed_executor_backend": "mp"})
+                                       llm_kwargs={"distributed_executor_backend": "mp",
+                                                   "kv_cache_memory_bytes": 64 << 20})
     print("RESULT " + json.dumps({"main_pid": os.getpid(), "summary": stats.summary(),
                                   "outputs": [o.output_token_ids for o in outputs]}), flush=True)
 

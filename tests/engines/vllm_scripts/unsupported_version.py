@@ -15,7 +15,8 @@ def main(target: str, fake_version: str, prompts: list[list[int]], max_new: int)
     from specplug.integrations.vllm import plugin
     from specplug.integrations.vllm.generate import run_vllm_requests
     reqs = [Request(p, max_new) for p in prompts]
-    outputs, _ = run_vllm_requests(target, reqs, ignore_eos=True)
+    outputs, _ = run_vllm_requests(target, reqs, ignore_eos=True,
+                                   llm_kwargs={"kv_cache_memory_bytes": 64 << 20})
     print("RESULT " + json.dumps({"registered": plugin._registered,
                                   "outputs": [o.output_token_ids for o in outputs]}), flush=True)
 
