@@ -160,18 +160,22 @@ def test_unknown_algorithm_fails_at_start_with_sglangs_message(python, cpu_env, 
 
 
 def test_specplug_generate_engine_sglang_runs_the_diffusion_drafter(python, cpu_env, models,
-                                                                    plain_server):
+                                                                    plain_server, spec_server):
     """`specplug generate --engine sglang` path: run_sglang(GenerateConfig) in engine mode
     (sglang.Engine in the SGLang venv), SPECPLUG_SPECDIFF with a Dream drafter that agrees."""
     from specplug.api import GenerateConfig
     from specplug.integrations.sglang.generate import run_sglang
     tok = models["tokenizer"]
     prompts = ["the cat sat on the mat.", "one two three"]
+    wants = [plain_server.generate(tok.encode(p), temperature=0, max_new_tokens=MAX_NEW)
+             for p in prompts]
+    # the servers are done: give their cores to the engine (2-core machines)
+    spec_server.stop()
+    plain_server.stop()
     cfg = GenerateConfig(target=models["target"], prompts=prompts, method="specdiff",
                          drafter=models["dream"], gamma=STEPS, max_new_tokens=MAX_NEW,
                          options={"unmask_order": "left_to_right"})
     outputs, stats = run_sglang(cfg)
-    for prompt, out in zip(prompts, outputs):
-        want = plain_server.generate(tok.encode(prompt), temperature=0, max_new_tokens=MAX_NEW)
+    for out, want in zip(outputs, wants):
         assert out.output_token_ids == want["output_ids"]
     assert stats.num_drafts > 0 and stats.mean_accept_length > 1.5, stats.summary()
