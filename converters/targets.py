@@ -4,11 +4,16 @@ Targets:
   speculators  what vLLM loads natively.  EAGLE-3 and DFlash get a speculators config
                (`speculators_model_type`, `transformer_layer_config`, `speculators_config`);
                vLLM 0.32 has no speculators type for EAGLE-1, so EAGLE-1 gets vLLM's own EAGLE
-               layout (config `LlamaForCausalLM`, renamed EagleLlamaForCausalLM by method "eagle").
+               layout (config `LlamaForCausalLM`, renamed EagleLlamaForCausalLM by method "eagle");
+               its fc has no bias, so a nonzero fc.bias arrives folded into layer 0's q/k/v/o
+               biases (fold.py, config attention_bias + qkv_bias).  EAGLE-3 aux layers go in the
+               top-level `eagle_aux_hidden_state_layer_ids` as hidden_states indices.
   sglang       LlamaForCausalLMEagle / Qwen2ForCausalLMEagle, LlamaForCausalLMEagle3,
                DFlashDraftModel.  SGLang skips keys it does not expect and keeps random init for
                parameters it does not get, so prefixes are gone, embeddings (always the
                target's in SGLang) are dropped and a missing EAGLE-1 fc bias is written as zeros.
+               EAGLE-3 aux layers go in `eagle_config.eagle_aux_hidden_state_layer_ids` as
+               hidden_states index - 1 (SGLang captures id + 1); the specplug layout does the same.
   specplug     the layouts specplug's drafters load natively: SafeAILab EAGLE-1 (`fc`,
                `layers.i`), SafeAILab/SpecForge EAGLE-3 (`midlayer.`, d2t/t2d), z-lab DFlash.
 No target needs a transpose (all store Linear weights as [out, in]); each writer lists its renames,
