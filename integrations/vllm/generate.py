@@ -13,7 +13,7 @@ follow the drafted steps in a request's `accept_lengths`.
 Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
     python -m specplug.integrations.vllm.generate JOB.json RESULT.json
 JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug",
-      "temperature", "seed", "ignore_eos", "llm_kwargs", "warmup"}; see `run_job`.
+      "temperature", "seed", "ignore_eos", "llm_kwargs", "warmup", "repeats"}; see `run_job`.
 """
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
 def run_vllm_requests(target: str, requests: list[Request], speculative_config: dict | None = None,
                       additional_config: dict | None = None,
                       sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False,
-                      llm_kwargs: dict | None = None, warmup: bool = False,
+                      llm_kwargs: dict | None = None, warmup: bool = False, repeats: int = 1,
                       ) -> tuple[list[RequestOutput], SpecStats]:
-    """Start one vLLM engine on `target`, run `requests` as one batch, read vLLM's counters."""
+    """Start one vLLM engine on `target`, run `requests` as one batch, read vLLM's counters.
+    warmup: run the whole batch once, 8 tokens each, untimed; repeats: time the batch this many
+    times and report the median wall time (outputs and counters are from the last run)."""
     from vllm import LLM
     from vllm import SamplingParams as VllmSampling
 
@@ -79,15 +81,18 @@ def run_vllm_requests(target: str, requests: list[Request], speculative_config: 
                             top_p=sampling.top_p, seed=req.seed, max_tokens=max_tokens,
                             stop=list(req.stop) or None, ignore_eos=ignore_eos)
 
-    if warmup:  # first-call costs (allocation, lazy imports) stay out of the timing
-        llm.generate([{"prompt_token_ids": requests[0].prompt_ids}], params(requests[0], 8),
-                     use_tqdm=False)
-    before = _spec_counters(llm.get_metrics())
-    start = time.perf_counter()
-    results = llm.generate([{"prompt_token_ids": r.prompt_ids} for r in requests],
-                           [params(r, r.max_new_tokens) for r in requests], use_tqdm=False)
-    wall = time.perf_counter() - start
-    after = _spec_counters(llm.get_metrics())
+    prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+    if warmup:  # first-call costs (allocation, lazy init at every batch row) stay untimed
+        llm.generate(prompts, [params(r, 8) for r in requests], use_tqdm=False)
+    walls = []
+    for _ in range(max(1, repeats)):
+        before = _spec_counters(llm.get_metrics())
+        start = time.perf_counter()
+        results = llm.generate(prompts, [params(r, r.max_new_tokens) for r in requests],
+                               use_tqdm=False)
+        walls.append(time.perf_counter() - start)
+        after = _spec_counters(llm.get_metrics())
+    wall = sorted(walls)[len(walls) // 2]
     outputs = [_to_output(req, res) for req, res in zip(requests, results)]
     return outputs, _stats(outputs, {k: after[k] - before[k] for k in after}, wall)
 
@@ -161,7 +166,7 @@ def run_job(job: dict) -> dict:
     outputs, stats = run_vllm_requests(
         job["target"], reqs, spec, extra, SamplingParams(float(job.get("temperature", 0.0))),
         ignore_eos=bool(job.get("ignore_eos", False)), llm_kwargs=job.get("llm_kwargs"),
-        warmup=bool(job.get("warmup", False)))
+        warmup=bool(job.get("warmup", False)), repeats=int(job.get("repeats", 1)))
     return {"summary": stats.summary(),
             "requests": [{"output_token_ids": o.output_token_ids, "accept_lengths": o.accept_lengths,
                           "finish_reason": o.finish_reason} for o in outputs]}

@@ -3,9 +3,9 @@
 vLLM builds `SpecplugProposer(vllm_config)` in every worker and calls, once per step,
     propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings) -> list[list[int]]
 with the batch in the runner's row order.  This adapter only translates: vLLM's row i becomes a
-DraftInput row (row id = i: vLLM passes no request ids, and specplug drafters reconcile their state
-with the committed tokens on every call, so a row index reused by another request just looks like
-a fresh context), and the proposal's chain comes back as plain token lists.
+DraftInput row whose row id follows the request when vLLM moves it to another row
+(request_rows.py: vLLM passes no request ids, so requests are recognised by their committed
+tokens), and the proposal's chain comes back as plain token lists.
 
 Which specplug drafter runs is read from `additional_config["specplug"]` of the LLM, because
 speculative_config forbids unknown keys:
@@ -21,6 +21,8 @@ import torch
 
 from specplug.drafters.base import Drafter, DrafterSpec, TargetInfo, build_drafter
 from specplug.types import PAD, DraftInput, DraftProposal
+
+from .request_rows import RequestRows
 
 CLASS_PATH = "specplug.integrations.vllm.proposer.SpecplugProposer"
 CONFIG_KEY = "specplug"
@@ -77,7 +79,7 @@ class SpecplugProposer:
                     "not give a custom_class proposer: use its speculative_config from "
                     "integrations/vllm/README.md instead")
         self.drafter = drafter
-        self._num_rows_seen = 0
+        self.requests = RequestRows()
 
     def load_model(self, target_model) -> None:
         # token-only drafters load their own weights in build_drafter; nothing to borrow here
@@ -89,19 +91,19 @@ class SpecplugProposer:
         """sampled_token_ids: per row, the tokens this step committed ([] = row not decoding);
         num_tokens_no_spec [max_rows] committed length; token_ids_cpu [max_rows, max_model_len]."""
         num_rows = len(sampled_token_ids)
-        if num_rows < self._num_rows_seen:  # rows past the end of the batch are gone
-            self.drafter.release(list(range(num_rows, self._num_rows_seen)))
-        self._num_rows_seen = num_rows
         # a row drafts when it just sampled and has room left for at least one draft token
         active = [i for i, s in enumerate(sampled_token_ids)
                   if s and int(num_tokens_no_spec[i]) < self.max_model_len]
+        contexts = [token_ids_cpu[i, :int(num_tokens_no_spec[i])] for i in active]
+        row_ids = self.requests.assign(contexts, active)
+        if self.requests.forgotten:  # requests that left the batch (or stopped drafting)
+            self.drafter.release(self.requests.forgotten)
         drafts: list[list[int]] = [[] for _ in range(num_rows)]
         if not active:
             return drafts
         inp = DraftInput(
-            row_ids=active,
-            token_ids=[torch.from_numpy(token_ids_cpu[i, :int(num_tokens_no_spec[i])].astype(np.int64))
-                       for i in active],
+            row_ids=row_ids,
+            token_ids=[torch.from_numpy(c.astype(np.int64)) for c in contexts],
             num_draft_tokens=self.num_draft_tokens)
         for i, chain in zip(active, proposal_to_lists(self.drafter.propose(inp))):
             room = self.max_model_len - int(num_tokens_no_spec[i])

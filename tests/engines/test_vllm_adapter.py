@@ -129,3 +129,36 @@ def test_outputs_and_stats_from_vllm_results():
     assert stats.total_new_tokens == 14 and stats.tokens_per_second == 7.0
     assert stats.histogram() == {1: 3, 2: 1, 3: 1, 4: 1}
     assert stats.summary()["acceptance_rate"] == 0.5
+
+
+def test_request_rows_follow_requests_across_vllm_rows():
+    from specplug.integrations.vllm.request_rows import RequestRows
+    a = lambda *t: np.array(t, dtype=np.int32)  # noqa: E731
+    rows = RequestRows()
+    assert rows.assign([a(1, 2, 3), a(7, 8)]) == [0, 1]
+    # request 0 finished; vLLM condensed request 1 into row 0
+    assert rows.assign([a(7, 8, 9)]) == [1] and rows.forgotten == [0]
+    # a new request joins in row 1; request 1 stays
+    assert rows.assign([a(7, 8, 9, 4), a(5, 6)]) == [1, 2] and rows.forgotten == []
+    # the two swap rows
+    assert rows.assign([a(5, 6, 6), a(7, 8, 9, 4, 4)], [0, 1]) == [2, 1]
+    # a context that extends nobody's committed tokens is a new request, even in a known row
+    assert rows.assign([a(5, 9, 9, 9), a(7, 8, 9, 4, 4, 1)]) == [3, 1] and rows.forgotten == [2]
+    assert rows.assign([]) == [] and rows.forgotten == [3, 1]
+
+
+def test_moved_request_keeps_its_draft_cache():
+    """vLLM moves a request to another row: the draft model must not re-prefill it."""
+    model = build_tiny_llama(0)
+    drafter = DraftModelDrafter(model, 256)
+    fed = []
+    feed = drafter._feed
+    drafter._feed = lambda rids, feeds: fed.append(sum(map(len, feeds))) or feed(rids, feeds)
+    prop = SpecplugProposer(fake_config(gamma=2, max_model_len=64), drafter, check_vllm=False)
+    a, b = list(range(3, 23)), list(range(40, 70))
+    ids, lens = token_matrix([a, b], 64)
+    first = prop.propose([[22], [69]], lens, ids)
+    fed.clear()
+    ids, lens = token_matrix([b + first[1][:1] + [5]], 64)  # a finished; b moved into row 0
+    prop.propose([[5]], lens, ids)
+    assert fed[0] <= 2, f"moved request re-fed {fed[0]} tokens"  # its accepted draft + the new one
