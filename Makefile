@@ -31,6 +31,7 @@ test-fast: $(BIN)/.installed
 # The real engines run from venvs of their own (they pin their own dependency sets).
 engines:
 	integrations/vllm/install_cpu.sh $(CURDIR)/.venv-vllm
+	bash integrations/sglang/install_cpu.sh $(CURDIR)/.venv-sglang
 
 # Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU.
 test: $(BIN)/.installed models engines

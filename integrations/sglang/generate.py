@@ -61,8 +61,12 @@ def device_kwargs() -> dict:
     speculative decoding; GPUs take SGLang's defaults."""
     if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         return {}
+    # On CPU SGLang sizes its KV pool as a fraction of host RAM (14 GB seen for a tiny model);
+    # a token cap keeps two servers side by side within a 24 GB machine.
+    cap = int(os.environ.get("SPECPLUG_SGLANG_MAX_TOTAL_TOKENS", "16384"))
     return {"device": "cpu", "attention_backend": "intel_amx",
-            "speculative_draft_attention_backend": "intel_amx", "disable_cuda_graph": True}
+            "speculative_draft_attention_backend": "intel_amx", "disable_cuda_graph": True,
+            "max_total_tokens": cap}
 
 
 def drafter_env(options: dict | None) -> dict:
