@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_VENV = os.path.join(REPO, ".venv-vllm")
@@ -58,3 +59,16 @@ def run_job(job: dict, workdir: str, name: str, timeout: float = 300) -> dict:
                timeout=timeout)
     with open(out_path) as f:
         return json.load(f)
+
+
+def run_jobs(jobs: dict[str, dict], workdir: str, workers: int | None = None,
+             timeout: float = 300) -> dict[str, dict]:
+    """Run several jobs, each in its own vLLM process, `workers` at a time (default
+    SPECPLUG_VLLM_WORKERS, else 2: an engine with OMP_NUM_THREADS=1 keeps one core busy, and most
+    of its start-up is single-threaded imports).  Returns name -> result; the first failure
+    raises after the others finish."""
+    workers = workers or int(os.environ.get("SPECPLUG_VLLM_WORKERS", "2"))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {name: pool.submit(run_job, job, workdir, name, timeout)
+                   for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}

@@ -27,7 +27,7 @@ from specplug.converters.cli import main as convert_main  # noqa: E402
 from specplug.drafters.base import DrafterSpec, build_drafter  # noqa: E402
 from specplug.engine.embedded import EmbeddedEngine  # noqa: E402
 from specplug.engine.rows import Request  # noqa: E402
-from specplug.integrations.vllm.subprocess_job import run_job  # noqa: E402
+from specplug.integrations.vllm.subprocess_job import run_jobs  # noqa: E402
 from specplug.models.loading import load_causal_lm, load_tokenizer, target_info  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -64,12 +64,22 @@ def vllm_job(models, kind: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def no_spec(models):
-    """vLLM alone on each target, same batch: what every drafter must reproduce."""
+def vllm_runs(models):
+    """Every vLLM engine of this file, each in its own process, two at a time: vLLM alone on
+    each target (what every drafter must reproduce) and each converted head."""
+    jobs = {f"no-spec-{kind}": vllm_job(models, kind) for kind in models["targets"]}
+    for family, (kind, _) in FAMILIES.items():
+        jobs[f"converted-{family}"] = vllm_job(
+            models, kind, specplug={"method": family, "path": models["heads"][family][1],
+                                    "num_draft_tokens": GAMMA})
+    return run_jobs(jobs, models["root"])
+
+
+@pytest.fixture(scope="module")
+def no_spec(vllm_runs, models):
     out = {}
     for kind in models["targets"]:
-        res = run_job(vllm_job(models, kind), models["root"], f"no-spec-{kind}")
-        out[kind] = [r["output_token_ids"] for r in res["requests"]]
+        out[kind] = [r["output_token_ids"] for r in vllm_runs[f"no-spec-{kind}"]["requests"]]
         assert all(len(o) == MAX_NEW for o in out[kind])
     return out
 
@@ -101,12 +111,10 @@ def test_clip_last_step_table():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_converted_head_in_vllm_matches_no_spec_and_embedded_accepts(models, no_spec, family):
+def test_converted_head_in_vllm_matches_no_spec_and_embedded_accepts(models, vllm_runs, no_spec,
+                                                                    family):
     kind = FAMILIES[family][0]
-    converted = models["heads"][family][1]
-    res = run_job(vllm_job(models, kind, specplug={"method": family, "path": converted,
-                                                   "num_draft_tokens": GAMMA}),
-                  models["root"], f"converted-{family}")
+    res = vllm_runs[f"converted-{family}"]
     got = [r["output_token_ids"] for r in res["requests"]]
     assert len(got) == BATCH >= 4
     for i, (g, want) in enumerate(zip(got, no_spec[kind])):

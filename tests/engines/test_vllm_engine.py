@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vllm_scripts"))
 import harness  # noqa: E402
 
-from specplug.integrations.vllm.subprocess_job import run_job, run_python  # noqa: E402
+from specplug.integrations.vllm.subprocess_job import run_jobs, run_python  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -44,15 +44,6 @@ def job(models, **extra) -> dict:
             "ignore_eos": True, "llm_kwargs": dict(harness.LLM_KWARGS), **extra}
 
 
-@pytest.fixture(scope="module")
-def baseline(models):
-    """vLLM alone, same batch: the reference every drafter must reproduce."""
-    res = run_job(job(models), models["root"], "baseline")
-    outs = [r["output_token_ids"] for r in res["requests"]]
-    assert all(len(o) == MAX_NEW for o in outs)
-    return outs
-
-
 def specplug_job(models, method: str, path_key: str | None = None, **options) -> dict:
     return job(models, specplug={"method": method, "num_draft_tokens": GAMMA, "options": options,
                                  "path": models[path_key] if path_key else None})
@@ -68,10 +59,28 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def runs(models):
+    """Every single-process engine of this file, each in its own process, two at a time."""
+    jobs = {"baseline": job(models),
+            "self": job(models, specplug={"method": "draft", "path": models["target"],
+                                          "num_draft_tokens": GAMMA})}
+    for case, (method, path_key, options) in CASES.items():
+        jobs[case] = specplug_job(models, method, path_key, **options)
+    return run_jobs(jobs, models["root"])
+
+
+@pytest.fixture(scope="module")
+def baseline(runs):
+    """vLLM alone, same batch: the reference every drafter must reproduce."""
+    outs = [r["output_token_ids"] for r in runs["baseline"]["requests"]]
+    assert all(len(o) == MAX_NEW for o in outs)
+    return outs
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_identity_with_vllm_no_spec(models, baseline, case):
-    method, path_key, options = CASES[case]
-    res = run_job(specplug_job(models, method, path_key, **options), models["root"], case)
+def test_greedy_identity_with_vllm_no_spec(runs, baseline, case):
+    res = runs[case]
     outs = [r["output_token_ids"] for r in res["requests"]]
     assert len(outs) == len(baseline) >= 4
     for i, (got, want) in enumerate(zip(outs, baseline)):
@@ -93,9 +102,8 @@ def test_eagle_head_is_one_specplug_loads_too(models):
     assert drafter.needs.hidden_layers  # the family vLLM runs through its own EAGLE proposer
 
 
-def test_drafter_equal_to_target_accepts_every_draft(models, baseline):
-    res = run_job(job(models, specplug={"method": "draft", "path": models["target"],
-                                        "num_draft_tokens": GAMMA}), models["root"], "self")
+def test_drafter_equal_to_target_accepts_every_draft(runs, baseline):
+    res = runs["self"]
     assert [r["output_token_ids"] for r in res["requests"]] == baseline
     s = res["summary"]
     tau_drafted = 1 + s["num_accepted_tokens"] / s["num_drafts"]  # vLLM's mean acceptance length
