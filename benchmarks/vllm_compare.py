@@ -5,8 +5,10 @@ built-in method, plus vLLM without speculation.  Tokens/s ratio and tau, written
     python -m specplug.benchmarks.vllm_compare --target T --draft D --prompts-file p.txt --out ...
 
 Run from the main venv: every engine starts in its own subprocess with the vLLM venv's Python
-(integrations/vllm/install_cpu.sh; SPECPLUG_VLLM_PYTHON overrides).  Greedy; each engine gets one
-warm-up request before the timed batch.  Pairs:
+(integrations/vllm/install_cpu.sh; SPECPLUG_VLLM_PYTHON overrides).  Greedy; each engine runs the
+whole batch once untimed (8 tokens a request), then times it --repeats times and reports the
+median.  The load average is recorded beside: on a shared machine, compare ratios from one run.
+Pairs:
   ngram  specplug n-gram (max_ngram N, min 1)      vs  vLLM "ngram" (prompt_lookup_max N, min 1)
   draft  specplug draft model (HF forward in-loop) vs  vLLM "draft_model" (paged, same weights)
 """
@@ -36,14 +38,18 @@ def pairs(draft: str | None, gamma: int, max_ngram: int) -> dict[str, dict[str, 
 
 
 def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: int,
-            max_new: int, max_ngram: int, workdir: str, ignore_eos: bool) -> dict:
+            max_new: int, max_ngram: int, workdir: str, ignore_eos: bool, repeats: int = 3,
+            llm_kwargs: dict | None = None) -> dict:
     base_job = {"target": target, "prompt_ids": prompt_ids, "max_new_tokens": max_new,
-                "ignore_eos": ignore_eos, "warmup": True, "llm_kwargs": {"max_model_len": 512}}
+                "ignore_eos": ignore_eos, "warmup": True, "repeats": repeats,
+                "llm_kwargs": {"max_model_len": 512, **(llm_kwargs or {})}}
+    load_before = os.getloadavg()
     plain = run_job(base_job, workdir, "plain")
     plain_tps = plain["summary"]["tokens_per_second"]
     plain_ids = [r["output_token_ids"] for r in plain["requests"]]
     result = {"target": target, "draft": draft, "gamma": gamma, "max_new_tokens": max_new,
-              "num_prompts": len(prompt_ids), "no_spec": _brief(plain["summary"]), "pairs": {}}
+              "num_prompts": len(prompt_ids), "repeats": repeats,
+              "no_spec": _brief(plain["summary"]), "pairs": {}}
     for name, sides in pairs(draft, gamma, max_ngram).items():
         row = {}
         for side, fields in sides.items():
@@ -55,6 +61,8 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
             row["specplug"]["tokens_per_second"] / row["vllm"]["tokens_per_second"], 3)
         row["tau_ratio"] = round(row["specplug"]["tau"] / row["vllm"]["tau"], 3)
         result["pairs"][name] = row
+    result["load_average_1min"] = {"start": round(load_before[0], 2),
+                                   "end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     return result
 
 
@@ -93,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-ngram", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median kept)")
     p.add_argument("--out", required=True, help="JSON output path")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             target, draft, prompts = tiny_models(tmp)
             ignore_eos = True
+            llm_kwargs = {"kv_cache_memory_bytes": 64 << 20}  # a few MiB is plenty here
         else:
             if not (args.target and args.prompts_file):
                 p.error("--target and --prompts-file are needed without --tiny")
@@ -106,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             tok = load_tokenizer(args.target)
             with open(args.prompts_file) as f:
                 prompts = [tok.encode(line.rstrip("\n")) for line in f if line.strip()]
-            target, draft, ignore_eos = args.target, args.draft, False
+            target, draft, ignore_eos, llm_kwargs = args.target, args.draft, False, {}
         result = compare(target, draft, prompts, args.gamma, args.max_new_tokens, args.max_ngram,
-                         tmp, ignore_eos)
+                         tmp, ignore_eos, args.repeats, llm_kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
