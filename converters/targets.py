@@ -130,7 +130,13 @@ def _speculators(spec, state, verifier_cfg, verifier_state):
                "target_hidden_size": spec.target_hidden,
                "speculators_config": _speculators_config(spec, "eagle3", DEFAULT_SPEC_TOKENS, verifier_cfg)}
         if spec.aux_layer_ids:  # vLLM reads the top-level key as hidden_states indices
+            if len(set(spec.aux_layer_ids)) != len(spec.aux_layer_ids):
+                raise ConvertError(f"aux layer ids {spec.aux_layer_ids} repeat a layer: vLLM "
+                                   "de-duplicates them and would size fc wrongly")
             cfg["eagle_aux_hidden_state_layer_ids"] = list(spec.aux_layer_ids)
+        # vLLM sizes fc from this key (else eagle_config's list, else 3), never the top-level ids
+        cfg["transformer_layer_config"]["num_aux_hidden_states"] = (
+            state["fc.weight"].shape[1] // spec.target_hidden)
         if spec.torch_dtype:
             cfg["torch_dtype"] = spec.torch_dtype
         # d2t stays int64 offsets and t2d bool: vLLM adds arange(draft_vocab) to d2t
