@@ -23,6 +23,8 @@ min_lookup_tokens (1).  DrafterSpec.path is the head's checkpoint folder.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..types import PAD, ROOT, DraftInput, DraftProposal
@@ -50,8 +52,14 @@ class HybridDrafter(Drafter):
 
     def propose(self, inp: DraftInput) -> DraftProposal:
         from_lookup = self.lookup.propose(inp)
-        from_head = self.head.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
+        if self.mode == "switch" and bool(found.all()):
+            # the head's drafts would be thrown away: let it only take in this step's features
+            # (one draft token is what its catch-up pass yields anyway)
+            self.head.propose(replace(inp, num_draft_tokens=1))
+            self.used_lookup += len(inp.row_ids)
+            return from_lookup
+        from_head = self.head.propose(inp)
         self.used_lookup += int(found.sum())
         self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
         if self.mode == "tree":

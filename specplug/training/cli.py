@@ -3,6 +3,7 @@
   specplug train data     --target T --output DIR [--source self|reference] [--num-prompts N]
   specplug train eagle3   --target T --data DIR --output DIR [--draft-vocab 8192] [--steps N]
   specplug train layer-stats --target T [--data DIR | --suite mtbench] --output DIR
+  specplug train evaluate --head DIR --output FILE.json   (MT-Bench turn 1, greedy)
   specplug train rebuild-all [--target T] [--work DIR]   (reproduces specplug/assets/drafters)
 Every command resumes when pointed at the same --output again.
 """
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--seq-len", type=int, default=320)
     e.add_argument("--ttt-steps", type=int, default=3)
+    e.add_argument("--answer-context", type=int, default=None,
+                   help="start each training window this many tokens before the answer")
     e.add_argument("--lr", type=float, default=1e-3)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-every", type=int, default=50)
@@ -65,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="a data folder: use its token sequences")
     s.add_argument("--num-prompts", type=int, default=16)
     s.add_argument("--max-len", type=int, default=256)
+
+    v = sub.add_parser("evaluate", help="tau and tokens/s of plain, lookup, the head and hybrid")
+    v.add_argument("--target", default=None)
+    v.add_argument("--head", required=True, help="trained head folder")
+    v.add_argument("--output", required=True, help="JSON file to write")
+    v.add_argument("--num-prompts", type=int, default=10)
+    v.add_argument("--max-new-tokens", type=int, default=96)
+    v.add_argument("--gamma", type=int, default=5)
+    v.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    v.add_argument("--methods", default=None, help="comma list (default: all)")
 
     r = sub.add_parser("rebuild-all", help="rebuild the shipped drafters deterministically")
     r.add_argument("--target", default=None)
@@ -86,10 +99,12 @@ def main(argv: list[str]) -> int:
             print(f"{args.output}: {len(meta['chunks'])} chunks, {meta['num_tokens']} tokens")
         elif args.command == "eagle3":
             from .eagle3_train import Eagle3TrainConfig, train_eagle3
-            out = train_eagle3(Eagle3TrainConfig(target, args.data, args.output, args.draft_vocab,
-                                                 args.steps, args.batch_size, args.seq_len,
-                                                 args.ttt_steps, args.lr, args.seed,
-                                                 not args.no_bf16, args.save_every, args.max_minutes))
+            out = train_eagle3(Eagle3TrainConfig(
+                target, args.data, args.output, draft_vocab=args.draft_vocab, steps=args.steps,
+                batch_size=args.batch_size, seq_len=args.seq_len, ttt_steps=args.ttt_steps,
+                answer_context=args.answer_context, lr=args.lr, seed=args.seed,
+                bf16_autocast=not args.no_bf16, save_every=args.save_every,
+                max_minutes=args.max_minutes))
             print(f"EAGLE-3 head written to {out}")
         elif args.command in FAMILIES_PLANNED:
             print(f"specplug train {args.command}: not implemented yet (only eagle3 trains today)",
@@ -100,6 +115,12 @@ def main(argv: list[str]) -> int:
             path = run_layer_stats(target, args.output, args.suite, args.data, args.num_prompts,
                                    args.max_len)
             print(f"layer stats written to {path}")
+        elif args.command == "evaluate":
+            from .evaluate import evaluate
+            evaluate(target, args.head, args.output, args.num_prompts, args.max_new_tokens,
+                     args.gamma, args.dtype,
+                     methods=tuple(args.methods.split(",")) if args.methods else None)
+            print(f"results written to {args.output}")
         elif args.command == "rebuild-all":
             from .rebuild import rebuild_all
             for path in rebuild_all(target, args.work, args.assets):

@@ -41,6 +41,7 @@ class Eagle3TrainConfig:
     batch_size: int = 4  # sequences per step
     seq_len: int = 320  # tokens kept per sequence (from its start)
     ttt_steps: int = 3
+    answer_context: int | None = None  # start windows this many tokens before the answer
     lr: float = 1e-3
     seed: int = 0
     bf16_autocast: bool = True  # ~1.5x faster on AVX-512 BF16 CPUs; weights stay float32
@@ -101,10 +102,18 @@ def build_head(cfg: dict, target, draft_ids: torch.Tensor, seed: int) -> Eagle3H
     return head.float()
 
 
-def collate(seqs: list[Sequence], seq_len: int, aux_width: int) -> dict:
+def collate(seqs: list[Sequence], seq_len: int, aux_width: int, answer_context: int | None = None) -> dict:
     """Pad sequences cut to seq_len: tokens [B, L], aux [B, L - 1, aux_width],
-    final [B, L - 1, H], lengths [B]."""
-    seqs = [Sequence(s.tokens[:seq_len], s.hidden[:seq_len - 1], s.prompt_len) for s in seqs]
+    final [B, L - 1, H], lengths [B].  With answer_context set, each window starts that many
+    tokens before the answer instead of at the prompt's start: drafting only ever happens in
+    answers, and RoPE attention depends on relative positions only, so the shift is harmless."""
+    cut = []
+    for s in seqs:
+        start = 0 if answer_context is None else max(0, s.prompt_len - answer_context)
+        start = min(start, max(0, len(s.tokens) - seq_len))
+        end = start + seq_len
+        cut.append(Sequence(s.tokens[start:end], s.hidden[start:end - 1], s.prompt_len - start))
+    seqs = cut
     L = max(len(s.tokens) for s in seqs)
     feat = seqs[0].hidden.shape[1]
     tokens = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -171,10 +180,26 @@ def batch_schedule(num_seqs: int, batch_size: int, seed: int):
     return indices
 
 
+def load_all(data: str) -> tuple[list[Sequence], dict]:
+    """One data folder, or several separated by commas (made with the same hidden layers)."""
+    seqs, meta = [], None
+    for folder in [d for d in data.split(",") if d]:
+        more, m = load_sequences(folder)
+        if meta is not None and m["hidden_layers"] != meta["hidden_layers"]:
+            raise ValueError(f"{folder}: hidden_layers {m['hidden_layers']} differ from "
+                             f"{meta['hidden_layers']} of the first data folder")
+        meta = m if meta is None else {**meta, "num_tokens": meta["num_tokens"] + m["num_tokens"],
+                                       "source": f"{meta.get('source')}+{m.get('source')}"}
+        seqs += more
+    if meta is None:
+        raise ValueError("--data names no folder")
+    return seqs, meta
+
+
 def train_eagle3(cfg: Eagle3TrainConfig) -> str:
     """Train (or resume) and export; returns the exported head folder (= cfg.output)."""
     from ..models.loading import load_causal_lm
-    seqs, meta = load_sequences(cfg.data)
+    seqs, meta = load_all(cfg.data)
     if not seqs:
         raise ValueError(f"{cfg.data}: no sequences")
     target = load_causal_lm(cfg.target, torch.float32)
@@ -194,11 +219,14 @@ def train_eagle3(cfg: Eagle3TrainConfig) -> str:
     pick = batch_schedule(len(seqs), cfg.batch_size, cfg.seed)
     loop = LoopConfig(cfg.output, cfg.steps, cfg.lr, save_every=cfg.save_every,
                       max_minutes=cfg.max_minutes, progress=cfg.progress)
-    reached = train_loop(head, lambda step: collate([seqs[i] for i in pick(step)], cfg.seq_len, aux_width),
+    reached = train_loop(head, lambda step: collate([seqs[i] for i in pick(step)], cfg.seq_len,
+                                                    aux_width, cfg.answer_context),
                          lambda model, batch: _autocast_loss(model, batch, teacher_weight, cfg),
                          loop, extra={"draft_ids": draft_ids, "config": hcfg})
     export_eagle3(head, hcfg, draft_ids, tc.vocab_size, cfg.output,
-                  {"trained_steps": reached, "train_config": asdict(cfg), "data_tokens": meta["num_tokens"],
+                  {"trained_steps": reached, "data_tokens": meta["num_tokens"],
+                   "train_config": {k: v for k, v in asdict(cfg).items()
+                                    if k not in ("target", "data", "output", "progress")},
                    "data_source": meta.get("source", "self")})
     return cfg.output
 

@@ -157,8 +157,27 @@ def test_cli_trains_and_reports_bad_data(target_dir, data_dir, tmp_path, capsys)
     rc = main(["eagle3", "--target", target_dir, "--data", data_dir, "--output", out,
                "--draft-vocab", "64", "--steps", "2", "--seq-len", "24", "--no-bf16"])
     assert rc == 0 and os.path.isfile(os.path.join(out, "model.safetensors"))
+    # installing into an assets folder drops machine-local paths and writes the README line
+    from specplug.training.rebuild import install
+    shipped = install("smollm2-eagle3", out, str(tmp_path / "assets"))
+    cfg = json.load(open(os.path.join(shipped, "config.json")))
+    assert "data" not in cfg["specplug_training"]["train_config"]
+    assert "rebuild-all" in open(os.path.join(shipped, "README.md")).read()
     rc = main(["eagle3", "--target", target_dir, "--data", str(tmp_path / "nothing"),
                "--output", str(tmp_path / "x")])
     assert rc == 2
     assert "meta.json missing" in capsys.readouterr().err
     assert not os.path.exists(str(tmp_path / "x" / "model.safetensors"))
+
+
+def test_answer_windows_start_just_before_the_answer():
+    s = Sequence(torch.arange(30), torch.arange(29).float()[:, None].expand(29, 6).clone(), 10)
+    short = Sequence(torch.arange(8), torch.zeros(7, 6), 5)
+    batch = collate([s, short], 12, 4, answer_context=4)
+    assert batch["tokens"][0].tolist() == list(range(6, 18))
+    assert batch["aux"][0, :, 0].tolist() == [float(i) for i in range(6, 17)]  # feature p at p
+    assert batch["final"].shape == (2, 11, 2)
+    assert batch["lengths"].tolist() == [12, 8]
+    assert batch["tokens"][1, :8].tolist() == list(range(8))  # too short to shift
+    # without answer_context the window starts at the prompt
+    assert collate([s], 12, 4)["tokens"][0].tolist() == list(range(12))
