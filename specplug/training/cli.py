@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True)
     e.add_argument("--draft-vocab", type=int, default=8192)
     e.add_argument("--steps", type=int, default=600)
+    e.add_argument("--stop-at", type=int, default=None,
+                   help="stop at this step; the learning-rate schedule still spans --steps")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--seq-len", type=int, default=320)
     e.add_argument("--ttt-steps", type=int, default=3)
@@ -101,6 +103,7 @@ def main(argv: list[str]) -> int:
             from .eagle3_train import Eagle3TrainConfig, train_eagle3
             out = train_eagle3(Eagle3TrainConfig(
                 target, args.data, args.output, draft_vocab=args.draft_vocab, steps=args.steps,
+                stop_at=args.stop_at,
                 batch_size=args.batch_size, seq_len=args.seq_len, ttt_steps=args.ttt_steps,
                 answer_context=args.answer_context, lr=args.lr, seed=args.seed,
                 bf16_autocast=not args.no_bf16, save_every=args.save_every,

@@ -38,6 +38,7 @@ class Eagle3TrainConfig:
     output: str
     draft_vocab: int = 8192
     steps: int = 600
+    stop_at: int | None = None  # stop early at this step (the lr schedule still spans `steps`)
     batch_size: int = 4  # sequences per step
     seq_len: int = 320  # tokens kept per sequence (from its start)
     ttt_steps: int = 3
@@ -218,7 +219,7 @@ def train_eagle3(cfg: Eagle3TrainConfig) -> str:
     aux_width = len(aux_ids) * tc.hidden_size
     pick = batch_schedule(len(seqs), cfg.batch_size, cfg.seed)
     loop = LoopConfig(cfg.output, cfg.steps, cfg.lr, save_every=cfg.save_every,
-                      max_minutes=cfg.max_minutes, progress=cfg.progress)
+                      max_minutes=cfg.max_minutes, stop_at=cfg.stop_at, progress=cfg.progress)
     reached = train_loop(head, lambda step: collate([seqs[i] for i in pick(step)], cfg.seq_len,
                                                     aux_width, cfg.answer_context),
                          lambda model, batch: _autocast_loss(model, batch, teacher_weight, cfg),

@@ -1,5 +1,6 @@
 """Which target layers carry what a drafter needs (seed 001): per layer,
-  cosine   mean cosine similarity of the layer's hidden state to the final one (per token);
+  cosine   mean cosine similarity of the layer's hidden state, passed through the final norm,
+           to the final one (per token);
   ce       early-exit cross-entropy: the target's own final norm + lm_head applied to the layer,
            scored against the next token of the text;
   top1     how often that early exit's argmax equals the final layer's argmax.
@@ -32,10 +33,13 @@ def layer_stats(model, sequences: list[list[int]]) -> dict:
         final_top = lm_head(hidden[num_layers][0, :-1]).argmax(-1)
         labels = ids[0, 1:]
         for i in range(num_layers + 1):
+            # the last entry is already normed; earlier ones get the final norm, as an exit
+            # would (comparing raw residuals to the normed final mostly measures the norm's
+            # per-dimension weights, not the layer)
             h = hidden[i][0, :-1]
+            h = h if i == num_layers else norm(h)
             cos[i] += torch.nn.functional.cosine_similarity(h.double(), final, dim=-1).sum()
-            # the last entry is already normed; earlier ones get the final norm, as an exit would
-            logits = lm_head(h if i == num_layers else norm(h)).double()
+            logits = lm_head(h).double()
             ce[i] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
             top1[i] += (logits.argmax(-1) == final_top).double().sum()
         count += len(seq) - 1

@@ -25,7 +25,7 @@ RECIPES = {
                      "batch_size": 16, "max_prompt_tokens": 192, "max_new_tokens": 160,
                      "dtype": "bfloat16", "skip_prompts": 1000},
         },
-        "train": {"draft_vocab": 8192, "steps": 240, "batch_size": 4, "seq_len": 192,
+        "train": {"draft_vocab": 8192, "steps": 480, "batch_size": 4, "seq_len": 192,
                   "ttt_steps": 2, "answer_context": 32, "lr": 2e-3, "seed": 0,
                   "bf16_autocast": True},
     },

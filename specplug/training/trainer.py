@@ -30,6 +30,7 @@ class LoopConfig:
     save_every: int = 100
     log_every: int = 5
     max_minutes: float | None = None  # stop early (and save) after this much wall time
+    stop_at: int | None = None  # stop at this step; the lr schedule still spans `steps`
     progress: bool = True
 
 
@@ -61,7 +62,8 @@ def train_loop(model: torch.nn.Module, batch_at: Callable[[int], object],
     log = open(os.path.join(cfg.output, "loss.jsonl"), "a")
     try:
         model.train()
-        while step < cfg.steps:
+        last = min(cfg.steps, cfg.stop_at or cfg.steps)
+        while step < last:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             loss, metrics = loss_fn(model, batch_at(step))
@@ -74,7 +76,7 @@ def train_loop(model: torch.nn.Module, batch_at: Callable[[int], object],
             opt.step()
             step += 1
             elapsed = time.perf_counter() - start
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == last:
                 row = {"step": step, "loss": round(float(loss.detach()), 5), "lr": lr_at(step - 1, cfg),
                        "elapsed_s": round(elapsed, 2),
                        **{k: round(float(v), 5) for k, v in metrics.items()}}
@@ -83,7 +85,7 @@ def train_loop(model: torch.nn.Module, batch_at: Callable[[int], object],
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            if step % cfg.save_every == 0 or step == last or out_of_time:
                 save_checkpoint(model, opt, step, cfg.output, extra)
             if out_of_time:
                 break

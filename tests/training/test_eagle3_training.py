@@ -181,3 +181,17 @@ def test_answer_windows_start_just_before_the_answer():
     assert batch["tokens"][1, :8].tolist() == list(range(8))  # too short to shift
     # without answer_context the window starts at the prompt
     assert collate([s], 12, 4)["tokens"][0].tolist() == list(range(12))
+
+
+def test_stop_at_keeps_the_long_schedule_and_resumes_identically(target_dir, data_dir, tmp_path):
+    from specplug.training.trainer import LoopConfig, lr_at
+    train_eagle3(_train_cfg(target_dir, data_dir, str(tmp_path / "cut"), steps=6, stop_at=3))
+    log = [json.loads(line) for line in open(tmp_path / "cut" / "loss.jsonl")]
+    assert log[-1]["step"] == 3
+    assert log[-1]["lr"] == pytest.approx(lr_at(2, LoopConfig("", 6, 3e-3)))
+    # stopping early then finishing equals one uninterrupted run
+    train_eagle3(_train_cfg(target_dir, data_dir, str(tmp_path / "cut"), steps=6))
+    train_eagle3(_train_cfg(target_dir, data_dir, str(tmp_path / "whole"), steps=6))
+    a = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
