@@ -30,13 +30,15 @@ def evaluate(target: str, head: str, output: str, num_prompts: int = 10, max_new
     from ..engine.embedded import EmbeddedEngine
     from ..engine.rows import Request
     from ..models.loading import load_causal_lm, load_tokenizer, target_info
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
     model, tok = load_causal_lm(target, torch_dtype), load_tokenizer(target)
     items = load_prompts(suite, num_prompts)
     reqs = []
     for item in items:
-        text = tok.apply_chat_template([{"role": "user", "content": item.turns[0]}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = item.turns[0]
+        if item.chat and tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
         reqs.append(Request(tok.encode(text, add_special_tokens=False), max_new_tokens))
     specs = method_specs(head)
     names = list(methods or specs)

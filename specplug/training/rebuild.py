@@ -25,8 +25,8 @@ RECIPES = {
                      "batch_size": 16, "max_prompt_tokens": 192, "max_new_tokens": 160,
                      "dtype": "bfloat16", "skip_prompts": 1000},
         },
-        "train": {"draft_vocab": 8192, "steps": 480, "batch_size": 4, "seq_len": 192,
-                  "ttt_steps": 2, "answer_context": 32, "lr": 2e-3, "seed": 0,
+        "train": {"draft_vocab": 8192, "steps": 480, "stop_at": 300, "batch_size": 4,
+                  "seq_len": 192, "ttt_steps": 2, "answer_context": 32, "lr": 2e-3, "seed": 0,
                   "bf16_autocast": True},
     },
 }
@@ -91,7 +91,8 @@ def readme_line(name: str, recipe: dict) -> str:
             f"`specplug train rebuild-all` (recipe `{name}` in specplug/training/rebuild.py): "
             f"data = {parts} ('reference': the target reads prompt + ShareGPT's answer; 'self': "
             f"the target's own greedy answers), features of hidden_states "
-            f"[2, 15, 27] + final; {t['steps']} steps x {t['batch_size']} sequences of <= "
+            f"[2, 15, 27] + final; {t.get('stop_at') or t['steps']} steps of a {t['steps']}-step "
+            f"schedule x {t['batch_size']} sequences of <= "
             f"{t['seq_len']} tokens starting {t.get('answer_context')} tokens before the answer, "
             f"TTT {t['ttt_steps']}, draft vocab {t['draft_vocab']}, lr {t['lr']}, seed {t['seed']}; "
             f"weights bf16; loss = CE to the target's distribution.")

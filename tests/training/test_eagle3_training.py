@@ -195,3 +195,22 @@ def test_stop_at_keeps_the_long_schedule_and_resumes_identically(target_dir, dat
     a = load_file(str(tmp_path / "cut" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_runs_every_method_identically(target_dir, data_dir, tmp_path):
+    from specplug.training.evaluate import evaluate
+    head = str(tmp_path / "head")
+    train_eagle3(_train_cfg(target_dir, data_dir, head, steps=2))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat sat on the mat. the cat\nhello world, hello\ndef add(a, b):\n")
+    out = str(tmp_path / "r.json")
+    payload = evaluate(target_dir, head, out, num_prompts=3, max_new_tokens=12, gamma=3,
+                       dtype="float64", suite=str(prompts))
+    results = payload["results"]
+    assert sorted(results) == ["eagle3", "hybrid", "hybrid-tree", "ngram", "plain"]
+    for name, row in results.items():
+        assert row["identical_to_plain"] == 1.0, name
+        assert row["total_new_tokens"] == 36
+    assert results["plain"]["mean_accept_length"] == 1.0
+    assert results["hybrid"]["hybrid_steps"]["head"] > 0
+    assert json.load(open(out))["results"]["eagle3"]["speedup_vs_plain"] > 0
