@@ -13,9 +13,6 @@ import argparse
 import os
 import sys
 
-FAMILIES_PLANNED = ("draft", "dflash", "specdiff")
-
-
 def _target_default() -> str:
     from ..models.prepare import model_dir
     return model_dir("smollm2")
@@ -58,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-every", type=int, default=50)
     e.add_argument("--max-minutes", type=float, default=None)
     e.add_argument("--no-bf16", action="store_true", help="train without bfloat16 autocast")
-
-    for fam in FAMILIES_PLANNED:
-        f = sub.add_parser(fam, help=f"{fam} drafter (not implemented yet)")
-        f.add_argument("rest", nargs=argparse.REMAINDER)
 
     s = sub.add_parser("layer-stats", help="per-layer cosine to the final hidden and early-exit CE")
     s.add_argument("--target", default=None)
@@ -109,10 +102,6 @@ def main(argv: list[str]) -> int:
                 bf16_autocast=not args.no_bf16, save_every=args.save_every,
                 max_minutes=args.max_minutes))
             print(f"EAGLE-3 head written to {out}")
-        elif args.command in FAMILIES_PLANNED:
-            print(f"specplug train {args.command}: not implemented yet (only eagle3 trains today)",
-                  file=sys.stderr)
-            return 2
         elif args.command == "layer-stats":
             from .layer_stats import run_layer_stats
             path = run_layer_stats(target, args.output, args.suite, args.data, args.num_prompts,
