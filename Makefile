@@ -24,6 +24,10 @@ models: $(BIN)/.installed
 demo: models
 	$(BIN)/python -m specplug.demo
 
+# Rebuild the shipped trained drafters from scratch (CPU; see specplug/assets/drafters/README.md).
+drafters: $(BIN)/.installed models
+	OMP_NUM_THREADS=2 $(BIN)/python -m specplug.training.cli rebuild-all
+
 # Fast subset for iteration: no real model, no engine subprocesses.
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not engine" tests

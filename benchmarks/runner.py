@@ -115,7 +115,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
 
 def _run_phase(states: list[_ArmState], reqs, turn: int, batch_size: int, bar):
     """Run every arm on reqs; returns the first arm's (the main baseline's) outputs."""
-    first = []
     chunks = [reqs[i:i + batch_size] for i in range(0, len(reqs), batch_size)]
     in_process = [s for s in states if not s.arm.whole_phase]
     for chunk in chunks:

@@ -52,9 +52,10 @@ def validate_conversion(spec: DraftSpec, state: dict, folder: str, to_format: st
         new_state = {**new_state, "embed_tokens.weight": embed}  # what the engine will use
     tokens, feats = random_inputs(spec)
     stored, folded = embed.dtype, written_state is not state
-    if folded:  # compare the math in float64 (fold.py)
-        state, new_state = _float64(state), _float64(new_state)
-        embed, lm_head = embed.double(), lm_head.double()
+    # both forwards in float64: exact for any stored dtype (bf16 heads with an fp32 verifier
+    # mix dtypes otherwise), and what fold.py's tolerance is stated for
+    state, new_state = _float64(state), _float64(new_state)
+    embed, lm_head = embed.double(), lm_head.double()
     feats = feats.to(embed.dtype)
     before = forward_logits(spec, state, embed, lm_head, tokens, feats)
     after = forward_logits(new_spec, new_state, embed, lm_head, tokens, feats)

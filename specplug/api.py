@@ -15,7 +15,7 @@ from .stats import SpecStats
 from .types import SamplingParams
 
 # methods whose drafter is a checkpoint folder
-METHODS_WITH_WEIGHTS = {"draft", "eagle", "eagle3", "dflash", "specdiff"}
+METHODS_WITH_WEIGHTS = {"draft", "eagle", "eagle3", "dflash", "specdiff", "hybrid"}
 
 
 @dataclass

@@ -82,6 +82,20 @@ class DraftProposal:
         return DraftProposal(tokens.long(), parents, draft_probs)
 
     @staticmethod
+    def from_rows(rows: list[tuple[list[int], list[int]]]) -> "DraftProposal":
+        """rows: per row (tokens, parents) lists of any length -> padded proposal (a chain when
+        every row is one)."""
+        width = max((len(t) for t, _ in rows), default=0)
+        tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
+        parents = torch.full((len(rows), width), ROOT, dtype=torch.long)
+        for r, (toks, pars) in enumerate(rows):
+            tokens[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+            parents[r, :len(pars)] = torch.tensor(pars, dtype=torch.long)
+        if all(p == list(range(-1, len(p) - 1)) for _, p in rows):
+            return DraftProposal.chain(tokens)
+        return DraftProposal(tokens, parents)
+
+    @staticmethod
     def empty(batch: int) -> "DraftProposal":
         return DraftProposal.chain(torch.full((batch, 0), PAD, dtype=torch.long))
 

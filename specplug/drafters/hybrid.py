@@ -110,13 +110,7 @@ def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Te
                     parents.append(new_par)
                 remap[j] = index[key]
         rows.append((tokens, parents))
-    width = max((len(t) for t, _ in rows), default=0)
-    tok_t = torch.full((len(rows), width), PAD, dtype=torch.long)
-    par_t = torch.full((len(rows), width), ROOT, dtype=torch.long)
-    for r, (t, p) in enumerate(rows):
-        tok_t[r, :len(t)] = torch.tensor(t, dtype=torch.long)
-        par_t[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-    return DraftProposal(tok_t, par_t)
+    return DraftProposal.from_rows(rows)
 
 
 def _head_spec(spec: DrafterSpec) -> DrafterSpec:

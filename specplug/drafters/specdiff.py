@@ -36,7 +36,7 @@ import os
 import torch
 
 from ..sampling import probs_from_logits
-from ..types import PAD, ROOT, DraftInput, DraftProposal
+from ..types import ROOT, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
 from .diffusion_model import DiffusionLM, load_diffusion_lm
@@ -248,15 +248,7 @@ def _merge_chains(per_row: list[list[list[int]]]) -> DraftProposal:
                     parents.append(node)
                 node = children[key]
         rows.append((tokens, parents))
-    width = max((len(t) for t, _ in rows), default=0)
-    tok_t = torch.full((len(rows), width), PAD, dtype=torch.long)
-    par_t = torch.full((len(rows), width), ROOT, dtype=torch.long)
-    for r, (t, p) in enumerate(rows):
-        tok_t[r, :len(t)] = torch.tensor(t, dtype=torch.long)
-        par_t[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-    if all(p == list(range(-1, len(p) - 1)) for _, p in rows):
-        return DraftProposal.chain(tok_t)
-    return DraftProposal(tok_t, par_t)
+    return DraftProposal.from_rows(rows)
 
 
 def _has_tokenizer(folder: str) -> bool:

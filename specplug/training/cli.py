@@ -10,7 +10,6 @@ Every command resumes when pointed at the same --output again.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 def _target_default() -> str:
