@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from specplug.drafters.base import DrafterSpec
+from specplug.jobfile import run_job_files
 from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
@@ -225,18 +226,7 @@ def run_job(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m specplug.integrations.sglang.generate JOB.json RESULT.json",
-              file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        job = json.load(f)
-    result = run_job(job)
-    with open(argv[1] + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(argv[1] + ".tmp", argv[1])
-    return 0
+    return run_job_files(argv, "specplug.integrations.sglang.generate", run_job)
 
 
 if __name__ == "__main__":

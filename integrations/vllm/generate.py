@@ -17,12 +17,11 @@ JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | 
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 from specplug.engine.rows import Request, RequestOutput
+from specplug.jobfile import run_job_files
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
@@ -172,25 +171,17 @@ def run_job(job: dict) -> dict:
                           "finish_reason": o.finish_reason} for o in outputs]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m specplug.integrations.vllm.generate JOB.json RESULT.json",
-              file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        job = json.load(f)
+def _freeze_vllm_import() -> None:
     import gc
 
     import vllm  # noqa: F401
     # vLLM runs gc.collect() several times while it starts; the import-time heap is never
     # garbage, and freezing it keeps those passes from walking it again (~2 s CPU per engine)
     gc.freeze()
-    result = run_job(job)
-    with open(argv[1] + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(argv[1] + ".tmp", argv[1])
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job_files(argv, "specplug.integrations.vllm.generate", run_job, _freeze_vllm_import)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,22 @@ def verifier(folder, hidden=H, vocab=V, layers=4):
                              heads=HEADS, kv_heads=KV)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def record_proposals(model, method: str, path: str):
+    """Run `method` from `path` in the embedded engine on three fixed prompts -> (every
+    proposal's draft tokens, each request's (output ids, accept lengths))."""
+    import torch
+
+    from specplug.drafters.base import DrafterSpec, build_drafter
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.engine.rows import Request
+    from specplug.models.loading import target_info
+    drafter = build_drafter(DrafterSpec(method, path), target_info(model))
+    proposals, propose = [], drafter.propose
+    drafter.propose = lambda inp: proposals.append(propose(inp)) or proposals[-1]
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(torch.randint(1, V, (n,), generator=g).tolist(), max_new_tokens=12) for n in (5, 9, 3)]
+    outs, _ = EmbeddedEngine(model, None, drafter, num_draft_tokens=3).generate(reqs, batch_size=2)
+    assert proposals and all(p.tokens.numel() for p in proposals)
+    return [p.tokens.tolist() for p in proposals], [(o.output_token_ids, o.accept_lengths) for o in outs]

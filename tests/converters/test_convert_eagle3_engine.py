@@ -18,8 +18,6 @@ import convert_fixtures as F
 from specplug.converters import ConvertError, convert
 from specplug.drafters.base import DrafterSpec, build_drafter
 from specplug.drafters.eagle3 import aux_hidden_indices
-from specplug.engine.embedded import EmbeddedEngine
-from specplug.engine.rows import Request
 from specplug.models.loading import load_causal_lm, target_info
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "drafters"))
@@ -50,14 +48,7 @@ def target(tmp_path_factory):
 
 def _proposals(model, path: str, method: str = "eagle3"):
     """Every proposal's draft tokens, then each request's output and accept lengths."""
-    drafter = build_drafter(DrafterSpec(method, path), target_info(model))
-    proposals, propose = [], drafter.propose
-    drafter.propose = lambda inp: proposals.append(propose(inp)) or proposals[-1]
-    g = torch.Generator().manual_seed(0)
-    reqs = [Request(torch.randint(1, F.V, (n,), generator=g).tolist(), max_new_tokens=12) for n in (5, 9, 3)]
-    outs, _ = EmbeddedEngine(model, None, drafter, num_draft_tokens=3).generate(reqs, batch_size=2)
-    assert proposals and all(p.tokens.numel() for p in proposals)
-    return [p.tokens.tolist() for p in proposals], [(o.output_token_ids, o.accept_lengths) for o in outs]
+    return F.record_proposals(model, method, path)
 
 
 # -- the aux-layer key, per consumer ------------------------------------------------------------

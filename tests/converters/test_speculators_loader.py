@@ -13,8 +13,6 @@ from specplug.converters import convert
 from specplug.drafters.base import DrafterSpec, build_drafter
 from specplug.drafters.detect import detect_method
 from specplug.drafters.speculators_format import native_config
-from specplug.engine.embedded import EmbeddedEngine
-from specplug.engine.rows import Request
 from specplug.models.loading import load_causal_lm, target_info
 
 
@@ -27,14 +25,7 @@ def target(tmp_path_factory):
 def _run(model, path: str):
     """Proposals and outputs with the method detected from the folder (as `specplug generate
     --drafter PATH` without --method does)."""
-    drafter = build_drafter(DrafterSpec(detect_method(path), path), target_info(model))
-    proposals, propose = [], drafter.propose
-    drafter.propose = lambda inp: proposals.append(propose(inp)) or proposals[-1]
-    g = torch.Generator().manual_seed(0)
-    reqs = [Request(torch.randint(1, F.V, (n,), generator=g).tolist(), max_new_tokens=12) for n in (5, 9, 3)]
-    outs, _ = EmbeddedEngine(model, None, drafter, num_draft_tokens=3).generate(reqs, batch_size=2)
-    assert proposals and all(p.tokens.numel() for p in proposals)
-    return [p.tokens.tolist() for p in proposals], [(o.output_token_ids, o.accept_lengths) for o in outs]
+    return F.record_proposals(model, detect_method(path), path)
 
 
 def _edit(folder: str, fn) -> None:
