@@ -225,3 +225,31 @@ def chi_square_p(samples: list[int], probs: torch.Tensor, min_expected: float = 
         obs, exp = obs[:-1], exp[:-1]
     scale = sum(obs) / sum(exp)
     return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+def rewrite_checkpoint(src: str, dst: str, edit_state=None, edit_config=None) -> str:
+    """Copy a checkpoint folder with its state dict and/or config edited (malformed inputs)."""
+    from specplug.checkpoint_io import load_state_dict, read_config
+    cfg, state = read_config(src), load_state_dict(src)
+    if edit_state:
+        edit_state(state)
+    if edit_config:
+        edit_config(cfg)
+    return write_checkpoint(dst, cfg, state)
+
+
+def assert_lossless_on_markov_target(model, drafter, draws: int = 600) -> None:
+    """At T = 8 on repeat_target(), output tokens 1..3 follow the target's exact marginals
+    (chi-square p > 0.01), with both the accept and the reject path exercised."""
+    from specplug.engine.rows import Request
+    from specplug.types import SamplingParams
+    sampling = SamplingParams(temperature=8.0)
+    last = 69
+    reqs = [Request([5, 9, last], max_new_tokens=4, seed=s) for s in range(draws)]
+    # no tokenizer: no EOS id, so every row samples all 4 tokens
+    out, stats = generate(model, None, drafter, reqs, batch_size=50, gamma=3, sampling=sampling)
+    assert 0.2 < stats.acceptance_rate < 0.99
+    exact = markov_marginals(model, last, 4, sampling)
+    for i in range(1, 4):
+        p = chi_square_p([o.output_token_ids[i] for o in out], exact[i])
+        assert p > 0.01, f"output token {i}: chi-square p = {p}"
