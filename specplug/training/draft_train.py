@@ -1,0 +1,238 @@
+"""Train a classic draft model (a small Llama sharing the target's tokenizer) by distilling the
+target's next-token distributions; export a plain HF folder that specplug's `draft` family,
+vLLM's `draft_model` method and SGLang's standalone drafter all load.
+
+No target forward pass is needed: a data folder (data.py) saves the target's final normed hidden
+state per position, so the teacher is softmax(final @ lm_head^T) over the full vocabulary.  For a
+window of tokens x_0 .. x_{L-1}, the draft reads x_0 .. x_{L-2} causally and its logits at
+position p are pulled towards the teacher at p (which predicts x_{p+1}):
+    loss = (1 - ce_weight) * CE(teacher, draft) + ce_weight * CE(x_{p+1}, draft)
+(the soft CE equals KL(teacher || draft) plus the teacher's entropy, a constant).
+
+Size: the tied embedding dominates (vocab x hidden), so a 49k vocabulary at hidden 192 is
+~19 MB in bf16.  The embedding starts from the target's output embedding projected onto its top
+`hidden_size` principal directions (E_draft = W @ P), and the final norm's scale is set so the
+draft's initial logits W P P^T h are on the teacher's scale: the draft starts out able to express
+the target's output space and only has to learn to predict the hidden state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import Sequence
+from .eagle3_train import batch_schedule, collate, load_all
+from .trainer import LoopConfig, train_loop
+
+# files of a HF tokenizer folder; copied byte for byte so same_tokenizer() sees the same one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+                   "tokenizer.model")
+
+
+@dataclass
+class Config:
+    target: str
+    data: str
+    output: str
+    hidden_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 3
+    num_kv_heads: int = 1
+    intermediate_size: int = 512
+    embed_init: str = "pca"  # "pca": E_target @ P; "random": HF's default init
+    steps: int = 600
+    stop_at: int | None = None  # stop early at this step (the lr schedule still spans `steps`)
+    batch_size: int = 4  # windows per step
+    seq_len: int = 256  # tokens per window
+    answer_context: int | None = 64  # start windows this many tokens before the answer
+    ce_weight: float = 0.0  # weight of CE on the data's own next tokens (rest: the teacher)
+    lr: float = 2e-3
+    seed: int = 0
+    bf16_autocast: bool = True  # weights stay float32
+    save_every: int = 50
+    max_minutes: float | None = None
+    progress: bool = True
+
+
+def add_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--hidden-size", type=int, default=192)
+    a("--num-layers", type=int, default=2)
+    a("--num-heads", type=int, default=3)
+    a("--num-kv-heads", type=int, default=1)
+    a("--intermediate-size", type=int, default=512)
+    a("--embed-init", choices=("pca", "random"), default="pca",
+      help="pca: the target's output embedding on its top principal directions")
+    a("--steps", type=int, default=600)
+    a("--stop-at", type=int, default=None,
+      help="stop at this step; the learning-rate schedule still spans --steps")
+    a("--batch-size", type=int, default=4)
+    a("--seq-len", type=int, default=256)
+    a("--answer-context", type=int, default=64,
+      help="start each training window this many tokens before the answer (-1: at the prompt)")
+    a("--ce-weight", type=float, default=0.0, help="mix in CE on the data tokens (0..1)")
+    a("--lr", type=float, default=2e-3)
+    a("--seed", type=int, default=0)
+    a("--save-every", type=int, default=50)
+    a("--max-minutes", type=float, default=None)
+    a("--no-bf16", action="store_true", help="train without bfloat16 autocast")
+
+
+def config_from_args(args, target: str) -> Config:
+    return Config(target, args.data, args.output, hidden_size=args.hidden_size,
+                  num_layers=args.num_layers, num_heads=args.num_heads,
+                  num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
+                  embed_init=args.embed_init, steps=args.steps, stop_at=args.stop_at,
+                  batch_size=args.batch_size, seq_len=args.seq_len,
+                  answer_context=None if args.answer_context < 0 else args.answer_context,
+                  ce_weight=args.ce_weight, lr=args.lr, seed=args.seed,
+                  bf16_autocast=not args.no_bf16, save_every=args.save_every,
+                  max_minutes=args.max_minutes)
+
+
+def draft_config(target_cfg, cfg: Config) -> dict:
+    """A LlamaForCausalLM config with the target's vocabulary, special ids and RoPE."""
+    t = target_cfg
+    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size}, num_heads {cfg.num_heads}, "
+                         f"num_kv_heads {cfg.num_kv_heads}: heads must divide evenly")
+    if cfg.hidden_size > t.hidden_size:
+        raise ValueError(f"hidden_size {cfg.hidden_size} exceeds the target's {t.hidden_size}")
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "vocab_size": t.vocab_size, "hidden_size": cfg.hidden_size,
+           "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu",
+           "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+           "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
+           "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+           "pad_token_id": t.pad_token_id}
+    rope = getattr(t, "rope_parameters", None)
+    out["rope_parameters"] = dict(rope) if rope else {"rope_theta": getattr(t, "rope_theta", 10000.0),
+                                                      "rope_type": "default"}
+    return out
+
+
+def principal_directions(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """weight [vocab, H] -> P [H, k]: the top-k right singular vectors (E @ P keeps most of E)."""
+    w = weight.double()
+    vals, vecs = torch.linalg.eigh(w.T @ w)  # ascending eigenvalues
+    return vecs[:, torch.argsort(vals, descending=True)[:k]].float()
+
+
+def build_draft(dcfg: dict, teacher_weight: torch.Tensor, seqs: list[Sequence], embed_init: str,
+                seed: int):
+    """teacher_weight [vocab, H_target].  Returns a float32 LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**dcfg)).float()
+    if embed_init == "pca":
+        p = principal_directions(teacher_weight, dcfg["hidden_size"])  # [H_target, h]
+        sample = torch.cat([s.hidden[:64].float() for s in seqs[:64]])  # [n, H_target]
+        # the draft's final norm emits unit-RMS vectors; scale them to the RMS of P^T h
+        scale = (sample @ p).pow(2).mean().sqrt()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.copy_(teacher_weight.float() @ p)
+            model.model.norm.weight.fill_(float(scale))
+    elif embed_init != "random":
+        raise ValueError(f"embed_init {embed_init!r}: use pca or random")
+    return model
+
+
+def final_only(seqs: list[Sequence], hidden_size: int) -> list[Sequence]:
+    """Keep only the final normed hidden state (the last feature block): the teacher's input."""
+    return [Sequence(s.tokens, s.hidden[:, -hidden_size:].clone(), s.prompt_len) for s in seqs]
+
+
+def distill_loss(model, batch: dict, teacher_weight: torch.Tensor,
+                 ce_weight: float) -> tuple[torch.Tensor, dict]:
+    """batch: tokens [B, L], final [B, L - 1, H_target], lengths [B]; teacher_weight [V, H_target]."""
+    tokens, final, n = batch["tokens"], batch["final"], batch["lengths"]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [B, L - 1]
+    valid = torch.arange(inputs.shape[1])[None, :] < (n - 1)[:, None]  # right padding is causal-safe
+    logits = model(input_ids=inputs).logits  # [B, L - 1, V]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        t_logp = torch.log_softmax((final @ teacher_weight.T.to(final.dtype)).float(), dim=-1)
+        teacher = t_logp.exp()
+    soft = -(teacher * logp).sum(-1)  # [B, L - 1]
+    hard = -logp.gather(-1, labels[..., None])[..., 0]
+    count = valid.sum().clamp(min=1)
+    loss = (((1 - ce_weight) * soft + ce_weight * hard) * valid).sum() / count
+    with torch.no_grad():
+        entropy = -(teacher * t_logp).sum(-1)
+        hit = (logits.argmax(-1) == teacher.argmax(-1)) & valid
+        metrics = {"kl": ((soft - entropy) * valid).sum() / count, "acc": hit.sum() / count}
+    return loss, metrics
+
+
+def _autocast_loss(model, batch, teacher_weight, cfg: Config):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        return distill_loss(model, batch, teacher_weight, cfg.ce_weight)
+
+
+def load_for_target(data: str, target_cfg) -> tuple[list[Sequence], dict]:
+    """The data folders' sequences (final hidden only), checked against the target."""
+    seqs, meta = load_all(data)
+    t = target_cfg
+    if (meta["hidden_size"] != t.hidden_size or meta["hidden_layers"][-1] != t.num_hidden_layers
+            or meta.get("vocab_size", t.vocab_size) != t.vocab_size):
+        raise ValueError(f"{data}: data was made for another target (hidden {meta['hidden_size']}, "
+                         f"layers {meta['hidden_layers']}, vocab {meta.get('vocab_size')}) than this "
+                         f"one (hidden {t.hidden_size}, {t.num_hidden_layers} layers, vocab {t.vocab_size})")
+    if not seqs:
+        raise ValueError(f"{data}: no sequences")
+    return final_only(seqs, t.hidden_size), meta
+
+
+def train(cfg: Config) -> str:
+    """Train (or resume) and export; returns the exported folder (= cfg.output)."""
+    from ..models.loading import load_causal_lm
+    if not 0.0 <= cfg.ce_weight <= 1.0:
+        raise ValueError(f"--ce-weight {cfg.ce_weight} must be in 0..1")
+    target = load_causal_lm(cfg.target, torch.float32)
+    tc = target.config
+    seqs, meta = load_for_target(cfg.data, tc)
+    teacher_weight = target.get_output_embeddings().weight.detach().float().clone()
+    del target
+    dcfg = draft_config(tc, cfg)
+    model = build_draft(dcfg, teacher_weight, seqs, cfg.embed_init, cfg.seed)
+    pick = batch_schedule(len(seqs), cfg.batch_size, cfg.seed)
+    loop = LoopConfig(cfg.output, cfg.steps, cfg.lr, save_every=cfg.save_every,
+                      max_minutes=cfg.max_minutes, stop_at=cfg.stop_at, progress=cfg.progress)
+    reached = train_loop(model, lambda step: collate([seqs[i] for i in pick(step)], cfg.seq_len, 0,
+                                                     cfg.answer_context),
+                         lambda m, batch: _autocast_loss(m, batch, teacher_weight, cfg),
+                         loop, extra={"config": dcfg, "embed_init": cfg.embed_init})
+    info = {"trained_steps": reached, "data_tokens": meta["num_tokens"],
+            "data_source": meta.get("source", "self"),
+            "train_config": {k: v for k, v in asdict(cfg).items()
+                             if k not in ("target", "data", "output", "progress")}}
+    export_draft(model, cfg.target, cfg.output, info)
+    return cfg.output
+
+
+def export_draft(model, target: str, folder: str, info: dict, dtype=torch.bfloat16) -> None:
+    """config.json + model.safetensors (tied: no lm_head key) + the target's tokenizer files.
+    Everything is written to a temp folder first, then moved in file by file."""
+    import copy
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
+        copy.deepcopy(model).to(dtype).save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["specplug_training"] = info
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(target, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, name))
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
