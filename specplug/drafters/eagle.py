@@ -152,7 +152,8 @@ def load_eagle(path: str, target: TargetInfo, options: dict | None = None) -> Ea
     head.load_state_dict(weights, strict=False)
     _check_loaded(head, weights, path)
     head.to(target.dtype)
-    return EagleDrafter(head, (FINAL_HIDDEN,), TreeSettings.from_options(options))
+    return EagleDrafter(head, (FINAL_HIDDEN,), TreeSettings.from_options(options),
+                        float(options.get("min_confidence", 0.0)))
 
 
 def _embedding(state: dict, target: TargetInfo, path: str) -> nn.Module:

@@ -178,7 +178,8 @@ def load_eagle3(path: str, target: TargetInfo, options: dict | None = None) -> E
     head.load_state_dict(weights, strict=False)
     _check_loaded(head, weights, path)
     head.to(target.dtype)
-    return EagleDrafter(head, aux, TreeSettings.from_options(options))
+    return EagleDrafter(head, aux, TreeSettings.from_options(options),
+                        float(options.get("min_confidence", 0.0)))
 
 
 @register_drafter("eagle3")

@@ -11,6 +11,11 @@ tokens agree with the committed prefix (a feature at j - 1 depends on x_0..x_{j-
 rest are dropped and rebuilt from the features the engine hands over for positions
 [hidden_start, num_committed - 1).  Draft entries are cropped when the call ends, so the cache
 only ever holds committed entries between calls.
+
+Dynamic draft length (option min_confidence, chains only): a row stops drafting at the first
+step whose top draft probability falls below the threshold (its first draft is always kept).
+A weak head then stops paying for draft steps and verify width it would mostly lose; the stop
+depends on the draft's own distribution only, so verification stays lossless.
 """
 from __future__ import annotations
 
@@ -25,8 +30,14 @@ from .tree import TreeSettings, expand_tree
 
 
 class EagleDrafter(Drafter):
-    def __init__(self, head, hidden_layers: tuple[int, ...], tree: TreeSettings | None = None):
+    def __init__(self, head, hidden_layers: tuple[int, ...], tree: TreeSettings | None = None,
+                 min_confidence: float = 0.0):
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
+        if tree is not None and min_confidence > 0:
+            raise ValueError("min_confidence applies to chains; drop it or the tree_* options")
         self.head = head.eval()
+        self.min_confidence = min_confidence
         self.needs = DrafterNeeds(hidden_layers=tuple(hidden_layers))
         self.tree = tree
         self.kv = HeadKV(head.num_layers)
@@ -136,6 +147,7 @@ class EagleDrafter(Drafter):
         probs = torch.zeros(b, gamma, logits.shape[-1], dtype=torch.float64) if sampled else None
         gens = inp.generators or [None] * b
         chain_start = self.kv.width
+        alive = torch.ones(b, dtype=torch.bool)  # rows still drafting
         for step in range(gamma):
             if sampled:
                 p = probs_from_logits(logits, inp.sampling)
@@ -143,6 +155,14 @@ class EagleDrafter(Drafter):
                 tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)])
             else:
                 tokens[:, step] = logits.argmax(-1)
+            if self.min_confidence > 0:
+                top = (p if sampled else torch.softmax(logits.float(), dim=-1)).max(-1).values
+                sure = top >= self.min_confidence
+                if step:
+                    tokens[~(alive & sure), step] = PAD
+                alive &= sure
+                if not alive.any():
+                    break
             if step + 1 == gamma:
                 break
             # every draft slot so far belongs to this row's chain

@@ -130,7 +130,7 @@ def test_heterogeneous_head(tmp_path, target, prompts, plain):
         assert run(target, load_eagle3(folder, target_info(target)), prompts, batch, GAMMA)[0] == plain
 
 
-@pytest.mark.parametrize("tree", [None, {"tree_topk": 2, "tree_nodes": 6}])
+@pytest.mark.parametrize("tree", [None, {"tree_topk": 2, "tree_nodes": 6}, {"min_confidence": 0.4}])
 def test_sampling_is_lossless(tmp_path, target, tree):
     folder = save_head(str(tmp_path / "s"), *eagle3_state(target, AUX, noise=0.02, draft_vocab=200))
     prompt = bos_prompts(1, seed=12)[0]
@@ -140,6 +140,28 @@ def test_sampling_is_lossless(tmp_path, target, tree):
                       sampling=SamplingParams(temperature=1.0), seeds=list(range(n)))
     assert 0.0 < stats.acceptance_rate < 1.0
     assert chi_square_p([o[1] for o in outs], second_token_marginal(target, prompt)) > 0.01
+
+
+def test_min_confidence_drafts_less_and_stays_identical(tmp_path, target, prompts, plain):
+    folder = save_head(str(tmp_path / "c"), *eagle3_state(target, AUX, noise=0.05, draft_vocab=200))
+    drafted = {}
+    for threshold in (0.0, 0.9):
+        for batch in (1, 4):
+            drafter = build_drafter(DrafterSpec("eagle3", folder, {"min_confidence": threshold}),
+                                    target_info(target))
+            outs, stats = run(target, drafter, prompts, batch, GAMMA)
+            assert outs == plain
+            drafted[threshold] = stats.num_draft_tokens / max(1, stats.num_drafts)
+    # the first draft is always kept; unsure rows stop early (near the length limit the engine
+    # asks for fewer than GAMMA, hence no exact GAMMA on the left)
+    assert 1 <= drafted[0.9] < drafted[0.0], drafted
+
+
+def test_min_confidence_with_a_tree_is_refused(tmp_path, target):
+    folder = save_head(str(tmp_path / "t"), *eagle3_state(target, AUX, noise=0.05, draft_vocab=200))
+    with pytest.raises(ValueError, match="min_confidence"):
+        build_drafter(DrafterSpec("eagle3", folder, {"min_confidence": 0.5, "tree_topk": 2}),
+                      target_info(target))
 
 
 # -- loading errors ---------------------------------------------------------------------------
