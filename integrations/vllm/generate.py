@@ -12,7 +12,8 @@ follow the drafted steps in a request's `accept_lengths`.
 
 Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
     python -m specplug.integrations.vllm.generate JOB.json RESULT.json
-JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug",
+JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug"
+      ({"method", "path", "options", "num_draft_tokens", "via_plugin"}),
       "temperature", "seed", "ignore_eos", "llm_kwargs", "warmup", "repeats"}; see `run_job`.
 """
 from __future__ import annotations
@@ -27,20 +28,26 @@ from specplug.types import SamplingParams
 
 from .proposer import CLASS_PATH, CONFIG_KEY
 
-# specplug methods whose drafter reads target hidden states: vLLM runs them as one of its own
-# families (a checkpoint whose architecture names a class the plugin registered, or vLLM's own).
+# specplug methods whose drafter reads target hidden states: by default vLLM runs them as one of
+# its own families (vLLM's implementation on the same checkpoint); with via_plugin, specplug's
+# drafter runs through the custom_class proposer, fed by hooks on the target (target_features.py).
 HIDDEN_STATE_METHODS = {"eagle": "eagle", "eagle3": "eagle3", "dflash": "dflash"}
+# methods whose specplug drafter reads target features when it runs through the plugin: the
+# prompt must run through the target (no prefix cache) for their features to exist
+PLUGIN_FEATURE_METHODS = {"eagle", "eagle3", "dflash", "hybrid"}
 
 # settings that worked for vLLM on CPU (ENGINE_NOTES); callers may override any of them
 DEFAULT_LLM_KWARGS = {"dtype": "float32", "enforce_eager": True}
 
 
 def speculative_settings(method: str, path: str | None, options: dict | None,
-                         num_draft_tokens: int) -> tuple[dict | None, dict]:
-    """(speculative_config, additional_config) that run specplug `method` inside vLLM."""
+                         num_draft_tokens: int, via_plugin: bool = False) -> tuple[dict | None, dict]:
+    """(speculative_config, additional_config) that run specplug `method` inside vLLM.
+    via_plugin: run eagle / eagle3 / dflash through specplug's own drafter (custom_class)
+    instead of vLLM's implementation of the family; hybrid always runs through the plugin."""
     if method in (None, "none"):
         return None, {}
-    if method in HIDDEN_STATE_METHODS:
+    if method in HIDDEN_STATE_METHODS and not via_plugin:
         if not path:
             raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
         return {"method": HIDDEN_STATE_METHODS[method], "model": path,
@@ -72,6 +79,8 @@ def run_vllm_requests(target: str, requests: list[Request], speculative_config: 
                       per_request_spec_decode_metrics="detailed")
     if additional_config:
         kwargs["additional_config"] = additional_config
+        if (additional_config.get(CONFIG_KEY) or {}).get("method") in PLUGIN_FEATURE_METHODS:
+            kwargs["enable_prefix_caching"] = False  # every prompt position needs its features
     kwargs.update(llm_kwargs or {})
     llm = LLM(model=target, **kwargs)
 
@@ -161,7 +170,7 @@ def run_job(job: dict) -> dict:
     if "specplug" in job:
         s = job["specplug"]
         spec, extra = speculative_settings(s["method"], s.get("path"), s.get("options"),
-                                           int(s["num_draft_tokens"]))
+                                           int(s["num_draft_tokens"]), bool(s.get("via_plugin")))
     outputs, stats = run_vllm_requests(
         job["target"], reqs, spec, extra, SamplingParams(float(job.get("temperature", 0.0))),
         ignore_eos=bool(job.get("ignore_eos", False)), llm_kwargs=job.get("llm_kwargs"),

@@ -13,16 +13,23 @@ speculative_config forbids unknown keys:
         speculative_config={"method": "custom_class", "num_speculative_tokens": 4,
                             "model": "specplug.integrations.vllm.proposer.SpecplugProposer"},
         additional_config={"specplug": {"method": "draft", "path": "/models/draft"}})
+
+Drafters that read target hidden states (eagle, eagle3, hybrid, ...) are built in
+`load_model(target_model)`, borrowing the target's embedding / lm_head, and get the features of
+each step's committed positions from forward hooks on the target (target_features.py), keyed by
+vLLM's request ids; they hand them over as DraftInput.hidden_states / hidden_start exactly as
+the embedded engine does.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from specplug.drafters.base import Drafter, DrafterSpec, TargetInfo, build_drafter
+from specplug.drafters.base import Drafter, DrafterSpec, build_drafter
 from specplug.types import PAD, DraftInput, DraftProposal
 
 from .request_rows import RequestRows
+from .runner_access import target_info_from
 
 CLASS_PATH = "specplug.integrations.vllm.proposer.SpecplugProposer"
 CONFIG_KEY = "specplug"
@@ -42,14 +49,6 @@ def drafter_spec_from(additional_config) -> DrafterSpec:
     return DrafterSpec(str(block["method"]), block.get("path"), dict(block.get("options") or {}))
 
 
-def target_info_from(model_config) -> TargetInfo:
-    """What a token-only drafter may borrow from vLLM's target: its HF config and tokenizer."""
-    from specplug.models.loading import load_tokenizer
-    tokenizer = load_tokenizer(model_config.tokenizer, required=False)
-    return TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
-                      dtype=model_config.dtype)
-
-
 def proposal_to_lists(proposal: DraftProposal) -> list[list[int]]:
     """DraftProposal chain -> one token list per row, PAD dropped."""
     if proposal.tokens.shape[1] and not proposal.is_chain():
@@ -59,7 +58,7 @@ def proposal_to_lists(proposal: DraftProposal) -> list[list[int]]:
 
 
 class SpecplugProposer:
-    """vLLM custom_class proposer wrapping one specplug Drafter (token-only families)."""
+    """vLLM custom_class proposer wrapping one specplug Drafter."""
 
     def __init__(self, vllm_config, drafter: Drafter | None = None, check_vllm: bool = True):
         if check_vllm:
@@ -67,45 +66,90 @@ class SpecplugProposer:
             found = compat.problems()
             if found:
                 raise RuntimeError("specplug cannot drive this vLLM: " + "; ".join(found))
+        self.vllm_config = vllm_config
         spec_config = vllm_config.speculative_config
         self.num_draft_tokens = int(spec_config.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        if drafter is None:
-            spec = drafter_spec_from(vllm_config.additional_config)
-            drafter = build_drafter(spec, target_info_from(vllm_config.model_config))
-            if drafter.needs.hidden_layers:
-                raise ValueError(
-                    f"specplug method {spec.method!r} needs target hidden states, which vLLM does "
-                    "not give a custom_class proposer: use its speculative_config from "
-                    "integrations/vllm/README.md instead")
+        # built in load_model when not given: hidden-state drafters borrow the target's modules
+        self.spec = None if drafter is not None else drafter_spec_from(vllm_config.additional_config)
         self.drafter = drafter
         self.requests = RequestRows()
+        self.features = None  # TargetFeatures, for drafters that read target hidden states
+        self.row_of_request: dict[str, int] = {}  # vLLM request id -> specplug row id
+        self.fed_upto: dict[str, int] = {}  # request id -> first position not yet handed over
+        self._next_row = 0
 
     def load_model(self, target_model) -> None:
-        # token-only drafters load their own weights in build_drafter; nothing to borrow here
-        return None
+        if self.drafter is None:
+            self.drafter = build_drafter(self.spec, target_info_from(self.vllm_config.model_config,
+                                                                     target_model))
+        if not self.drafter.needs.hidden_layers:
+            return
+        from .runner_access import check_runner_settings, runner_calling_load_model
+        from .target_features import TargetFeatures
+        check_runner_settings(self.vllm_config)
+        runner = runner_calling_load_model(target_model)
+        self.features = TargetFeatures(target_model, runner, self.drafter.needs.hidden_layers)
+
+    def _drafter(self) -> Drafter:
+        if self.drafter is None:  # propose without load_model: a token-only drafter, config only
+            self.drafter = build_drafter(self.spec, target_info_from(self.vllm_config.model_config))
+        if self.drafter.needs.hidden_layers and self.features is None:
+            raise RuntimeError("this specplug drafter reads target hidden states: vLLM must call "
+                               "the proposer's load_model(target_model) first")
+        return self.drafter
 
     @torch.inference_mode()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
         """sampled_token_ids: per row, the tokens this step committed ([] = row not decoding);
         num_tokens_no_spec [max_rows] committed length; token_ids_cpu [max_rows, max_model_len]."""
+        drafter = self._drafter()
         num_rows = len(sampled_token_ids)
         # a row drafts when it just sampled and has room left for at least one draft token
         active = [i for i, s in enumerate(sampled_token_ids)
                   if s and int(num_tokens_no_spec[i]) < self.max_model_len]
         contexts = [token_ids_cpu[i, :int(num_tokens_no_spec[i])] for i in active]
-        row_ids = self.requests.assign(contexts, active)
-        if self.requests.forgotten:  # requests that left the batch (or stopped drafting)
-            self.drafter.release(self.requests.forgotten)
+        if self.features is None:
+            row_ids = self.requests.assign(contexts, active)
+            forgotten = self.requests.forgotten
+            hidden = starts = None
+        else:
+            row_ids, forgotten, hidden, starts = self._rows_with_features(active, contexts)
+        if forgotten:  # requests that left the batch (or stopped drafting)
+            drafter.release(forgotten)
         drafts: list[list[int]] = [[] for _ in range(num_rows)]
         if not active:
             return drafts
         inp = DraftInput(
             row_ids=row_ids,
             token_ids=[torch.from_numpy(c.astype(np.int64)) for c in contexts],
-            num_draft_tokens=self.num_draft_tokens)
-        for i, chain in zip(active, proposal_to_lists(self.drafter.propose(inp))):
+            num_draft_tokens=self.num_draft_tokens, hidden_states=hidden, hidden_start=starts)
+        for i, chain in zip(active, proposal_to_lists(drafter.propose(inp))):
             room = self.max_model_len - int(num_tokens_no_spec[i])
             drafts[i] = chain[:min(self.num_draft_tokens, room)]
         return drafts
+
+    def _rows_with_features(self, active: list[int], contexts: list[np.ndarray]):
+        """Row ids from vLLM's request ids, and each row's features for committed positions
+        [fed_upto, num_committed - 1) (the last committed token has none yet)."""
+        runner = self.features.runner
+        req_ids = runner.input_batch.req_ids
+        alive = runner.requests  # requests vLLM still holds, scheduled this step or not
+        gone = [r for r in self.row_of_request if r not in alive]
+        forgotten = [self.row_of_request.pop(r) for r in gone]
+        for r in gone:
+            self.fed_upto.pop(r, None)
+        self.features.drop(gone)
+        row_ids, hidden, starts = [], [], []
+        for i, ctx in zip(active, contexts):
+            req = req_ids[i]
+            if req not in self.row_of_request:
+                self.row_of_request[req] = self._next_row
+                self._next_row += 1
+            start, stop = self.fed_upto.get(req, 0), len(ctx) - 1
+            hidden.append(self.features.take(req, start, stop))
+            starts.append(start)
+            self.fed_upto[req] = max(start, stop)
+            row_ids.append(self.row_of_request[req])
+        return row_ids, forgotten, hidden, starts

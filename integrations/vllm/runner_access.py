@@ -1,0 +1,87 @@
+"""What a custom_class proposer may borrow from vLLM's runner and target model.
+
+vLLM 0.32 builds the proposer with `Cls(vllm_config)` and calls `load_model(target_model)` from
+the model runner's own `load_model` (CPUModelRunner / GPUModelRunner: `self.drafter.load_model(
+self.model)`); the runner object is not passed.  Drafters that read target features need the
+runner's batch layout (request ids in row order, query_start_loc) at every forward, so the
+runner is read once, from the caller's frame of that call: nothing in vLLM is replaced, and
+compat.py checks that the call is still there before the plugin trusts it.
+"""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from specplug.drafters.base import TargetInfo
+
+
+def runner_calling_load_model(target_model: nn.Module, depth: int = 2):
+    """The model runner whose `load_model` called the proposer's `load_model` (depth frames up:
+    proposer.load_model -> the runner's load_model).  Raises when it is not one."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    frame = sys._getframe(depth)
+    runner = frame.f_locals.get("self")
+    if not isinstance(runner, GPUModelRunner) or getattr(runner, "model", None) is not target_model:
+        raise RuntimeError(
+            "specplug: the custom_class proposer's load_model was not called by vLLM's model "
+            f"runner with its target model (caller: {frame.f_code.co_qualname}); drafters that read "
+            "target hidden states cannot find the batch layout")
+    return runner
+
+
+def check_runner_settings(vllm_config) -> None:
+    """Settings a hidden-state drafter needs; one clear error each."""
+    from vllm.config import CompilationMode
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError("specplug drafters that read target hidden states need "
+                         "enable_prefix_caching=False: a cached prefix is never run through the "
+                         "target, so its hidden states do not exist")
+    if vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise ValueError("specplug drafters that read target hidden states need enforce_eager=True "
+                         "(they read the target's layers through forward hooks, which a compiled "
+                         "graph does not run)")
+
+
+class _LentEmbedding(nn.Module):
+    """The target's input embedding as a plain lookup (vLLM's VocabParallelEmbedding pads its
+    rows to a multiple of 64 and may shard them: at tensor-parallel size 1 a slice is exact)."""
+
+    def __init__(self, weight, vocab_size: int):
+        super().__init__()
+        self.weight = weight[:vocab_size]
+        self.num_embeddings = vocab_size
+
+    def forward(self, ids):  # ids [...] -> [..., H]
+        return nn.functional.embedding(ids, self.weight)
+
+
+class _LentLmHead(nn.Module):
+    """The target's lm_head as a plain matmul (vLLM's ParallelLMHead refuses to be called)."""
+
+    def __init__(self, weight, vocab_size: int):
+        super().__init__()
+        self.weight = weight[:vocab_size]
+
+    def forward(self, hidden):  # [..., H] -> [..., vocab]
+        return nn.functional.linear(hidden, self.weight)
+
+
+def target_info_from(model_config, target_model: nn.Module | None = None) -> TargetInfo:
+    """What a drafter may borrow from vLLM's target: its HF config and tokenizer, and once the
+    model is loaded its embedding and lm_head (EAGLE / DFlash heads share them)."""
+    from specplug.models.loading import load_tokenizer
+    tokenizer = load_tokenizer(model_config.tokenizer, required=False)
+    info = TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
+                      dtype=model_config.dtype)
+    if target_model is None:
+        return info
+    from .target_features import decoder_parts
+    vocab = int(model_config.hf_text_config.vocab_size)
+    embed, _, _ = decoder_parts(target_model)
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        info.embed_tokens = _LentEmbedding(embed.weight, vocab)
+    head = getattr(target_model, "lm_head", None)
+    if head is not None and getattr(head, "weight", None) is not None:
+        info.lm_head = _LentLmHead(head.weight, vocab)
+    return info
