@@ -2,6 +2,7 @@
 
   specplug train data     --target T --output DIR [--source self|reference] [--num-prompts N]
   specplug train eagle3   --target T --data DIR --output DIR [--draft-vocab 8192] [--steps N]
+  specplug train draft | dflash | diffusion --target T --data DIR --output DIR [...]
   specplug train layer-stats --target T [--data DIR | --suite mtbench] --output DIR
   specplug train evaluate --head DIR --output FILE.json   (MT-Bench turn 1, greedy)
   specplug train rebuild-all [--target T] [--work DIR]   (reproduces specplug/assets/drafters)
@@ -10,7 +11,25 @@ Every command resumes when pointed at the same --output again.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# family -> module exposing add_arguments(parser), config_from_args(args, target) -> its Config
+# dataclass (fields target, data, output, progress, ...) and train(config) -> output folder
+TRAINER_MODULES = {
+    "draft": "specplug.training.draft_train",
+    "dflash": "specplug.training.dflash_train",
+    "diffusion": "specplug.training.diffusion_train",
+}
+TRAINER_HELP = {
+    "draft": "a small draft model distilled from the target's logits",
+    "dflash": "a DFlash block-diffusion head on target hidden states",
+    "diffusion": "a SpecDiff masked-diffusion drafter distilled from the target",
+}
+
+
+def trainer_module(family: str):
+    return importlib.import_module(TRAINER_MODULES[family])
 
 def _target_default() -> str:
     from ..models.prepare import model_dir
@@ -54,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-every", type=int, default=50)
     e.add_argument("--max-minutes", type=float, default=None)
     e.add_argument("--no-bf16", action="store_true", help="train without bfloat16 autocast")
+
+    for family, help_text in TRAINER_HELP.items():
+        t = sub.add_parser(family, help=help_text)
+        t.add_argument("--target", default=None)
+        t.add_argument("--data", required=True, help="data folder(s) from `specplug train data`, comma-separated")
+        t.add_argument("--output", required=True)
+        trainer_module(family).add_arguments(t)
 
     s = sub.add_parser("layer-stats", help="per-layer cosine to the final hidden and early-exit CE")
     s.add_argument("--target", default=None)
@@ -101,6 +127,10 @@ def main(argv: list[str]) -> int:
                 bf16_autocast=not args.no_bf16, save_every=args.save_every,
                 max_minutes=args.max_minutes))
             print(f"EAGLE-3 head written to {out}")
+        elif args.command in TRAINER_MODULES:
+            module = trainer_module(args.command)
+            out = module.train(module.config_from_args(args, target))
+            print(f"{args.command} drafter written to {out}")
         elif args.command == "layer-stats":
             from .layer_stats import run_layer_stats
             path = run_layer_stats(target, args.output, args.suite, args.data, args.num_prompts,
