@@ -16,8 +16,8 @@ from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
 from specplug.training.data import DataConfig, generate_data
 from specplug.training.draft_train import (Config, build_draft, distill_loss, draft_config,
-                                           load_for_target, principal_directions, train)
-from specplug.training.eagle3_train import collate
+                                           load_for_target, principal_directions,
+                                           teacher_sequences, train, windows)
 
 LAYERS = 4
 
@@ -57,11 +57,12 @@ def _eval_loss(target_dir, data_dir, cfg, folder=None):
     target = load_causal_lm(target_dir, torch.float32)
     seqs, _ = load_for_target(data_dir, target.config)
     weight = target.lm_head.weight.float()
-    model = build_draft(draft_config(target.config, cfg), weight, seqs, cfg.embed_init, cfg.seed)
+    model = build_draft(draft_config(target.config, cfg), weight, cfg.embed_init, cfg.seed)
     if folder:
         load_checkpoint_model(model, folder)
+    teacher = teacher_sequences(seqs[:8], weight, 32, 64, bf16=False)
     with torch.no_grad():
-        loss, metrics = distill_loss(model, collate(seqs[:8], 32, 0, 8), weight, 0.0)
+        loss, metrics = distill_loss(model, windows(teacher, 32, 8), 0.0)
     return float(metrics["kl"])
 
 
@@ -125,19 +126,31 @@ def test_pca_init_spans_the_targets_output_space():
     assert kept > (w @ rand).norm() ** 2 / w.norm() ** 2  # more than any random 8-d projection
 
 
-def test_ce_weight_mixes_in_the_data_tokens(target_dir, data_dir):
+def test_loss_matches_a_dense_reference(target_dir, data_dir):
+    """With k = vocab the top-k loss is soft CE to softmax(final @ W^T), written densely here;
+    ce_weight mixes in CE on the data's next tokens."""
     from specplug.models.loading import load_causal_lm
     target = load_causal_lm(target_dir, torch.float32)
     seqs, _ = load_for_target(data_dir, target.config)
     weight = target.lm_head.weight.float()
-    model = build_draft(draft_config(target.config, _cfg("", "", "", 1)), weight, seqs, "pca", 0)
-    batch = collate(seqs[:4], 32, 0, 8)
+    model = build_draft(draft_config(target.config, _cfg("", "", "", 1)), weight, "pca", 0)
+    batch = windows(teacher_sequences(seqs[:4], weight, 256, 64, bf16=False), 32, 8)
     with torch.no_grad():
-        soft, hard, half = (float(distill_loss(model, batch, weight, w)[0]) for w in (0.0, 1.0, 0.5))
+        soft, hard, half = (float(distill_loss(model, batch, w)[0]) for w in (0.0, 1.0, 0.5))
         logp = torch.log_softmax(model(input_ids=batch["tokens"][:, :-1]).logits, -1)
-    n = batch["lengths"]
-    want = -sum(logp[r, p, batch["tokens"][r, p + 1]] for r in range(4) for p in range(int(n[r]) - 1))
-    assert hard == pytest.approx(float(want) / int((n - 1).sum()), rel=1e-4)
+    soft_want = hard_want = 0.0
+    weight = weight.detach()
+    for r in range(4):
+        s = seqs[r]
+        start = min(max(0, s.prompt_len - 8), max(0, len(s.tokens) - 32))  # the window's start
+        for p in range(int(batch["lengths"][r]) - 1):
+            # with k = vocab the teacher is the full softmax of the saved final hidden state
+            teacher = torch.softmax(s.hidden[start + p, -64:].float() @ weight.T, -1)
+            soft_want -= float((teacher * logp[r, p]).sum())
+            hard_want -= float(logp[r, p, batch["tokens"][r, p + 1]])
+    count = int((batch["lengths"] - 1).sum())
+    assert soft == pytest.approx(soft_want / count, rel=1e-4)
+    assert hard == pytest.approx(hard_want / count, rel=1e-4)
     assert half == pytest.approx((soft + hard) / 2, rel=1e-4)
 
 
