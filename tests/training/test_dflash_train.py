@@ -175,6 +175,7 @@ def test_export_loads_converts_and_keeps_greedy_output(target_dir, data_dir, tmp
     (["--block-size", "1"], "--block-size 1 must be at least 2"),
     (["--mask-token-id", "999"], "--mask-token-id 999 is outside the target's vocabulary of 256"),
     (["--loss-decay", "0"], "--loss-decay 0.0 must be positive"),
+    (["--train-vocab", "300"], "--train-vocab 300 must be in 1..256"),
     (["--data-missing"], "meta.json missing"),
     (["--other-target"], "data was made for another target"),
 ])
@@ -193,10 +194,18 @@ def test_bad_input_is_one_line_and_writes_nothing(target_dir, data_dir, tmp_path
     assert not out.exists()
 
 
-def test_cli_trains(target_dir, data_dir, tmp_path):
+def test_cli_trains_with_a_reduced_loss_vocabulary(target_dir, data_dir, tmp_path):
     from specplug.training.cli import main
     out = str(tmp_path / "cli")
-    assert main(["dflash", "--target", target_dir, "--data", data_dir, "--output", out, "--steps", "2",
-                 "--block-size", "3", "--anchors", "2", "--seq-len", "24", "--no-bf16"]) == 0
+    args = ["dflash", "--target", target_dir, "--data", data_dir, "--output", out, "--steps", "2",
+            "--block-size", "3", "--anchors", "2", "--seq-len", "24", "--no-bf16", "--train-vocab", "64"]
+    assert main(args) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["dflash_config"]["block_size"] == 3 and cfg["num_hidden_layers"] == 1
+    assert cfg["specplug_training"]["train_config"]["train_vocab"] == 64
+    scored = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["extra"]["train_vocab"]
+    assert scored.shape == (64,) and 0 in scored.tolist()  # EOS is always scored
+    # resuming with another scored vocabulary is refused
+    args[-1] = "32"
+    args[args.index("--steps") + 1] = "3"
+    assert main(args) == 2
