@@ -213,7 +213,11 @@ def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None =
 
 def run_job(job: dict) -> dict:
     """One JSON job: {"target", "spec", "requests": [{"prompt_ids", "max_new_tokens", ...}],
-    "temperature", "top_p", "top_k", "ignore_eos", "engine_kwargs", "warmup"}."""
+    "temperature", "top_p", "top_k", "ignore_eos", "engine_kwargs", "warmup"};
+    or {"jobs": {name: job}}: engines one after another in this process (SGLang's import is
+    paid once), -> {"results": {name: result, or {"error": "Type: message"} if it raised}}."""
+    if "jobs" in job:
+        return {"results": {name: _result_or_error(sub) for name, sub in job["jobs"].items()}}
     requests = [Request(list(r["prompt_ids"]), int(r["max_new_tokens"]), tuple(r.get("stop", ())),
                         None, r.get("prompt", "")) for r in job["requests"]]
     sampling = SamplingParams(float(job.get("temperature", 0.0)), int(job.get("top_k", 0)),
@@ -223,6 +227,13 @@ def run_job(job: dict) -> dict:
                                 bool(job.get("warmup", False)))
     plain = {k: v for k, v in stats.__dict__.items()}
     return {"outputs": [o.__dict__ for o in outputs], "stats": plain, "summary": stats.summary()}
+
+
+def _result_or_error(job: dict) -> dict:
+    try:
+        return run_job(job)
+    except Exception as e:  # noqa: BLE001 -- reported per job; the caller decides
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv: list[str] | None = None) -> int:
