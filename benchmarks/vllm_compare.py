@@ -3,6 +3,8 @@ built-in method, plus vLLM without speculation.  Tokens/s ratio and tau, written
 
     python -m specplug.benchmarks.vllm_compare --tiny --out stats/vllm_compare.json
     python -m specplug.benchmarks.vllm_compare --target T --draft D --prompts-file p.txt --out ...
+    python -m specplug.benchmarks.vllm_compare --target SMOLLM2 --eagle3 HEAD --mtbench 10 \
+        --pairs eagle3 --out benchmarks/results/vllm_compare_smollm2_eagle3.json
 
 Run from the main venv: every engine starts in its own subprocess with the vLLM venv's Python
 (integrations/vllm/install_cpu.sh; SPECPLUG_VLLM_PYTHON overrides).  Greedy; each engine runs the
@@ -11,6 +13,10 @@ median.  The load average is recorded beside: on a shared machine, compare ratio
 Pairs:
   ngram  specplug n-gram (max_ngram N, min 1)      vs  vLLM "ngram" (prompt_lookup_max N, min 1)
   draft  specplug draft model (HF forward in-loop) vs  vLLM "draft_model" (paged, same weights)
+  eagle3 specplug EAGLE-3 drafter through the plugin (custom_class, target features from forward
+         hooks) vs vLLM "eagle3" on the same head converted by `specplug convert --to speculators`
+Every engine runs without prefix caching: the timed repeats would otherwise skip the prompts'
+prefill on one side (the plugin's hidden-state drafters need it off).
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ import tempfile
 from specplug.integrations.vllm.subprocess_job import run_job
 
 
-def pairs(draft: str | None, gamma: int, max_ngram: int) -> dict[str, dict[str, dict]]:
-    """name -> {"specplug": job fields, "vllm": job fields} for the same weights."""
+def pairs(draft: str | None, gamma: int, max_ngram: int, eagle3: tuple[str, str] | None = None
+          ) -> dict[str, dict[str, dict]]:
+    """name -> {"specplug": job fields, "vllm": job fields} for the same weights.
+    eagle3: (specplug head folder, the same head in speculators format)."""
     out = {"ngram": {
         "specplug": {"specplug": {"method": "ngram", "num_draft_tokens": gamma,
                                   "options": {"max_ngram": max_ngram, "min_ngram": 1}}},
@@ -34,23 +42,52 @@ def pairs(draft: str | None, gamma: int, max_ngram: int) -> dict[str, dict[str, 
             "specplug": {"specplug": {"method": "draft", "path": draft, "num_draft_tokens": gamma}},
             "vllm": {"speculative_config": {"method": "draft_model", "model": draft,
                                             "num_speculative_tokens": gamma}}}
+    if eagle3:
+        head, converted = eagle3
+        out["eagle3"] = {
+            "specplug": {"specplug": {"method": "eagle3", "path": head, "num_draft_tokens": gamma,
+                                      "via_plugin": True}},
+            "vllm": {"speculative_config": {"method": "eagle3", "model": converted,
+                                            "num_speculative_tokens": gamma}}}
+    return out
+
+
+def convert_to_speculators(head: str, target: str, folder: str) -> str:
+    """The specplug EAGLE-3 head in the speculators format vLLM's eagle3 method loads."""
+    from specplug.converters.cli import main as convert_main
+    out = os.path.join(folder, "eagle3-speculators")
+    if convert_main([head, out, "--to", "speculators", "--verifier", target, "--force"]) != 0:
+        raise RuntimeError(f"specplug convert {head} --to speculators failed")
     return out
 
 
 def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: int,
             max_new: int, max_ngram: int, workdir: str, ignore_eos: bool, repeats: int = 3,
-            llm_kwargs: dict | None = None) -> dict:
+            llm_kwargs: dict | None = None, eagle3: str | None = None,
+            only: list[str] | None = None) -> dict:
     base_job = {"target": target, "prompt_ids": prompt_ids, "max_new_tokens": max_new,
                 "ignore_eos": ignore_eos, "warmup": True, "repeats": repeats,
-                "llm_kwargs": {"max_model_len": 512, **(llm_kwargs or {})}}
+                "llm_kwargs": {"max_model_len": 512, "enable_prefix_caching": False,
+                               **(llm_kwargs or {})}}
+    if eagle3:  # engines run in workdir: relative folders would not resolve there
+        eagle3 = os.path.abspath(eagle3)
+    heads = (eagle3, convert_to_speculators(eagle3, target, workdir)) if eagle3 else None
+    todo = pairs(draft, gamma, max_ngram, heads)
+    unknown = sorted(set(only or []) - set(todo))
+    if unknown:
+        raise ValueError(f"--pairs {unknown[0]}: not available here (have {', '.join(todo)}; "
+                         "draft needs --draft, eagle3 needs --eagle3)")
     load_before = os.getloadavg()
     plain = run_job(base_job, workdir, "plain")
     plain_tps = plain["summary"]["tokens_per_second"]
     plain_ids = [r["output_token_ids"] for r in plain["requests"]]
-    result = {"target": target, "draft": draft, "gamma": gamma, "max_new_tokens": max_new,
-              "num_prompts": len(prompt_ids), "repeats": repeats,
-              "no_spec": _brief(plain["summary"]), "pairs": {}}
-    for name, sides in pairs(draft, gamma, max_ngram).items():
+    result = {"target": target, "draft": draft, "eagle3": eagle3, "gamma": gamma,
+              "max_new_tokens": max_new, "num_prompts": len(prompt_ids), "repeats": repeats,
+              "llm_kwargs": base_job["llm_kwargs"], "no_spec": _brief(plain["summary"]),
+              "pairs": {}}
+    for name, sides in todo.items():
+        if only and name not in only:
+            continue
         row = {}
         for side, fields in sides.items():
             res = run_job({**base_job, **fields}, workdir, f"{name}-{side}")
@@ -92,12 +129,32 @@ def tiny_models(folder: str) -> tuple[str, str, list[list[int]]]:
     return t, d, [tok.encode(x) for x in texts]
 
 
+def target_prompts(target: str, prompts_file: str | None, mtbench: int | None) -> list[list[int]]:
+    """Token ids: one prompt a line of prompts_file (plain), or MT-Bench first turns through the
+    target's chat template."""
+    from specplug.api import encode_prompts
+    from specplug.models.loading import load_tokenizer
+    tok = load_tokenizer(target)
+    if mtbench:
+        from specplug.datasets import load_prompts
+        items = load_prompts("mtbench", mtbench, per_category=max(1, -(-mtbench // 8)))
+        return encode_prompts(tok, [it.turns[0] for it in items], chat_template=True)
+    with open(prompts_file) as f:
+        return [tok.encode(line.rstrip("\n")) for line in f if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="build tiny models instead of --target")
     p.add_argument("--target")
     p.add_argument("--draft", help="draft model folder (same tokenizer) for the draft pair")
     p.add_argument("--prompts-file", help="one prompt a line (needs --target's tokenizer)")
+    p.add_argument("--mtbench", type=int, metavar="N",
+                   help="the first turn of N MT-Bench questions (one per category first), with "
+                        "the target's chat template, instead of --prompts-file")
+    p.add_argument("--eagle3", help="specplug EAGLE-3 head folder for the eagle3 pair")
+    p.add_argument("--pairs", nargs="+", help="run only these pairs (ngram, draft, eagle3)")
+    p.add_argument("--dtype", default="float32", help="vLLM dtype of every engine")
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-ngram", type=int, default=3)
@@ -110,15 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             ignore_eos = True
             llm_kwargs = {"kv_cache_memory_bytes": 64 << 20}  # a few MiB is plenty here
         else:
-            if not (args.target and args.prompts_file):
-                p.error("--target and --prompts-file are needed without --tiny")
-            from specplug.models.loading import load_tokenizer
-            tok = load_tokenizer(args.target)
-            with open(args.prompts_file) as f:
-                prompts = [tok.encode(line.rstrip("\n")) for line in f if line.strip()]
+            if not (args.target and (args.prompts_file or args.mtbench)):
+                p.error("--target and --prompts-file (or --mtbench N) are needed without --tiny")
+            prompts = target_prompts(args.target, args.prompts_file, args.mtbench)
             target, draft, ignore_eos, llm_kwargs = args.target, args.draft, False, {}
+        llm_kwargs["dtype"] = args.dtype
         result = compare(target, draft, prompts, args.gamma, args.max_new_tokens, args.max_ngram,
-                         tmp, ignore_eos, args.repeats, llm_kwargs)
+                         tmp, ignore_eos, args.repeats, llm_kwargs, args.eagle3, args.pairs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -190,3 +190,22 @@ def test_smollm2_accepts_what_the_embedded_engine_accepts(runs, models, family):
         assert v == o.accept_lengths, f"{family}, request {i}: vLLM {v} vs embedded {o.accept_lengths}"
     # the shipped head is weak (tau ~1.3 on MT-Bench) but does get drafts accepted
     assert res["summary"]["num_accepted_tokens"] > 0
+
+
+def test_feature_rows_keep_the_latest_write_and_name_gaps():
+    """The per-request store behind the hooks, without vLLM (a literal table)."""
+    from specplug.integrations.vllm.target_features import FeatureGap, _Rows
+    f = lambda *v: torch.tensor(v, dtype=torch.float32)[:, None]  # noqa: E731  [n, 1]
+    rows = _Rows()
+    rows.write("a", 0, f(0, 1, 2, 3))  # prefill: positions 0..3
+    rows.write("a", 3, f(13, 14, 15))  # verify step: [last token, 2 drafts] at 3..5
+    assert rows.take("a", 0, 4).flatten().tolist() == [0, 1, 2, 13]  # 1 draft accepted
+    rows.write("a", 5, f(25, 26))  # the rejected draft's position 5 is recomputed
+    assert rows.take("a", 4, 6).flatten().tolist() == [14, 25]
+    with pytest.raises(FeatureGap, match=r"positions \[4, 5\).*enable_prefix_caching=False"):
+        rows.take("a", 4, 5)  # already handed over: the store no longer has it
+    rows.write("b", 16, f(1, 2))  # a prefix-cache hit: positions 0..15 never ran
+    with pytest.raises(FeatureGap, match="request b"):
+        rows.take("b", 0, 17)
+    rows.drop(["a", "b"])
+    assert rows.buf == {} and rows.offset == {}
