@@ -64,6 +64,11 @@ def test_trained_forward_and_sampler_are_the_drafters(target_dir, data_dir, tmp_
         want = drafter._block_logits(contexts, [0, 1, 2], block.clone(), 0)[..., :256]
         got = block_logits(model, contexts, block)[..., :256]
     assert torch.allclose(got, want, atol=1e-5)
+    causal, _, _ = _fresh(target_dir, _cfg(target_dir, data_dir, str(tmp_path), 1, causal=True))
+    with torch.no_grad():
+        want = SpecDiffDrafter(causal, 256)._block_logits(contexts, [0, 1, 2], block.clone(), 0)
+        assert torch.allclose(block_logits(causal, contexts, block)[..., :256], want[..., :256],
+                              atol=1e-5)
     # the sampler's states: all mask first, then ceil(gamma * s / k) filled, ending in the chain
     # the drafter proposes
     blocks, filled = sampler_states(model, contexts, 4, 2, "entropy", 256)
