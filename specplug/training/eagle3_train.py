@@ -181,11 +181,27 @@ def batch_schedule(num_seqs: int, batch_size: int, seed: int):
     return indices
 
 
+def split_data_arg(item: str) -> tuple[str, int | None]:
+    """'DIR' or 'DIR@N' (its first N chunks: a recipe pins its data while the folder grows)."""
+    folder, at, count = item.rpartition("@")
+    if not at:
+        return item, None
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--data {item!r}: expected DIR or DIR@N with N >= 1 chunks")
+    return folder, int(count)
+
+
 def load_all(data: str) -> tuple[list[Sequence], dict]:
-    """One data folder, or several separated by commas (made with the same hidden layers)."""
+    """One data folder, or several separated by commas (made with the same hidden layers);
+    DIR@N reads only the first N chunks of DIR."""
     seqs, meta = [], None
-    for folder in [d for d in data.split(",") if d]:
-        more, m = load_sequences(folder)
+    for item in [d for d in data.split(",") if d]:
+        folder, max_chunks = split_data_arg(item)
+        more, m = load_sequences(folder, max_chunks)
+        if max_chunks is not None and len(m["chunks"]) < max_chunks:
+            raise ValueError(f"{folder}: has {len(m['chunks'])} chunks, {item} asks for {max_chunks}")
+        if max_chunks is not None:
+            m = {**m, "num_tokens": sum(len(s.tokens) for s in more)}
         if meta is not None and m["hidden_layers"] != meta["hidden_layers"]:
             raise ValueError(f"{folder}: hidden_layers {m['hidden_layers']} differ from "
                              f"{meta['hidden_layers']} of the first data folder")

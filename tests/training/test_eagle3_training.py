@@ -214,3 +214,16 @@ def test_evaluate_runs_every_method_identically(target_dir, data_dir, tmp_path):
     assert results["plain"]["mean_accept_length"] == 1.0
     assert results["hybrid"]["hybrid_steps"]["head"] > 0
     assert json.load(open(out))["results"]["eagle3"]["speedup_vs_plain"] > 0
+
+
+def test_data_argument_can_pin_the_first_chunks(data_dir):
+    from specplug.training.eagle3_train import load_all
+    every, meta = load_all(data_dir)
+    assert len(meta["chunks"]) >= 2
+    first, _ = load_all(f"{data_dir}@1")
+    assert 0 < len(first) < len(every)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, every))
+    with pytest.raises(ValueError, match="asks for 99"):
+        load_all(f"{data_dir}@99")
+    with pytest.raises(ValueError, match="DIR@N"):
+        load_all(f"{data_dir}@x")
