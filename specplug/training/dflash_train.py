@@ -106,21 +106,20 @@ def head_config(tc, cfg: Config, mask_token_id: int, target_layer_ids: list[int]
     """z-lab DFlashDraftModel config (Qwen3 fields) sized like the target's layers."""
     rope = dict(getattr(tc, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))
-    out = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3",
-           "hidden_size": tc.hidden_size, "intermediate_size": cfg.intermediate_size or tc.intermediate_size,
-           "num_hidden_layers": cfg.layers, "num_attention_heads": tc.num_attention_heads,
-           "num_key_value_heads": tc.num_key_value_heads,
-           "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-           "rms_norm_eps": tc.rms_norm_eps, "rope_theta": theta,
-           "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
-           "max_position_embeddings": tc.max_position_embeddings, "hidden_act": "silu",
-           "attention_bias": False, "vocab_size": tc.vocab_size, "tie_word_embeddings": False,
-           "num_target_layers": tc.num_hidden_layers, "target_hidden_size": tc.hidden_size,
-           "block_size": cfg.block_size,  # older readers look at the top level
-           "dflash_config": {"block_size": cfg.block_size, "mask_token_id": mask_token_id,
-                             "target_layer_ids": list(target_layer_ids)},
-           "torch_dtype": "bfloat16"}
-    return out
+    return {"architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+            "hidden_size": tc.hidden_size, "intermediate_size": cfg.intermediate_size or tc.intermediate_size,
+            "num_hidden_layers": cfg.layers, "num_attention_heads": tc.num_attention_heads,
+            "num_key_value_heads": tc.num_key_value_heads,
+            "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            "rms_norm_eps": tc.rms_norm_eps, "rope_theta": theta,
+            "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+            "max_position_embeddings": tc.max_position_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "vocab_size": tc.vocab_size, "tie_word_embeddings": False,
+            "num_target_layers": tc.num_hidden_layers, "target_hidden_size": tc.hidden_size,
+            "block_size": cfg.block_size,  # older readers look at the top level
+            "dflash_config": {"block_size": cfg.block_size, "mask_token_id": mask_token_id,
+                              "target_layer_ids": list(target_layer_ids)},
+            "torch_dtype": "bfloat16"}
 
 
 def build_head(hcfg: dict, final_norm: torch.Tensor, seed: int) -> DFlashHead:
