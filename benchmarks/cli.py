@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from specplug.drafters.base import DrafterSpec
+
 from .engines import ENGINES
 
 
@@ -24,6 +26,10 @@ def _bench_parser() -> argparse.ArgumentParser:
                         "Default: draft when --drafter is a folder, else ngram")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="drafter option, repeatable (e.g. max_ngram=3)")
+    p.add_argument("--compare", action="append", default=[], metavar="[LABEL:]METHOD[@PATH][,K=V...]",
+                   help="another embedded drafter arm in the same run, repeatable, e.g. "
+                        "--compare dflash@assets/smollm2-dflash --compare "
+                        "hyb:hybrid@assets/smollm2-eagle3,head_min_confidence=0.4")
     p.add_argument("--engine", default="embedded", choices=ENGINES)
     p.add_argument("--no-anchors", action="store_true",
                    help="skip the HF generate() arms beside a non-HF engine")
@@ -60,10 +66,22 @@ def _options(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"option {pair!r}: expected KEY=VALUE")
         k, v = pair.split("=", 1)
         out[k] = v
     return out
+
+
+def parse_compare(text: str) -> tuple[str, DrafterSpec]:
+    """'[LABEL:]METHOD[@PATH][,K=V...]' -> (arm label, DrafterSpec)."""
+    head, *pairs = text.split(",")
+    label, _, rest = head.rpartition(":") if ":" in head.split("@")[0] else ("", "", head)
+    method, _, path = rest.partition("@")
+    if not method:
+        raise ValueError(f"--compare {text!r}: expected [LABEL:]METHOD[@PATH][,K=V...]")
+    if path and not os.path.isdir(path):
+        raise ValueError(f"--compare {text!r}: drafter path not found: {path}")
+    return label or method, DrafterSpec(method, path or None, _options(pairs))
 
 
 def _method(args) -> tuple[str, str | None]:
@@ -90,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         method, drafter = _method(args)
         if drafter and not os.path.isdir(drafter):
             raise ValueError(f"drafter path not found: {drafter}")
+        compare = [parse_compare(c) for c in args.compare]
         cfg = BenchConfig(
-            suite=args.suite, target=args.target, method=method, drafter=drafter,
+            compare=compare, suite=args.suite, target=args.target, method=method, drafter=drafter,
             options=_options(args.option), engine=args.engine, anchors=not args.no_anchors,
             num_prompts=args.num_prompts, per_category=args.per_category, turns=args.turns, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,

@@ -61,6 +61,7 @@ class BenchTarget:
     gamma: int
     sampling: SamplingParams
     batch_size: int
+    compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more embedded arms
 
 
 def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
@@ -86,14 +87,15 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
     base = EmbeddedEngine(t.model, t.tokenizer, sampling=t.sampling)
     arms = [Arm("embedded/none", "embedded", "none", "baseline", runner(base),
                 {"batch_size": t.batch_size})]
-    if t.drafter is not None:
-        drafter = build_drafter(t.drafter, target_info(t.model, t.tokenizer))
+    specs = ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
+    for label, dspec in specs:
+        drafter = build_drafter(dspec, target_info(t.model, t.tokenizer))
         spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
                               sampling=t.sampling)
-        arms.append(Arm(f"embedded/{t.drafter.method}", "embedded", t.drafter.method, "spec",
+        arms.append(Arm(f"embedded/{label}", "embedded", dspec.method, "spec",
                         runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
-                                       "drafter_path": t.drafter.path,
-                                       "options": dict(t.drafter.options)}))
+                                       "drafter_path": dspec.path,
+                                       "options": dict(dspec.options)}))
     return arms
 
 

@@ -44,6 +44,8 @@ class BenchConfig:
     dtype: str = "float32"
     output: str = "bench_results"
     name: str | None = None  # JSON file stem; default from suite/engine/method
+    # more embedded drafter arms in the same run: (label, spec), label unique among them
+    compare: list = field(default_factory=list)
 
     def run_name(self) -> str:
         if self.name:
@@ -75,14 +77,21 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             raise ValueError(f"{name} must be >= 1, got {v}")
     items = load_prompts(cfg.suite, cfg.num_prompts, cfg.per_category)
     check_engine(cfg.engine)
-    if cfg.method != "none" and cfg.method not in available_methods():
-        raise ValueError(f"unknown method {cfg.method!r}; known: none, {', '.join(available_methods())}")
+    for method in [cfg.method] + [spec.method for _, spec in cfg.compare]:
+        if method != "none" and method not in available_methods():
+            raise ValueError(f"unknown method {method!r}; known: none, {', '.join(available_methods())}")
+    labels = [cfg.method] + [label for label, _ in cfg.compare]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"arm labels must differ, got {labels}: name them LABEL:METHOD")
+    if cfg.compare and cfg.engine != "embedded":
+        raise ValueError("--compare adds embedded arms: use it with --engine embedded")
     hf_logging.disable_progress_bar()  # the bench has its own bar
     model = load_causal_lm(cfg.target, dtype=getattr(torch, cfg.dtype))
     tokenizer = load_tokenizer(cfg.target)
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, cfg.drafter, cfg.options)
     target = BenchTarget(cfg.target, model, tokenizer, drafter, cfg.gamma,
-                         SamplingParams(temperature=cfg.temperature), cfg.batch_size)
+                         SamplingParams(temperature=cfg.temperature), cfg.batch_size,
+                         list(cfg.compare))
     engines = [cfg.engine] + (["hf"] if cfg.anchors and cfg.engine != "hf" else [])
     states = [_ArmState(a) for e in engines for a in build_arms(e, target)]
     use_chat = cfg.chat_template and has_chat_template(tokenizer)

@@ -117,6 +117,30 @@ def test_self_draft_accepts_every_draft_and_ngram_runs(tiny_models, tmp_path):
     assert [a["label"] for a in run["arms"]] == ["hf/none", "hf/prompt_lookup"]
 
 
+def test_compare_adds_drafter_arms_to_the_same_run(tiny_models, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--drafter", "ngram", "--no-anchors", "--max-new-tokens", "12", "--gamma", "3",
+                 "--dtype", "float64", "--output", str(out), "--no-progress", "--name", "cmp",
+                 "--compare", f"self:draft@{tiny_models['self']}",
+                 "--compare", "ng2:ngram,max_ngram=2"]) == 0
+    arms = {a["label"]: a for a in json.loads((out / "cmp.json").read_text())["arms"]}
+    assert list(arms) == ["embedded/none", "embedded/ngram", "embedded/self", "embedded/ng2"]
+    assert arms["embedded/self"]["summary"]["acceptance_rate"] == 1.0
+    assert arms["embedded/ng2"]["settings"]["options"] == {"max_ngram": "2"}
+    assert arms["embedded/self"]["speedup"] is not None
+    # a repeated label, or a path that does not exist: one-line errors, nothing written
+    assert main(["--suite", "mtbench", "--num-prompts", "1", "--target", tiny_models["target"],
+                 "--no-anchors", "--output", str(tmp_path / "bad"), "--no-progress",
+                 "--compare", "ngram"]) == 2
+    assert main(["--suite", "mtbench", "--num-prompts", "1", "--target", tiny_models["target"],
+                 "--no-anchors", "--output", str(tmp_path / "bad"), "--no-progress",
+                 "--compare", "draft@/no/such/folder"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "arm labels must differ" in err[0] and "not found: /no/such/folder" in err[1]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path, monkeypatch):
     """A stand-in run_sglang built on the embedded engine: the switch calls it for the baseline
     (drafter=None) and for the drafter, each with the whole phase."""
