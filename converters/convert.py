@@ -127,7 +127,9 @@ def verifier_head(verifier: str, spec: DraftSpec) -> dict:
     embed = next((state[k] for k in ("model.embed_tokens.weight", "embed_tokens.weight") if k in state), None)
     if embed is None:
         raise ConvertError(f"{verifier}: missing key model.embed_tokens.weight")
-    head = state.get("lm_head.weight", embed)
+    head = state.get("lm_head.weight")
+    if head is None or head.data_ptr() == embed.data_ptr():
+        head = embed.clone()  # tied: safetensors refuses two names for one storage
     if tuple(embed.shape) != (spec.vocab_size, spec.hidden_size):
         raise ConvertError(f"{verifier}: model.embed_tokens.weight has shape {tuple(embed.shape)}, "
                            f"expected {(spec.vocab_size, spec.hidden_size)}")

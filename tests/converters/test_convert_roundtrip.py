@@ -78,6 +78,23 @@ def test_speculators_dflash_layer_offset_and_verifier_head(tmp_path, ver):
     assert torch.equal(st["embed_tokens.weight"], vst["model.embed_tokens.weight"])
 
 
+def test_a_verifier_with_tied_embeddings_gives_both_tensors(tmp_path):
+    """SmolLM2 ties lm_head to the embedding (no lm_head key): the output still has both."""
+    from specplug.models.tiny import build_tiny_llama
+    model = build_tiny_llama(0, dtype=torch.float32, vocab_size=F.V, hidden=F.H, layers=4,
+                             heads=F.HEADS, kv_heads=F.KV)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    tied = str(tmp_path / "tied")
+    model.save_pretrained(tied, safe_serialization=True)
+    src = F.dflash(str(tmp_path / "src"), layer_ids=(0, 2), block_top_level=True)
+    convert(src, str(tmp_path / "out"), "dflash", "speculators", verifier=tied)
+    from specplug.checkpoint_io import load_state_dict
+    st = load_state_dict(str(tmp_path / "out"))
+    assert torch.equal(st["lm_head.weight"], st["embed_tokens.weight"])
+    assert torch.equal(st["embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
 def test_sglang_layouts(tmp_path, ver):
     e1 = F.eagle1(str(tmp_path / "e1"), fc_bias=False, qwen2=True, embed_from=ver)
     convert(e1, str(tmp_path / "o1"), "eagle", "sglang", verifier=ver)
