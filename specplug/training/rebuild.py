@@ -30,6 +30,14 @@ RECIPES = {
                   "seq_len": 192, "ttt_steps": 2, "answer_context": 32, "lr": 2e-3, "seed": 0,
                   "bf16_autocast": True},
     },
+    "smollm2-dflash": {
+        "family": "dflash",
+        "data": ["reference"],
+        "train": {"layers": 2, "block_size": 6, "anchors": 16, "mask_token_id": None,
+                  "intermediate_size": None, "steps": 1200, "stop_at": None, "batch_size": 4,
+                  "seq_len": 256, "answer_context": 64, "loss_decay": 4.0, "train_vocab": 8192,
+                  "lr": 2e-3, "seed": 0, "bf16_autocast": True},
+    },
 }
 
 
@@ -68,9 +76,11 @@ def rebuild(name: str, target: str, work: str | None = None, assets: str | None 
     recipe = RECIPES[name]
     work = work or work_dir()
     data_dirs = []
-    for part in recipe["data"]:
-        data_dirs.append(data_dir(work, part))
-        generate_data(DataConfig(target, data_dirs[-1], **DATA[part]), progress=progress)
+    for part in recipe["data"]:  # "NAME" or "NAME@N": the first N chunks of data set NAME
+        name_, at, count = part.partition("@")
+        folder = data_dir(work, name_)
+        generate_data(DataConfig(target, folder, **DATA[name_]), progress=progress)
+        data_dirs.append(folder + at + count)
     train_dir = os.path.join(work, f"{name}-train")
     train_recipe(name, target, ",".join(data_dirs), train_dir, progress)
     return install(name, train_dir, assets)
@@ -110,8 +120,12 @@ def install(name: str, trained: str, assets: str | None = None) -> str:
 
 
 def readme_line(name: str, recipe: dict) -> str:
-    parts = "; ".join(f"{DATA[p]['num_prompts']} ShareGPT prompts, source '{DATA[p]['source']}'"
-                      for p in recipe["data"])
+    def describe(part: str) -> str:
+        name_, at, count = part.partition("@")
+        d = DATA[name_]
+        cut = f" (first {int(count) * d['prompts_per_chunk']})" if at else ""
+        return f"{d['num_prompts']} ShareGPT prompts{cut}, source '{d['source']}'"
+    parts = "; ".join(describe(p) for p in recipe["data"])
     settings = ", ".join(f"{k}={v}" for k, v in recipe["train"].items())
     return (f"{recipe['family']} drafter for SmolLM2-135M-Instruct, trained on CPU by "
             f"`specplug train rebuild-all` (recipe `{name}` in specplug/training/rebuild.py): "
