@@ -7,7 +7,8 @@ state per position, so the teacher is softmax(final @ lm_head^T) over the full v
 window of tokens x_0 .. x_{L-1}, the draft reads x_0 .. x_{L-2} causally and its logits at
 position p are pulled towards the teacher at p (which predicts x_{p+1}):
     loss = (1 - ce_weight) * CE(teacher, draft) + ce_weight * CE(x_{p+1}, draft)
-(the soft CE equals KL(teacher || draft) plus the teacher's entropy, a constant).
+(the soft CE equals KL(teacher || draft) plus the teacher's entropy, a constant).  The teacher is
+computed once before training and kept as its top-k ids and probabilities per position.
 
 Size: the tied embedding dominates (vocab x hidden), so a 49k vocabulary at hidden 192 is
 ~19 MB in bf16.  The embedding starts from the target's output embedding projected onto its top
@@ -117,8 +118,8 @@ def draft_config(target_cfg, cfg: Config) -> dict:
            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
            "pad_token_id": t.pad_token_id}
     rope = getattr(t, "rope_parameters", None)
-    out["rope_parameters"] = dict(rope) if rope else {"rope_theta": getattr(t, "rope_theta", 10000.0),
-                                                      "rope_type": "default"}
+    theta = getattr(t, "rope_theta", 10000.0)
+    out["rope_parameters"] = dict(rope) if rope else {"rope_theta": theta, "rope_type": "default"}
     return out
 
 
@@ -149,7 +150,8 @@ def build_draft(dcfg: dict, teacher_weight: torch.Tensor, embed_init: str, seed:
 
 @torch.no_grad()
 def teacher_sequences(seqs: list[Sequence], teacher_weight: torch.Tensor, top_k: int,
-                      hidden_size: int, bf16: bool = True, progress: bool = False) -> list[Sequence]:
+                      hidden_size: int, bf16: bool = True,
+                      progress: bool = False) -> list[Sequence]:
     """Replace each sequence's features by its teacher's top-k next-token distribution, computed
     once: softmax(final @ W^T) over the full vocabulary, cut to the k most likely ids.  On a CPU
     the dense [tokens, vocab] teacher costs more per step than the draft itself.
@@ -182,7 +184,8 @@ def distill_loss(model, batch: dict, ce_weight: float) -> tuple[torch.Tensor, di
     tokens, n = batch["tokens"], batch["lengths"]
     ids, probs = batch["teacher_ids"], batch["teacher_probs"]  # [B, L - 1, k]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [B, L - 1]
-    valid = torch.arange(inputs.shape[1])[None, :] < (n - 1)[:, None]  # right padding is causal-safe
+    # right padding needs no attention mask: causal attention never looks ahead to it
+    valid = torch.arange(inputs.shape[1])[None, :] < (n - 1)[:, None]
     logits = model(input_ids=inputs).logits.float()  # [B, L - 1, V]
     lse = torch.logsumexp(logits, dim=-1)  # [B, L - 1]
     picked = logits.gather(-1, ids)  # [B, L - 1, k]
@@ -210,8 +213,9 @@ def load_for_target(data: str, target_cfg) -> tuple[list[Sequence], dict]:
     if (meta["hidden_size"] != t.hidden_size or meta["hidden_layers"][-1] != t.num_hidden_layers
             or meta.get("vocab_size", t.vocab_size) != t.vocab_size):
         raise ValueError(f"{data}: data was made for another target (hidden {meta['hidden_size']}, "
-                         f"layers {meta['hidden_layers']}, vocab {meta.get('vocab_size')}) than this "
-                         f"one (hidden {t.hidden_size}, {t.num_hidden_layers} layers, vocab {t.vocab_size})")
+                         f"layers {meta['hidden_layers']}, vocab {meta.get('vocab_size')}) than "
+                         f"this one (hidden {t.hidden_size}, {t.num_hidden_layers} layers, "
+                         f"vocab {t.vocab_size})")
     if not seqs:
         raise ValueError(f"{data}: no sequences")
     return seqs, meta
