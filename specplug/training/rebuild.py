@@ -30,6 +30,14 @@ RECIPES = {
                   "seq_len": 192, "ttt_steps": 2, "answer_context": 32, "lr": 2e-3, "seed": 0,
                   "bf16_autocast": True},
     },
+    "smollm2-draft": {
+        "family": "draft",
+        "data": ["reference"],
+        "train": {"hidden_size": 192, "num_layers": 2, "num_heads": 3, "num_kv_heads": 1,
+                  "intermediate_size": 512, "embed_init": "pca", "steps": 300, "batch_size": 4,
+                  "seq_len": 256, "answer_context": 64, "ce_weight": 0.0, "teacher_top_k": 32,
+                  "lr": 3e-3, "seed": 0, "bf16_autocast": True, "save_every": 25},
+    },
     "smollm2-dflash": {
         "family": "dflash",
         "data": ["reference"],
