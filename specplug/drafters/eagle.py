@@ -56,10 +56,12 @@ class EagleHead(nn.Module):
         return len(self.layers)
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                kv, mask: torch.Tensor, from_target: bool):
+                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None):
         """tokens [b, q], feats [b, q, H_target] (target features or the head's own outputs:
-        both live in the target's feature space), positions [b, q], mask [b, q, slots].
-        Returns (predicted features [b, q, H_target], logits [b, q, target_vocab])."""
+        both live in the target's feature space), positions [b, q], mask [b, q, slots];
+        logits_at [b] (optional): score only that entry of each row.
+        Returns (predicted features [b, q, H_target], logits [b, q, target_vocab], or [b, 1, V]
+        with logits_at)."""
         x = self.fc(torch.cat([self.embed(tokens).to(feats.dtype), feats], dim=-1))
         rope = self.rope(x, positions)
         for i, layer in enumerate(self.layers):
@@ -67,9 +69,10 @@ class EagleHead(nn.Module):
             x = x + layer.self_attn(h, rope, kv, i, mask)
             x = layer.feed_forward(x)
         out = self.l2s(x) if self.l2s is not None else x
+        scored = out if logits_at is None else out[torch.arange(out.shape[0]), logits_at][:, None]
         if self.lm_head is None:
-            return out, self.target_lm_head(out)
-        logits = self.lm_head(out)
+            return out, self.target_lm_head(scored)
+        logits = self.lm_head(scored)
         return out, self.vocab_map.logits_to_target(logits) if self.vocab_map else logits
 
 

@@ -60,10 +60,12 @@ class Eagle3Head(nn.Module):
     num_layers = 1
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                kv, mask: torch.Tensor, from_target: bool):
+                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None):
         """tokens [b, q]; feats [b, q, n_aux * H_target] from the target, else [b, q, H] (the
-        head's previous output); positions [b, q]; mask [b, q, slots].
-        Returns (out [b, q, H] before the final norm, logits [b, q, target_vocab])."""
+        head's previous output); positions [b, q]; mask [b, q, slots]; logits_at [b] (optional):
+        score only that entry of each row (a catch-up pass needs the last one alone).
+        Returns (out [b, q, H] before the final norm, logits [b, q, target_vocab], or [b, 1, V]
+        with logits_at)."""
         h = self.fc(feats) if from_target else feats
         layer = self.midlayer
         emb = layer.input_layernorm(self.embed(tokens).to(h.dtype))
@@ -72,7 +74,8 @@ class Eagle3Head(nn.Module):
         x = residual + layer.self_attn(torch.cat([emb, normed], -1), self.rope(h, positions),
                                        kv, 0, mask)
         x = layer.feed_forward(x)
-        logits = self.lm_head(self.norm(x))
+        scored = x if logits_at is None else x[torch.arange(x.shape[0]), logits_at][:, None]
+        logits = self.lm_head(self.norm(scored))
         return x, self.vocab_map.logits_to_target(logits) if self.vocab_map else logits
 
 

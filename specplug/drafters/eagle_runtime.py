@@ -133,11 +133,12 @@ class EagleDrafter(Drafter):
         block = block | torch.eye(width, dtype=torch.bool)  # padding sees itself: no NaN
         mask = torch.cat([self.kv.valid[:, None, :].expand(b, width, -1), block], dim=2)
         start = self.kv.extend(positions)
-        out, logits = self.head(tokens, feats, positions, self.kv, mask, True)
+        last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds])  # [b] entry to score
+        out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last)
         self.kv.valid[:, start:] = real
         for r, (toks, _, _) in enumerate(feeds):
             if toks:
-                self.last[row_ids[r]] = (out[r, len(toks) - 1], logits[r, len(toks) - 1])
+                self.last[row_ids[r]] = (out[r, len(toks) - 1], logits[r, 0])
 
     # -- drafting -----------------------------------------------------------------------------
     def _draft_chain(self, inp: DraftInput, feats, logits, base) -> DraftProposal:
