@@ -116,7 +116,10 @@ def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
                         None if cfg.seed is None else cfg.seed + i, prompt)
                 for i, (p, prompt) in enumerate(zip(ids, cfg.prompts))]
     path = cfg.drafter if cfg.drafter and cfg.drafter != "ngram" else None
-    spec, extra = speculative_settings(cfg.method, path, cfg.options, cfg.gamma)
+    options = dict(cfg.options)
+    # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's
+    via_plugin = str(options.pop("via_plugin", "0")).lower() in ("1", "true", "yes")
+    spec, extra = speculative_settings(cfg.method, path, options, cfg.gamma, via_plugin)
     # vLLM schedules its own continuous batch; batch_size caps how many run at once
     return run_vllm_requests(cfg.target, requests, spec, extra, cfg.sampling,
                              llm_kwargs={"dtype": cfg.dtype, "max_num_seqs": cfg.batch_size})

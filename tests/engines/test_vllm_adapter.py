@@ -162,3 +162,24 @@ def test_moved_request_keeps_its_draft_cache():
     ids, lens = token_matrix([b + first[1][:1] + [5]], 64)  # a finished; b moved into row 0
     prop.propose([[5]], lens, ids)
     assert fed[0] <= 2, f"moved request re-fed {fed[0]} tokens"  # its accepted draft + the new one
+
+
+def test_cli_option_via_plugin_routes_eagle3_through_the_plugin(monkeypatch, tmp_path):
+    from specplug.api import GenerateConfig
+    from specplug.integrations.vllm import generate
+    from specplug.models.tiny import build_tiny_tokenizer, save_model
+    target = save_model(build_tiny_llama(0), build_tiny_tokenizer(), str(tmp_path / "t"))
+    seen = {}
+
+    def fake_run(target, requests, spec, extra, sampling, llm_kwargs=None):
+        seen.update(spec=spec, extra=extra)
+        return [], None
+    monkeypatch.setattr(generate, "run_vllm_requests", fake_run)
+    for flag, via in (("1", True), ("0", False)):
+        cfg = GenerateConfig(target=target, prompts=["a b"], method="eagle3", drafter="/heads/e3",
+                             options={"via_plugin": flag})
+        generate.run_vllm(cfg)
+        assert (seen["spec"]["method"] == "custom_class") is via, seen
+        if via:
+            assert seen["extra"]["specplug"]["method"] == "eagle3"
+            assert "via_plugin" not in seen["extra"]["specplug"].get("options", {})
