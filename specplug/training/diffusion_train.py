@@ -37,7 +37,6 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn import functional as F
 
 from ..drafters.diffusion_model import DiffusionLM, Shape
 from ..drafters.specdiff import UNMASK_ORDERS, SpecDiffDrafter

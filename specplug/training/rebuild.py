@@ -38,6 +38,15 @@ RECIPES = {
                   "seq_len": 256, "answer_context": 64, "ce_weight": 0.0, "teacher_top_k": 32,
                   "lr": 3e-3, "seed": 0, "bf16_autocast": True, "save_every": 25},
     },
+    "smollm2-specdiff": {
+        "family": "diffusion",
+        "data": ["reference"],
+        # stop_at: the shipped run stopped at 784 of its 800-step schedule
+        "train": {"hidden": 192, "layers": 4, "heads": 3, "intermediate": 512, "causal": False,
+                  "gamma": 5, "denoise_steps": None, "unmask_order": "entropy", "max_context": 96,
+                  "alpha": 0.8, "collect_every_n_steps": 4, "teacher_topk": 0, "steps": 800,
+                  "stop_at": 784, "batch_size": 16, "lr": 2e-3, "seed": 0, "bf16_autocast": True},
+    },
     "smollm2-dflash": {
         "family": "dflash",
         "data": ["reference"],
