@@ -172,15 +172,18 @@ class DiffusionLM(nn.Module):
         self.norm = RMSNorm(s.hidden, s.eps)
         self.lm_head = nn.Linear(s.hidden, vocab, bias=False)
 
-    def forward(self, ids, pos, allowed, past=None):
-        """ids, pos [b, q]; allowed [b, q, past_len + q]; past: per layer (k, v) or None.
-        Returns logits [b, q, vocab] (unshifted: row i is the output at position i) and the
-        block's per-layer (k, v)."""
+    def forward(self, ids, pos, allowed, past=None, score=None):
+        """ids, pos [b, q]; allowed [b, q, past_len + q]; past: per layer (k, v) or None;
+        score [b, m] (optional): the entries to score (the lm_head over every context entry
+        would cost more than the layers).  Returns logits [b, q, vocab] (unshifted: row i is
+        the output at position i), or [b, m, vocab] for `score`, and the per-layer (k, v)."""
         x = self.embed_tokens(ids)
         new_kv = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, pos, allowed, None if past is None else past[i])
             new_kv.append(kv)
+        if score is not None:
+            x = x[torch.arange(x.shape[0])[:, None], score]
         return self.lm_head(self.norm(x)), new_kv
 
 

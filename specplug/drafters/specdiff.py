@@ -130,25 +130,26 @@ class SpecDiffDrafter(Drafter):
         shift = 1 if self.model.shift_logits else 0
         if not self.approx_kv_cache:
             feeds = [c + b for c, b in zip(ctx, block.tolist())]
-            logits, _ = self._forward(feeds, [0] * len(ctx), [None] * len(ctx))
             first = [len(c) - shift for c in ctx]
+            idx = torch.tensor(first)[:, None] + torch.arange(gamma)  # [rows, gamma] entries
+            out, _ = self._forward(feeds, [0] * len(ctx), [None] * len(ctx), idx)
         else:
             past = [self.cache[rid] for rid in rids]
             cached = [len(p[0]) for p in past]
             feeds = [c[n:] + b for c, n, b in zip(ctx, cached, block.tolist())]
-            logits, new_kv = self._forward(feeds, cached, past)
+            first = [len(c) - n - shift for c, n in zip(ctx, cached)]
+            idx = torch.tensor(first)[:, None] + torch.arange(gamma)
+            out, new_kv = self._forward(feeds, cached, past, idx)
             if step == 0:
                 self._store(ctx, rids, cached, new_kv)
-            first = [len(c) - n - shift for c, n in zip(ctx, cached)]
-        idx = torch.tensor(first)[:, None] + torch.arange(gamma)
-        out = logits[torch.arange(len(ctx))[:, None], idx]
         out[..., self.model.mask_token_id] = float("-inf")
         if not self.bridge and out.shape[-1] > self.target_vocab:
             out[..., self.target_vocab:] = float("-inf")  # padded vocab rows are no tokens
         return out
 
-    def _forward(self, feeds: list[list[int]], starts: list[int], past: list):
-        """Ragged rows: feeds[r] at positions starts[r]..., after past[r]'s cached K/V."""
+    def _forward(self, feeds: list[list[int]], starts: list[int], past: list, score=None):
+        """Ragged rows: feeds[r] at positions starts[r]..., after past[r]'s cached K/V;
+        score [rows, m]: the entries whose logits come back (default all)."""
         b, width = len(feeds), max(len(f) for f in feeds)
         ids = torch.zeros(b, width, dtype=torch.long)
         real = torch.zeros(b, width, dtype=torch.bool)
@@ -162,7 +163,7 @@ class SpecDiffDrafter(Drafter):
         new = new | torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no NaN
         stacked, valid = _stack_past(past, self.model)
         allowed = torch.cat([valid[:, None, :].expand(b, width, -1), new], dim=2)
-        return self.model(ids, pos, allowed, stacked)
+        return self.model(ids, pos, allowed, stacked, score)
 
     # -- approximate context cache -------------------------------------------------------------
     def _reconcile_cache(self, row_ids, contexts) -> None:
