@@ -14,8 +14,9 @@ from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
 from specplug.models.loading import load_causal_lm, target_info
 from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
-from specplug.training.data import DataConfig, Sequence, generate_data, load_sequences
-from specplug.training.dflash_train import (Config, block_hidden, block_loss, build_head, collate,
+from tiny_training import random_prompts, record_data, save_tiny_target, tiny_target
+from specplug.training.data import Sequence, load_sequences
+from specplug.training.dflash_train import (Config, block_hidden, block_loss, build_head, collate, 
                                             head_config, make_batch, pick_anchors, pick_mask_token,
                                             train)
 from specplug.training.trainer import load_checkpoint_model
@@ -24,23 +25,18 @@ LAYERS = 8  # data layers (2, 4, 5, 8): DFlash target_layer_ids [1, 3, 4]
 
 
 def _tiny():
-    return build_tiny_llama(seed=0, layers=LAYERS, sharpness=3.0)
+    return tiny_target(LAYERS)
 
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
-    return save_model(_tiny(), build_tiny_tokenizer(), str(tmp_path_factory.mktemp("target")))
+    return save_tiny_target(str(tmp_path_factory.mktemp("target")), LAYERS)
 
 
 @pytest.fixture(scope="module")
 def data_dir(target_dir, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 200, (int(n),), generator=g).tolist()
-               for n in torch.randint(4, 12, (12,), generator=g)]
-    out = str(tmp_path_factory.mktemp("data"))
-    generate_data(DataConfig(target_dir, out, prompts_per_chunk=6, batch_size=6, max_new_tokens=24,
-                             dtype="float32", prompt_ids=prompts), progress=False)
-    return out
+    return record_data(target_dir, str(tmp_path_factory.mktemp("data")),
+                       random_prompts(token_high=200), per_chunk=6)
 
 
 def _cfg(target_dir, data_dir, out, steps, **kw):

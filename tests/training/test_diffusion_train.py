@@ -14,9 +14,10 @@ from specplug.drafters.specdiff import SpecDiffDrafter
 from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
 from specplug.models.loading import load_causal_lm, target_info
-from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
-from specplug.training.data import DataConfig, generate_data, load_sequences
-from specplug.training.diffusion_train import (Config, block_logits, build_model, diffusion_loss,
+from specplug.models.tiny import build_tiny_llama
+from tiny_training import random_prompts, record_data, save_tiny_target
+from specplug.training.data import load_sequences
+from specplug.training.diffusion_train import (Config, block_logits, build_model, diffusion_loss, 
                                                dream_config, make_batch_at, sampler_states, train)
 from specplug.types import DraftInput
 
@@ -25,19 +26,13 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
-    model = build_tiny_llama(seed=0, layers=LAYERS, sharpness=3.0)
-    return save_model(model, build_tiny_tokenizer(), str(tmp_path_factory.mktemp("target")))
+    return save_tiny_target(str(tmp_path_factory.mktemp("target")), LAYERS)
 
 
 @pytest.fixture(scope="module")
 def data_dir(target_dir, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 256, (int(n),), generator=g).tolist()
-               for n in torch.randint(4, 12, (12,), generator=g)]
-    out = str(tmp_path_factory.mktemp("data"))
-    generate_data(DataConfig(target_dir, out, prompts_per_chunk=4, batch_size=4, max_new_tokens=24,
-                             dtype="float32", prompt_ids=prompts), progress=False)
-    return out
+    return record_data(target_dir, str(tmp_path_factory.mktemp("data")), random_prompts(),
+                       per_chunk=4)
 
 
 def _cfg(target_dir, data_dir, out, steps, **kw):

@@ -14,8 +14,8 @@ from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
 from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
-from specplug.training.data import DataConfig, generate_data
-from specplug.training.draft_train import (Config, build_draft, distill_loss, draft_config,
+from tiny_training import random_prompts, record_data, save_tiny_target, tiny_target
+from specplug.training.draft_train import (Config, build_draft, distill_loss, draft_config, 
                                            load_for_target, principal_directions,
                                            teacher_sequences, train, windows)
 
@@ -23,23 +23,18 @@ LAYERS = 4
 
 
 def _target():
-    return build_tiny_llama(seed=0, layers=LAYERS)
+    return tiny_target(LAYERS, sharpness=None)
 
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
-    return save_model(_target(), build_tiny_tokenizer(), str(tmp_path_factory.mktemp("target")))
+    return save_tiny_target(str(tmp_path_factory.mktemp("target")), LAYERS, sharpness=None)
 
 
 @pytest.fixture(scope="module")
 def data_dir(target_dir, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 256, (int(n),), generator=g).tolist()
-               for n in torch.randint(4, 12, (12,), generator=g)]
-    out = str(tmp_path_factory.mktemp("data"))
-    generate_data(DataConfig(target_dir, out, prompts_per_chunk=6, batch_size=6, max_new_tokens=24,
-                             dtype="float32", prompt_ids=prompts), progress=False)
-    return out
+    return record_data(target_dir, str(tmp_path_factory.mktemp("data")), random_prompts(),
+                       per_chunk=6)
 
 
 def _cfg(target_dir, data_dir, out, steps, **kw):

@@ -12,33 +12,26 @@ from specplug.drafters.base import DrafterSpec, build_drafter
 from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
 from specplug.models.loading import target_info
-from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
+from specplug.models.tiny import build_tiny_llama
 from specplug.training.data import DataConfig, Sequence, generate_data, load_sequences
-from specplug.training.eagle3_train import (Eagle3TrainConfig, build_head, collate, frequency_vocab,
+from tiny_training import LAYERS, random_prompts, record_data, save_tiny_target
+from specplug.training.eagle3_train import (Eagle3TrainConfig, build_head, collate, frequency_vocab, 
                                             head_config, train_eagle3, unrolled_loss)
-
-LAYERS = 4
-
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
-    model = build_tiny_llama(seed=0, layers=LAYERS, sharpness=3.0)
-    return save_model(model, build_tiny_tokenizer(), str(tmp_path_factory.mktemp("target")))
+    return save_tiny_target(str(tmp_path_factory.mktemp("target")))
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(1, 256, (int(n),), generator=g).tolist()
-            for n in torch.randint(4, 12, (12,), generator=g)]
+    return random_prompts()
 
 
 @pytest.fixture(scope="module")
 def data_dir(target_dir, prompts, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    generate_data(DataConfig(target_dir, out, prompts_per_chunk=4, batch_size=4, max_new_tokens=20,
-                             dtype="float32", prompt_ids=prompts), progress=False)
-    return out
+    return record_data(target_dir, str(tmp_path_factory.mktemp("data")), prompts, per_chunk=4,
+                       max_new_tokens=20)
 
 
 def test_data_matches_the_target_and_its_features(target_dir, data_dir, prompts):
