@@ -33,7 +33,7 @@ from ..drafters.dflash import DFlashHead
 from ..drafters.diffusion_model import Shape
 from .data import Sequence
 from .eagle3_train import batch_schedule, frequency_vocab, load_all
-from .trainer import LoopConfig, train_loop
+from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 
 @dataclass
@@ -73,32 +73,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="token id of the mask (default: an unused special token of the tokenizer)")
     p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop at this step; the learning-rate schedule still spans --steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    add_loop_arguments(p, d)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--answer-context", type=int, default=d.answer_context,
                    help="start each training window this many tokens before the answer")
     p.add_argument("--loss-decay", type=float, default=d.loss_decay)
     p.add_argument("--train-vocab", type=int, default=None,
                    help="score only this many most frequent tokens in the loss (cheaper; default all)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--no-bf16", action="store_true", help="train without bfloat16 autocast")
 
 
 def config_from_args(args: argparse.Namespace, target: str) -> Config:
     return Config(target, args.data, args.output, layers=args.layers, block_size=args.block_size,
                   anchors=args.anchors, mask_token_id=args.mask_token_id,
-                  intermediate_size=args.intermediate_size, steps=args.steps, stop_at=args.stop_at,
-                  batch_size=args.batch_size, seq_len=args.seq_len,
+                  intermediate_size=args.intermediate_size, seq_len=args.seq_len,
                   answer_context=args.answer_context, loss_decay=args.loss_decay,
-                  train_vocab=args.train_vocab, lr=args.lr,
-                  seed=args.seed, bf16_autocast=not args.no_bf16, save_every=args.save_every,
-                  max_minutes=args.max_minutes)
+                  train_vocab=args.train_vocab, **loop_settings(args))
 
 
 # -- the head and its config ---------------------------------------------------------------------

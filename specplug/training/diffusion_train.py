@@ -43,7 +43,7 @@ from ..drafters.specdiff import UNMASK_ORDERS, SpecDiffDrafter
 from ..types import SamplingParams
 from .data import Sequence
 from .eagle3_train import batch_schedule, load_all
-from .trainer import LoopConfig, train_loop
+from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 
 @dataclass
@@ -350,20 +350,11 @@ def add_arguments(p) -> None:
                    help="train on the sampler's own states every N steps (0: never)")
     p.add_argument("--teacher-topk", type=int, default=0,
                    help="stored-logit mode: precompute the teacher's top-K logits (0: recompute)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop at this step; the learning-rate schedule still spans --steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--no-bf16", action="store_true", help="train without bfloat16 autocast")
+    add_loop_arguments(p, d)
 
 
 def config_from_args(args, target: str) -> Config:
     names = ("hidden", "layers", "heads", "intermediate", "causal", "gamma", "denoise_steps",
-             "unmask_order", "max_context", "alpha", "collect_every_n_steps", "teacher_topk",
-             "steps", "stop_at", "batch_size", "lr", "seed", "save_every", "max_minutes")
+             "unmask_order", "max_context", "alpha", "collect_every_n_steps", "teacher_topk")
     return Config(target, args.data, args.output, progress=True,
-                  bf16_autocast=not args.no_bf16, **{n: getattr(args, n) for n in names})
+                  **{n: getattr(args, n) for n in names}, **loop_settings(args))

@@ -28,7 +28,7 @@ import torch
 
 from .data import Sequence
 from .eagle3_train import batch_schedule, collate, load_all
-from .trainer import LoopConfig, train_loop
+from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 # files of a HF tokenizer folder; copied byte for byte so same_tokenizer() sees the same one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -71,33 +71,22 @@ def add_arguments(parser) -> None:
     a("--intermediate-size", type=int, default=512)
     a("--embed-init", choices=("pca", "random"), default="pca",
       help="pca: the target's output embedding on its top principal directions")
-    a("--steps", type=int, default=600)
-    a("--stop-at", type=int, default=None,
-      help="stop at this step; the learning-rate schedule still spans --steps")
-    a("--batch-size", type=int, default=4)
+    add_loop_arguments(parser, Config("", "", ""))
     a("--seq-len", type=int, default=256)
     a("--answer-context", type=int, default=64,
       help="start each training window this many tokens before the answer (-1: at the prompt)")
     a("--ce-weight", type=float, default=0.0, help="mix in CE on the data tokens (0..1)")
     a("--teacher-top-k", type=int, default=32, help="teacher probabilities kept per position")
-    a("--lr", type=float, default=2e-3)
-    a("--seed", type=int, default=0)
-    a("--save-every", type=int, default=50)
-    a("--max-minutes", type=float, default=None)
-    a("--no-bf16", action="store_true", help="train without bfloat16 autocast")
 
 
 def config_from_args(args, target: str) -> Config:
     return Config(target, args.data, args.output, hidden_size=args.hidden_size,
                   num_layers=args.num_layers, num_heads=args.num_heads,
                   num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
-                  embed_init=args.embed_init, steps=args.steps, stop_at=args.stop_at,
-                  batch_size=args.batch_size, seq_len=args.seq_len,
+                  embed_init=args.embed_init, seq_len=args.seq_len,
                   answer_context=None if args.answer_context < 0 else args.answer_context,
-                  ce_weight=args.ce_weight, teacher_top_k=args.teacher_top_k, lr=args.lr,
-                  seed=args.seed,
-                  bf16_autocast=not args.no_bf16, save_every=args.save_every,
-                  max_minutes=args.max_minutes)
+                  ce_weight=args.ce_weight, teacher_top_k=args.teacher_top_k,
+                  **loop_settings(args))
 
 
 def draft_config(target_cfg, cfg: Config) -> dict:

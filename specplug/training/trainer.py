@@ -34,6 +34,28 @@ class LoopConfig:
     progress: bool = True
 
 
+# command-line options every trainer shares, and the Config fields they set
+LOOP_FIELDS = ("steps", "stop_at", "batch_size", "lr", "seed", "save_every", "max_minutes")
+
+
+def add_loop_arguments(p, defaults) -> None:
+    """--steps ... --no-bf16 on a trainer's parser; `defaults` is its Config with default values."""
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop at this step; the learning-rate schedule still spans --steps")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--save-every", type=int, default=defaults.save_every)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--no-bf16", action="store_true", help="train without bfloat16 autocast")
+
+
+def loop_settings(args) -> dict:
+    """The Config fields add_loop_arguments' options set."""
+    return {**{n: getattr(args, n) for n in LOOP_FIELDS}, "bf16_autocast": not args.no_bf16}
+
+
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
