@@ -1,8 +1,9 @@
 """Hybrid: prompt lookup and a trained head, combined per row and per step.
 
-Both inner drafters are built through the registry and called on every step with the same
-input, because a head that reads target features must see each feature once as it streams by
-(the engine hands features over only once).  Then, per row:
+Both inner drafters are built through the registry.  The engine hands each target feature over
+once, and a head must see every one: in "switch" mode the hybrid keeps the features of steps
+where the lookup served every row and hands them to the head, all at once, on the next step that
+needs it (one catch-up pass over several entries instead of a head pass per step).  Per row:
   mode "switch"  the lookup's chain when it matched an n-gram of at least `min_match` tokens and
                  proposes at least `min_lookup_tokens` tokens, else the head's proposal;
   mode "tree"    both, merged into one prefix tree (shared prefixes verified once), lookup
@@ -45,26 +46,59 @@ class HybridDrafter(Drafter):
         self.needs = head.needs  # the lookup needs token ids only
         self.used_lookup = 0  # rows x steps that took the lookup (or had it in their tree)
         self.used_head = 0
+        self.head_calls = 0
+        # row id -> (first position, feature blocks) the head has not seen yet
+        self.pending: dict[int, tuple[int, list[torch.Tensor]]] = {}
 
     def release(self, row_ids: list[int]) -> None:
         self.lookup.release(row_ids)
         self.head.release(row_ids)
+        for rid in row_ids:
+            self.pending.pop(rid, None)
 
     def propose(self, inp: DraftInput) -> DraftProposal:
         from_lookup = self.lookup.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
         if self.mode == "switch" and bool(found.all()):
-            # the head's drafts would be thrown away: let it only take in this step's features
-            # (one draft token is what its catch-up pass yields anyway)
-            self.head.propose(replace(inp, num_draft_tokens=1))
+            # the head's drafts would be thrown away: skip it (a token-only head reconciles
+            # from the committed tokens; a feature head gets this step's features later)
+            if inp.hidden_states is not None:
+                self._keep_features(inp)
             self.used_lookup += len(inp.row_ids)
             return from_lookup
-        from_head = self.head.propose(inp)
+        from_head = self.head.propose(self._with_pending_features(inp))
+        self.head_calls += 1
         self.used_lookup += int(found.sum())
         self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
         if self.mode == "tree":
             return merge_trees(from_lookup, from_head, found)
         return switch_rows(from_lookup, from_head, found)
+
+
+    def _keep_features(self, inp: DraftInput) -> None:
+        for r, rid in enumerate(inp.row_ids):
+            feats, start = inp.hidden_states[r], inp.hidden_start[r]
+            if feats is None or not feats.shape[0]:
+                continue
+            first, blocks = self.pending.get(rid, (start, []))
+            if first + sum(b.shape[0] for b in blocks) != start:
+                first, blocks = start, []  # not contiguous (a new request in this row)
+            self.pending[rid] = (first, blocks + [feats])
+
+    def _with_pending_features(self, inp: DraftInput) -> DraftInput:
+        """inp with each row's kept features put in front of this step's."""
+        if not self.pending or inp.hidden_states is None:
+            return inp
+        feats, starts = list(inp.hidden_states), list(inp.hidden_start)
+        for r, rid in enumerate(inp.row_ids):
+            first, blocks = self.pending.pop(rid, (None, []))
+            if not blocks:
+                continue
+            end = first + sum(b.shape[0] for b in blocks)
+            now = feats[r] if feats[r] is not None else blocks[0][:0]
+            if starts[r] == end or not now.shape[0]:
+                feats[r], starts[r] = torch.cat(blocks + [now]), first
+        return replace(inp, hidden_states=feats, hidden_start=starts)
 
 
 def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.Tensor) -> DraftProposal:

@@ -68,6 +68,31 @@ def test_greedy_identity_with_eagle3_head(tmp_path, mode):
         assert outs == plain
         assert drafter.used_lookup > 0 and drafter.used_head > 0
         assert stats.num_accepted_tokens > 0
+        if mode == "switch":  # steps served by the lookup alone never ran the head
+            assert drafter.head_calls < len(stats.accept_lengths)
+
+
+class _EagerHybrid(HybridDrafter):
+    """Reference: the head sees every step's features as they come (no kept features)."""
+    def propose(self, inp):
+        from_lookup = self.lookup.propose(inp)
+        found = from_lookup.num_nodes >= self.min_lookup_tokens
+        return switch_rows(from_lookup, self.head.propose(inp), found)
+
+
+def test_kept_features_reach_the_head_as_if_fed_every_step(tmp_path):
+    target = attention_only_target(0)
+    folder = save_head(str(tmp_path / "e3"), *eagle3_state(target, [0, 1, 1], noise=0.05,
+                                                           draft_vocab=200))
+    prompts = _repeating(bos_prompts(12, seed=3))
+    for batch in (1, 4):
+        runs = []
+        for cls in (HybridDrafter, _EagerHybrid):
+            built = build_drafter(DrafterSpec("hybrid", folder), target_info(target))
+            drafter = cls(built.lookup, built.head)
+            outs, stats = run(target, drafter, prompts, batch, GAMMA)
+            runs.append((outs, stats.accept_lengths))
+        assert runs[0] == runs[1]  # same drafts, step for step
 
 
 def test_tree_mode_accepts_the_better_branch(llama, draft_folder, llama_prompts):
