@@ -23,8 +23,8 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets", "drafters")
 
 def best_drafter() -> tuple[str, str | None, dict]:
     """(method, path, options) of the best trained drafter measured on SmolLM2, as named by
-    assets/drafters/best.json (today: lookup + the EAGLE-3 head, benchmarks/README.md), else
-    n-gram prompt lookup."""
+    assets/drafters/best.json (today: lookup + the EAGLE-3 head verified as one tree, see
+    benchmarks/README.md), else n-gram prompt lookup."""
     manifest = os.path.join(ASSETS, "best.json")
     if os.path.isfile(manifest):
         with open(manifest) as f:
