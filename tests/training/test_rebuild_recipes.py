@@ -31,3 +31,13 @@ def test_every_recipe_is_shipped_small(name):
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     assert os.path.isfile(os.path.join(folder, "model.safetensors"))
     assert size <= 25 * 2 ** 20, f"{name}: {size / 2 ** 20:.1f} MiB"
+
+
+def test_the_demo_drafter_is_a_shipped_one():
+    from specplug.demo import best_drafter
+    from specplug.drafters.base import available_methods
+    method, path, options = best_drafter()
+    assert method in available_methods()
+    assert path is None or os.path.isfile(os.path.join(path, "model.safetensors"))
+    assert os.path.basename(path or "") in set(RECIPES) | {""}
+    assert all(isinstance(k, str) for k in options)
