@@ -74,7 +74,6 @@ class HybridDrafter(Drafter):
             return merge_trees(from_lookup, from_head, found)
         return switch_rows(from_lookup, from_head, found)
 
-
     def _keep_features(self, inp: DraftInput) -> None:
         for r, rid in enumerate(inp.row_ids):
             feats, start = inp.hidden_states[r], inp.hidden_start[r]
