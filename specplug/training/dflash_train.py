@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from ..drafters.dflash import DFlashHead
 from ..drafters.diffusion_model import Shape
 from .data import Sequence
-from .eagle3_train import batch_schedule, frequency_vocab, load_all
+from .eagle3_train import batch_schedule, frequency_vocab, load_for_target
 from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 
@@ -259,9 +259,6 @@ def block_loss(head: DFlashHead, batch: dict, embed: torch.Tensor, lm_head: torc
 # -- training and export ---------------------------------------------------------------------------
 def _check(cfg: Config, meta: dict, tc, mask_token_id: int) -> None:
     layers = meta["hidden_layers"]
-    if meta["hidden_size"] != tc.hidden_size or layers[-1] != tc.num_hidden_layers:
-        raise ValueError(f"{cfg.data}: data was made for another target (hidden {meta['hidden_size']}, "
-                         f"layers {layers}) than {cfg.target}")
     if len(layers) < 2 or min(layers[:-1]) < 1:
         raise ValueError(f"{cfg.data}: hidden_layers {layers} give no target layer for DFlash "
                          f"(it needs hidden_states indices >= 1 besides the final one)")
@@ -282,11 +279,9 @@ def _check(cfg: Config, meta: dict, tc, mask_token_id: int) -> None:
 def train(cfg: Config) -> str:
     """Train (or resume) and export; returns the exported head folder (= cfg.output)."""
     from ..models.loading import load_causal_lm, load_tokenizer
-    seqs, meta = load_all(cfg.data)
-    if not seqs:
-        raise ValueError(f"{cfg.data}: no sequences")
     target = load_causal_lm(cfg.target, torch.float32)
     tc = target.config
+    seqs, meta = load_for_target(cfg.data, tc)
     mask_id = cfg.mask_token_id
     if mask_id is None:
         mask_id = pick_mask_token(load_tokenizer(cfg.target, required=False), seqs, tc.vocab_size)

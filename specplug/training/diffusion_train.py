@@ -42,7 +42,7 @@ from ..drafters.diffusion_model import DiffusionLM, Shape
 from ..drafters.specdiff import UNMASK_ORDERS, SpecDiffDrafter
 from ..types import SamplingParams
 from .data import Sequence
-from .eagle3_train import batch_schedule, load_all
+from .eagle3_train import batch_schedule, load_for_target
 from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 
@@ -287,14 +287,11 @@ def train(cfg: Config) -> str:
     """Train (or resume) and export; returns the exported drafter folder (= cfg.output)."""
     from ..models.loading import load_causal_lm
     check_config(cfg)
-    seqs, meta = load_all(cfg.data)
     target = load_causal_lm(cfg.target, torch.float32)
     tc = target.config
     if cfg.teacher_topk > tc.vocab_size:
         raise ValueError(f"--teacher-topk {cfg.teacher_topk} exceeds the vocabulary ({tc.vocab_size})")
-    if meta["hidden_size"] != tc.hidden_size or meta["hidden_layers"][-1] != tc.num_hidden_layers:
-        raise ValueError(f"{cfg.data}: data was made for another target (hidden {meta['hidden_size']}, "
-                         f"layers {meta['hidden_layers']}) than {cfg.target}")
+    seqs, meta = load_for_target(cfg.data, tc)
     seqs = usable(seqs, cfg.gamma)
     if not seqs:
         raise ValueError(f"{cfg.data}: no sequence has {cfg.gamma + 1} tokens")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Sequence
-from .eagle3_train import batch_schedule, collate, load_all
+from .eagle3_train import batch_schedule, collate, load_for_target
 from .trainer import LoopConfig, add_loop_arguments, loop_settings, train_loop
 
 # files of a HF tokenizer folder; copied byte for byte so same_tokenizer() sees the same one
@@ -193,21 +193,6 @@ def distill_loss(model, batch: dict, ce_weight: float) -> tuple[torch.Tensor, di
 def _autocast_loss(model, batch, cfg: Config):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
         return distill_loss(model, batch, cfg.ce_weight)
-
-
-def load_for_target(data: str, target_cfg) -> tuple[list[Sequence], dict]:
-    """The data folders' sequences (final hidden only), checked against the target."""
-    seqs, meta = load_all(data)
-    t = target_cfg
-    if (meta["hidden_size"] != t.hidden_size or meta["hidden_layers"][-1] != t.num_hidden_layers
-            or meta.get("vocab_size", t.vocab_size) != t.vocab_size):
-        raise ValueError(f"{data}: data was made for another target (hidden {meta['hidden_size']}, "
-                         f"layers {meta['hidden_layers']}, vocab {meta.get('vocab_size')}) than "
-                         f"this one (hidden {t.hidden_size}, {t.num_hidden_layers} layers, "
-                         f"vocab {t.vocab_size})")
-    if not seqs:
-        raise ValueError(f"{data}: no sequences")
-    return seqs, meta
 
 
 def train(cfg: Config) -> str:

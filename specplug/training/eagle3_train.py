@@ -213,18 +213,29 @@ def load_all(data: str) -> tuple[list[Sequence], dict]:
     return seqs, meta
 
 
+def load_for_target(data: str, target_cfg) -> tuple[list[Sequence], dict]:
+    """load_all(data), checked against the target config it will train for (its hidden size,
+    layer count and vocabulary), with at least one sequence."""
+    seqs, meta = load_all(data)
+    t = target_cfg
+    if (meta["hidden_size"] != t.hidden_size or meta["hidden_layers"][-1] != t.num_hidden_layers
+            or meta.get("vocab_size", t.vocab_size) != t.vocab_size):
+        raise ValueError(f"{data}: data was made for another target (hidden {meta['hidden_size']}, "
+                         f"layers {meta['hidden_layers']}, vocab {meta.get('vocab_size')}) than "
+                         f"this one (hidden {t.hidden_size}, {t.num_hidden_layers} layers, "
+                         f"vocab {t.vocab_size})")
+    if not seqs:
+        raise ValueError(f"{data}: no sequences")
+    return seqs, meta
+
+
 def train_eagle3(cfg: Eagle3TrainConfig) -> str:
     """Train (or resume) and export; returns the exported head folder (= cfg.output)."""
     from ..models.loading import load_causal_lm
-    seqs, meta = load_all(cfg.data)
-    if not seqs:
-        raise ValueError(f"{cfg.data}: no sequences")
     target = load_causal_lm(cfg.target, torch.float32)
     tc = target.config
+    seqs, meta = load_for_target(cfg.data, tc)
     layers = meta["hidden_layers"]
-    if meta["hidden_size"] != tc.hidden_size or layers[-1] != tc.num_hidden_layers:
-        raise ValueError(f"{cfg.data}: data was made for another target (hidden {meta['hidden_size']}, "
-                         f"layers {layers}) than {cfg.target}")
     aux_ids = layers[:-1]  # the last saved layer is the final normed hidden: the teacher
     eos = [i for i in (tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id])
            if i is not None]

@@ -16,7 +16,7 @@ from specplug.models.loading import load_causal_lm, target_info
 from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
 from tiny_training import random_prompts, record_data, save_tiny_target, tiny_target
 from specplug.training.data import Sequence, load_sequences
-from specplug.training.dflash_train import (Config, block_hidden, block_loss, build_head, collate, 
+from specplug.training.dflash_train import (Config, block_hidden, block_loss, build_head, collate,
                                             head_config, make_batch, pick_anchors, pick_mask_token,
                                             train)
 from specplug.training.trainer import load_checkpoint_model

@@ -17,7 +17,7 @@ from specplug.models.loading import load_causal_lm, target_info
 from specplug.models.tiny import build_tiny_llama
 from tiny_training import random_prompts, record_data, save_tiny_target
 from specplug.training.data import load_sequences
-from specplug.training.diffusion_train import (Config, block_logits, build_model, diffusion_loss, 
+from specplug.training.diffusion_train import (Config, block_logits, build_model, diffusion_loss,
                                                dream_config, make_batch_at, sampler_states, train)
 from specplug.types import DraftInput
 

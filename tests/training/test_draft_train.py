@@ -15,9 +15,9 @@ from specplug.engine.rows import Request
 from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
 from tiny_training import random_prompts, record_data, save_tiny_target, tiny_target
-from specplug.training.draft_train import (Config, build_draft, distill_loss, draft_config, 
-                                           load_for_target, principal_directions,
-                                           teacher_sequences, train, windows)
+from specplug.training.draft_train import (Config, build_draft, distill_loss, draft_config,
+                                           principal_directions, teacher_sequences, train, windows)
+from specplug.training.eagle3_train import load_for_target
 
 LAYERS = 4
 

@@ -15,8 +15,9 @@ from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama
 from specplug.training.data import DataConfig, Sequence, generate_data, load_sequences
 from tiny_training import LAYERS, random_prompts, record_data, save_tiny_target
-from specplug.training.eagle3_train import (Eagle3TrainConfig, build_head, collate, frequency_vocab, 
+from specplug.training.eagle3_train import (Eagle3TrainConfig, build_head, collate, frequency_vocab,
                                             head_config, train_eagle3, unrolled_loss)
+
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
