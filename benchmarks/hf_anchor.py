@@ -1,11 +1,20 @@
 """transformers' own generate() as the anchor: plain, prompt lookup and assisted generation.
 
-HF does not report acceptance, so it is read off the target's forward calls: before call i the
-cache holds s_i tokens and the call feeds L_i tokens.  Every call after the first feeds
-[last committed token, drafts...], so it carries L_i - 1 drafts, and the tokens it committed
-are s_{i+1} + 1 - (s_i + 1) (HF crops the cache to the committed tokens before the next call).
-Worked example, prompt of 7, prompt lookup of 3:  call 0 feeds 7 + 3 (s=0), call 1 sees s=7:
-no draft kept, 1 token (the recovered one) committed, accept length 1.
+HF reports no acceptance, so the arm counts it from what it observes itself, never from
+generate()'s internals (a transformers release renamed the cache argument those counts used to
+read, and the counts went negative): every call of the target is logged with the token ids it
+was fed and the positions it was told they sit at (`position_ids`, which the model needs for its
+rotary embedding, so generate() must pass them).  With the final sequence S = prompt + output in
+hand, a call that feeds positions p .. p+L-1 while c tokens are committed
+- re-feeds S[p:c] (committed tokens the target cache lacks; they must equal S there),
+- proposes the L - (c - p) tokens at positions >= c: those are the drafts,
+- commits the leading drafts that equal S at their positions, plus one token of its own.
+Worked example, prompt of 7, prompt lookup of 3: call 0 feeds positions 0..9, none of the 3
+lookups equals S[7], so call 0 commits 1 token (accept length 1); call 1 feeds positions 7..9
+(S[7] and 2 drafts), both drafts match S[8:10], so it commits 3 tokens (accept length 3).
+Under sampling a rejected draft that the target redraws as the same token counts as accepted.
+When a call gives no positions, or its re-fed tokens disagree with S, the counts are
+impossible; the arm then says so (`SpecStats.counts_unavailable`) instead of guessing.
 """
 from __future__ import annotations
 
@@ -20,9 +29,13 @@ from specplug.stats import SpecStats
 
 @dataclass
 class _Call:
-    start: int  # cache length before the call
-    length: int  # tokens fed
+    start: int | None  # position of the first fed token; None when the call gave no positions
+    ids: list[int]  # the token ids fed, in order
     ms: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -34,10 +47,11 @@ class _Recorder:
     _d0: float = 0.0
 
     def target_pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        start = cache.get_seq_length() if cache is not None else 0
-        self.calls.append(_Call(int(start), int(ids.shape[1])))
+        ids = kwargs.get("input_ids", args[0] if args else None)  # [1, L]
+        positions = kwargs.get("position_ids")  # [1, L] when generate() passes them
+        start = int(positions.reshape(-1)[0]) if torch.is_tensor(positions) else None
+        # one host copy per call: the anchor is batch 1 and measured as a whole, not per op
+        self.calls.append(_Call(start, ids.reshape(-1).tolist()))
         self._t0 = time.perf_counter()
 
     def target_post(self, module, args, kwargs, output):
@@ -108,7 +122,7 @@ class HFGenerate:
                 h.remove()
         wall = time.perf_counter() - start
         new_ids = out[0, len(req.prompt_ids):].tolist()
-        accept = _record(rec, len(req.prompt_ids), len(new_ids), stats)
+        accept = _record(rec, list(req.prompt_ids) + new_ids, len(req.prompt_ids), stats)
         stats.timing_ms["prefill"] += rec.calls[0].ms if rec.calls else 0.0
         verify_ms = sum(c.ms for c in rec.calls[1:])
         stats.timing_ms["verify"] += verify_ms
@@ -125,20 +139,37 @@ class HFGenerate:
         return RequestOutput(req.prompt, list(req.prompt_ids), new_ids, text, accept, reason)
 
 
-def _record(rec: _Recorder, prompt_len: int, num_new: int, stats: SpecStats) -> list[int]:
-    """Per verify step accept lengths from the call log (see the module docstring)."""
-    accept = []
-    committed = prompt_len
-    final = prompt_len + num_new
+def _record(rec: _Recorder, sequence: list[int], prompt_len: int, stats: SpecStats) -> list[int]:
+    """Per verify step accept lengths from the call log (see the module docstring).
+
+    sequence: the prompt followed by every generated token.  Counts go into `stats` only when
+    every call could be read; otherwise `stats.counts_unavailable` says why and [] is returned.
+    """
+    steps: list[tuple[int, int]] = []  # (drafts, tokens committed) per verify step
+    committed, final = prompt_len, len(sequence)
     for i, call in enumerate(rec.calls):
-        nxt = rec.calls[i + 1].start + 1 if i + 1 < len(rec.calls) else final
-        gained = max(0, min(nxt, final) - committed)
-        drafts = call.length - (committed - call.start)
+        if call.start is None:
+            return _unavailable(stats, f"target call {i} got no position_ids")
+        refed = committed - call.start
+        if not 0 <= refed <= call.length or call.ids[:refed] != sequence[call.start:committed]:
+            return _unavailable(stats, f"target call {i} (positions {call.start}.."
+                                       f"{call.start + call.length - 1}) does not continue the "
+                                       f"{committed} committed tokens")
+        drafts = call.ids[refed:]
+        matched = 0
+        while (matched < len(drafts) and committed + matched < final
+               and drafts[matched] == sequence[committed + matched]):
+            matched += 1
+        gained = min(matched + 1, final - committed)  # the last call may be cut by the length
         committed += gained
-        if i == 0 and drafts == 0:
+        if gained == 0 or (i == 0 and not drafts):
             continue  # plain prefill: its one token is not a verify step (as in the engine)
-        if gained == 0:
-            continue
-        stats.record_step(drafts, min(drafts, gained - 1))
-        accept.append(gained)
-    return accept
+        steps.append((len(drafts), gained))
+    for drafts, gained in steps:
+        stats.record_step(drafts, gained - 1)
+    return [gained for _, gained in steps]
+
+
+def _unavailable(stats: SpecStats, why: str) -> list[int]:
+    stats.counts_unavailable = f"HF acceptance counts unavailable: {why}"
+    return []

@@ -19,6 +19,9 @@ class SpecStats:
     num_accepted_tokens: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # per verify step, incl. bonus
     timing_ms: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in TIMING_KEYS})
+    # set by an arm that could not count drafts (why, in one line): its draft counts are not zero
+    # but unknown, and readers must not take them as measured
+    counts_unavailable: str | None = None
 
     @contextmanager
     def timer(self, key: str):
@@ -65,6 +68,7 @@ class SpecStats:
             "num_accepted_tokens": self.num_accepted_tokens,
             "accept_length_histogram": {str(k): v for k, v in self.histogram().items()},
             "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+            **({"counts_unavailable": self.counts_unavailable} if self.counts_unavailable else {}),
         }
 
     def summary_line(self, label: str = "") -> str:

@@ -12,16 +12,40 @@ from specplug.stats import SpecStats
 
 
 def test_call_log_to_accept_lengths_literal():
-    # prompt 7; call 0 feeds prompt + 3 lookups, keeps none; call 1 feeds 1 + 2 drafts, keeps 2;
-    # call 2 is a plain step; the run ends with 1 + 3 + 1 = 5 new tokens
-    rec = _Recorder([_Call(0, 10), _Call(7, 3), _Call(10, 1)])
+    # S = prompt 1..7, then 20 21 22 23 24.  Call 0 feeds the prompt + 3 lookups (none equals
+    # S[7] = 20): 1 token.  Call 1 feeds S[7] + 2 drafts equal to S[8:10]: 3 tokens.  Call 2 is a
+    # plain step: 1 token.  5 new tokens in all.
+    seq = [1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24]
+    rec = _Recorder([_Call(0, seq[:7] + [9, 9, 9]), _Call(7, [20, 21, 22]), _Call(10, [23])])
     stats = SpecStats()
-    assert _record(rec, 7, 5, stats) == [1, 3, 1]
+    assert _record(rec, seq, 7, stats) == [1, 3, 1]
     assert (stats.num_draft_tokens, stats.num_accepted_tokens, stats.num_drafts) == (5, 2, 2)
+    assert stats.counts_unavailable is None
+    # a draft that is rejected stops the count even when a later draft happens to match
+    stats = SpecStats()
+    rec = _Recorder([_Call(0, seq[:7]), _Call(7, [20, 21, 99, 23])])
+    assert _record(rec, seq[:10], 7, stats) == [2]
+    assert (stats.num_draft_tokens, stats.num_accepted_tokens) == (3, 1)
     # a plain run: the prefill token is not a verify step, as in the embedded engine
     stats = SpecStats()
-    assert _record(_Recorder([_Call(0, 7), _Call(7, 1), _Call(8, 1)]), 7, 3, stats) == [1, 1]
+    assert _record(_Recorder([_Call(0, seq[:7]), _Call(7, [20]), _Call(8, [21])]), seq[:10], 7,
+                   stats) == [1, 1]
     assert stats.num_draft_tokens == 0
+
+
+def test_unreadable_call_log_says_so_instead_of_counting():
+    seq = list(range(1, 13))
+    # no positions given to the target (what a transformers change could do)
+    stats = SpecStats()
+    assert _record(_Recorder([_Call(0, seq[:7]), _Call(None, seq[7:9])]), seq[:10], 7, stats) == []
+    assert "call 1 got no position_ids" in stats.counts_unavailable
+    assert stats.num_draft_tokens == 0 and stats.accept_lengths == []
+    assert stats.summary()["counts_unavailable"] == stats.counts_unavailable
+    # a call whose re-fed token is not the committed one (or leaves a gap) cannot be read either
+    for bad in (_Call(7, [99, 9]), _Call(9, [10, 11])):
+        stats = SpecStats()
+        assert _record(_Recorder([_Call(0, seq[:7]), bad]), seq[:10], 7, stats) == []
+        assert "does not continue the 8 committed tokens" in stats.counts_unavailable
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +69,11 @@ def test_hf_arms_match_plain_and_count_every_token(tiny):
         assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in plain]
         for o in outs:  # every new token comes from some step (the first call may hold prefill)
             assert 0 <= o.num_new_tokens - sum(o.accept_lengths) <= 1
+        # counted from what the arm observed (fed ids, positions, output), never negative
+        assert stats.counts_unavailable is None, stats.counts_unavailable
         assert stats.num_draft_tokens > 0 and stats.total_new_tokens == 40
+        assert 0 <= stats.num_accepted_tokens <= stats.num_draft_tokens
+        assert stats.num_drafts <= len(stats.accept_lengths)
     # the assistant is the target itself: every draft is accepted
     assert stats.acceptance_rate == 1.0 and stats.timing_ms["draft"] > 0
     assert all(a == 1 for o in plain for a in o.accept_lengths)
