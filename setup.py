@@ -20,9 +20,11 @@ setup(
     packages=list(PACKAGE_DIRS) + CORE_SUBPACKAGES,
     package_dir=PACKAGE_DIRS,
     package_data={"specplug.benchmarks": ["*.md"], "specplug": ["assets/*", "assets/**/*"]},
+    # Compatible ranges for `pip install specplug`; make/CI install the exact locks/*.txt.  The
+    # upper bound on transformers: its major releases rename generate()/cache arguments (5.0 did).
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        "transformers>=4.56,<6",
         "safetensors",
         "tokenizers",
         "tqdm",

@@ -69,9 +69,12 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
 
 def environment() -> dict:
     import transformers
+
+    from .tested_versions import untested
     return {"versions": {"specplug": __import__("specplug").__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "python": platform.python_version()},
+            "untested_versions": untested(),
             "threads": torch.get_num_threads(), "device": "cpu",
             "cpu": platform.processor() or platform.machine()}
 

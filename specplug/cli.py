@@ -136,6 +136,8 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .tested_versions import warn_if_untested
+    warn_if_untested()
     # bench / convert / train own their argument parsing
     delegated = {"bench": "specplug.benchmarks.cli", "convert": "specplug.converters.cli",
                  "train": "specplug.training.cli"}

