@@ -30,6 +30,12 @@ ALGORITHMS: dict[str, str | None] = {
     "SPECPLUG_NGRAM": "ngram",
 }
 
+# On CPU SGLang's verify commits the target's argmax whatever the temperature, so the worker
+# ends sampled requests with this message (worker.refuse_sampled) instead of answering greedily.
+SAMPLING_REFUSED = ("specplug on SGLang CPU refuses temperature > 0: SGLang's CPU verify commits "
+                    "the target's argmax, so sampled output would not follow the target's "
+                    "distribution; use temperature 0 here, or a GPU")
+
 # specplug methods SGLang serves with its own workers (from converted checkpoints)
 SGLANG_BUILTINS = {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
 

@@ -153,6 +153,8 @@ def _params(req: Request, sampling: SamplingParams, ignore_eos: bool, max_new: i
 def to_output(req: Request, result: dict) -> RequestOutput:
     meta = result["meta_info"]
     reason = (meta.get("finish_reason") or {}).get("type", "length")
+    if reason == "abort":  # SGLang refused the request (e.g. worker.refuse_sampled): say why
+        raise RuntimeError(f"SGLang aborted a request: {meta['finish_reason'].get('message')}")
     if reason == "stop":  # SGLang says "stop" for EOS too; a stop string sets "matched" to it
         matched = (meta.get("finish_reason") or {}).get("matched")
         reason = "stop" if isinstance(matched, str) else "eos"
@@ -205,8 +207,10 @@ def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None =
                                job_path, out_path], env=env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-            raise RuntimeError(f"SGLang subprocess failed (rc {proc.returncode}):\n{tail}")
+            lines = (proc.stdout + proc.stderr).splitlines()
+            # the error itself first: a CLI prints only the first line
+            raise RuntimeError(f"SGLang subprocess failed: {lines[-1] if lines else proc.returncode}"
+                               "\n" + "\n".join(lines[-30:]))
         with open(out_path) as f:
             return json.load(f)
 

@@ -11,12 +11,20 @@ The scheduler builds `SpecplugWorker(server_args=, gpu_id=, nccl_port=, target_w
            spec_verify_ct.
 There is no draft model runner and no draft KV cache in SGLang: the drafter keeps its own state
 per request and reconciles it with the committed tokens on every call.
+
+Sampling: on CPU, SGLang's verify commits the target's argmax whatever a request's temperature
+(`eagle_utils._verify_uses_greedy`), so a sampled request would silently come back greedy.
+The worker refuses such requests instead: each ends at its prefill with SGLang's own abort
+(`FINISH_ABORT`, HTTP 400) carrying SAMPLING_REFUSED.  Greedy requests are unaffected.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+from http import HTTPStatus
+
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.runtime_context import get_device, get_schedule, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
@@ -25,10 +33,11 @@ from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
 from sglang.srt.speculative.eagle_worker_common import build_eagle_verify_input, run_eagle_verify
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_utils import get_plan_stream
+from sglang.srt.utils import is_cpu
 
 from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter
 
-from .algorithms import drafter_options, drafter_path, resolve_method
+from .algorithms import SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method
 from .batch import RowIds, chain_tokens, draft_input
 
 log = logging.getLogger("specplug.sglang")
@@ -51,6 +60,7 @@ class SpecplugWorker(BaseSpecWorker):
         self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
         self.adaptive_controller = None
         self.rows = RowIds()
+        self.greedy_verify_only = is_cpu()  # see the module docstring
 
         draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
@@ -68,6 +78,8 @@ class SpecplugWorker(BaseSpecWorker):
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None,
                                  pp_proxy_tensors=None):
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+            if self.greedy_verify_only:
+                refuse_sampled(batch.reqs)
             return self._prefill(batch, on_publish, pp_proxy_tensors)
         if batch.spec_info is None:
             batch.spec_info = _root_input(torch.empty(0, dtype=torch.int32, device=self.device))
@@ -124,6 +136,14 @@ class SpecplugWorker(BaseSpecWorker):
             batch, root, parents, selected, tokens, None, target_worker=self.target_worker,
             topk=1, num_steps=steps, num_draft_tokens=self.speculative_num_draft_tokens,
             tree_mask_mode=default_tree_mask_mode(), device=self.device)
+
+
+def refuse_sampled(reqs) -> None:
+    """End every request that samples (SGLang marks greedy as top_k == 1) after this step, with
+    SGLang's abort and SAMPLING_REFUSED as the message its client gets."""
+    for req in reqs:
+        if req.sampling_params.top_k != 1 and req.to_finish is None and not req.finished():
+            req.to_finish = FINISH_ABORT(SAMPLING_REFUSED, HTTPStatus.BAD_REQUEST, "BadRequestError")
 
 
 def _root_input(bonus_tokens: torch.Tensor) -> EagleDraftInput:

@@ -14,7 +14,8 @@ Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
     python -m specplug.integrations.vllm.generate JOB.json RESULT.json
 JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug"
       ({"method", "path", "options", "num_draft_tokens", "via_plugin"}),
-      "temperature", "seed", "ignore_eos", "llm_kwargs", "warmup", "repeats"}; see `run_job`.
+      "temperature", "seed" (every request) | "seeds" (one per request), "ignore_eos",
+      "llm_kwargs", "warmup", "repeats"}; see `run_job`.
 """
 from __future__ import annotations
 
@@ -167,8 +168,9 @@ def _round_up(n: int, k: int) -> int:
 # -- subprocess entry -------------------------------------------------------------------------
 def run_job(job: dict) -> dict:
     """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts."""
-    reqs = [Request(list(p), int(job["max_new_tokens"]), seed=job.get("seed"))
-            for p in job["prompt_ids"]]
+    seeds = job.get("seeds") or [job.get("seed")] * len(job["prompt_ids"])
+    reqs = [Request(list(p), int(job["max_new_tokens"]), seed=s)
+            for p, s in zip(job["prompt_ids"], seeds)]
     spec, extra = job.get("speculative_config"), {}
     if "specplug" in job:
         s = job["specplug"]

@@ -66,6 +66,10 @@ class SpecplugProposer:
             found = compat.problems()
             if found:
                 raise RuntimeError("specplug cannot drive this vLLM: " + "; ".join(found))
+            # vLLM's CPU rejection sampler is biased at T > 0 without this (cpu_sampling_fix.py)
+            from .cpu_sampling_fix import install
+            from .plugin import plugin_logger
+            plugin_logger().info("%s", install())
         self.vllm_config = vllm_config
         spec_config = vllm_config.speculative_config
         self.num_draft_tokens = int(spec_config.num_speculative_tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -140,6 +141,23 @@ def test_32_concurrent_requests_equal_their_sequential_runs(spec_server, models)
         assert r["output_ids"] == seq, f"request {i}: concurrent output differs from sequential"
     assert max(r["meta_info"]["spec_accept_length"] for r in results) > 1.5
     assert "Traceback" not in spec_server.log_text()
+
+
+def test_sampling_is_refused_on_cpu_with_the_reason(spec_server, models):
+    """SGLang's CPU verify is greedy whatever the temperature: the worker ends a sampled request
+    with an abort naming why, never an argmax answer passed off as a sample."""
+    from specplug.integrations.sglang.algorithms import SAMPLING_REFUSED
+    ids = models["prompts"][0]
+    try:
+        out = spec_server.generate(ids, temperature=0.8, max_new_tokens=8)
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort", out["meta_info"]
+        message = reason["message"]
+    except urllib.error.HTTPError as e:  # SGLang answers an aborted request with its status
+        assert e.code == 400
+        message = e.read().decode()
+    assert SAMPLING_REFUSED in message.replace("\\'", "'")
+    assert len(greedy(spec_server, ids, 8)["output_ids"]) == 8  # greedy requests still served
 
 
 def test_mismatched_version_registers_nothing_and_sglang_still_serves(plain_server, models):
