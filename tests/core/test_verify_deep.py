@@ -29,7 +29,7 @@ from specplug.verify import verify_sampled_tree
 
 VOCAB = 4
 LENGTH = 3  # tokens whose joint law is checked
-DRAWS = 4000
+DRAWS = 3000
 ALPHA = 1e-3
 
 
