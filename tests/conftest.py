@@ -11,6 +11,22 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+SUMMARY: list[str] = []  # lines the run's summary shows (e.g. each broken verifier's rejection)
+
+
+@pytest.fixture
+def summary_line():
+    """Append a line to the run's terminal summary (shown whether the test passes or fails)."""
+    return SUMMARY.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY:
+        terminalreporter.section("specplug statistical checks")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
+
+
 def smollm2_path() -> str:
     from specplug.models.prepare import model_dir
     return model_dir("smollm2")

@@ -9,6 +9,7 @@ Names (the user's vocabulary, not SGLang's):
   SPECPLUG_DRAFT     a draft causal LM, with the target's tokenizer or another one
   SPECPLUG_SPECDIFF  a SpecDiff/Dream diffusion drafter (a whole block per step)
   SPECPLUG_NGRAM     prompt lookup over each request's own tokens (no folder)
+  SPECPLUG_SUFFIX    suffix decoding over each request's tokens and earlier outputs (no folder)
 EAGLE-1/2, EAGLE-3 and DFlash checkpoints run on SGLang's own EAGLE / EAGLE3 / DFLASH workers
 (`specplug convert --to sglang` writes the layouts they load), so they get no name here.
 
@@ -28,6 +29,7 @@ ALGORITHMS: dict[str, str | None] = {
     "SPECPLUG_DRAFT": "draft",
     "SPECPLUG_SPECDIFF": "specdiff",
     "SPECPLUG_NGRAM": "ngram",
+    "SPECPLUG_SUFFIX": "suffix",
 }
 
 # On CPU SGLang's verify commits the target's argmax whatever the temperature, so the worker
@@ -40,6 +42,7 @@ SAMPLING_REFUSED = ("specplug on SGLang CPU refuses temperature > 0: SGLang's CP
 SGLANG_BUILTINS = {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
 
 METHODS_WITH_FOLDER = {"draft", "specdiff"}
+METHODS_WITHOUT_FOLDER = {"ngram", "suffix"}  # token-only drafters with no weights
 DEFAULT_NUM_STEPS = 4  # draft tokens per verify when neither steps nor draft tokens are given
 # JSON dict of drafter options, e.g. {"max_ngram": 4}; its "path" names the drafter folder when
 # --speculative-draft-model-path cannot (SGLang reads that folder's config with transformers'
@@ -78,7 +81,7 @@ def resolve_method(algorithm: str, draft_path: str | None) -> str:
     if method in METHODS_WITH_FOLDER and not draft_path:
         raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
                          f"(a {method} drafter folder)")
-    if method not in METHODS_WITH_FOLDER and method != "ngram":
+    if method not in METHODS_WITH_FOLDER | METHODS_WITHOUT_FOLDER:
         raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang "
                          "(it needs target hidden states SGLang does not hand to plugins)")
     return method

@@ -37,7 +37,8 @@ from sglang.srt.utils import is_cpu
 
 from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter
 
-from .algorithms import SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method
+from .algorithms import (METHODS_WITHOUT_FOLDER, SAMPLING_REFUSED, drafter_options, drafter_path,
+                         resolve_method)
 from .batch import RowIds, chain_tokens, draft_input
 
 log = logging.getLogger("specplug.sglang")
@@ -66,7 +67,8 @@ class SpecplugWorker(BaseSpecWorker):
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
         options = {k: v for k, v in drafter_options().items() if k != "path"}
         self.drafter = build_drafter(
-            DrafterSpec(self.method, draft_path if self.method != "ngram" else None, options),
+            DrafterSpec(self.method,
+                        None if self.method in METHODS_WITHOUT_FOLDER else draft_path, options),
             _target_info(server_args, target_worker))
         if self.drafter.needs.hidden_layers:
             raise ValueError(f"specplug method {self.method!r} reads target hidden states, which "

@@ -10,8 +10,11 @@ draft is close to uniform and almost no draft is accepted (greedy-only batches s
 The fix uses the override API vLLM itself offers (`vllm.triton_utils.dispatcher.
 register_kernels`) to put a correct expand in its place, and only when the registered override
 is exactly that CPU stand-in: a GPU build, or a vLLM whose CPU kernel differs, is left alone.
-It must run after vLLM's platform registered its overrides (worker start), so the proposer calls
-it from its constructor, and it checks itself on a small input before it is trusted.
+It must run after vLLM's platform registered its overrides, which happens at worker start, after
+plugins load.  So the plugin wraps the CPU platform's `register_triton_kernel_overrides` to
+repair right after it (every method, vLLM's own eagle/eagle3 included, in every process), and
+the custom_class proposer repairs again in its constructor (a no-op once repaired).  The repair
+checks itself on a small input; if that fails the worker refuses to start, with the reason.
 """
 from __future__ import annotations
 
@@ -45,6 +48,30 @@ def install() -> str:
     dispatcher.register_kernels({KERNEL: expand})
     _self_check()
     return "replaced vLLM's CPU expand kernel (it left per-token temperatures uninitialised)"
+
+
+def repair_after_platform_overrides() -> str:
+    """Wrap CpuPlatform.register_triton_kernel_overrides so that install() follows it; returns
+    what it did, in one line for the plugin's log (plugin.register calls this)."""
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+        from vllm.utils import cpu_triton_utils
+    except ImportError as e:
+        return f"no CPU platform in this vLLM ({e}): nothing to repair"
+    original = CpuPlatform.__dict__.get("register_triton_kernel_overrides")
+    if getattr(cpu_triton_utils, "_expand_kernel_impl", None) is None or not isinstance(
+            original, classmethod):
+        return "vLLM's CPU kernel overrides are not the ones specplug knows: left as they are"
+    if getattr(original.__func__, "specplug_repairs", False):
+        return "CPU expand repair already hooked"
+
+    def register_then_repair(cls) -> None:
+        original.__func__(cls)
+        install()
+
+    register_then_repair.specplug_repairs = True
+    CpuPlatform.register_triton_kernel_overrides = classmethod(register_then_repair)
+    return "CPU expand kernel repaired after vLLM registers its CPU kernels"
 
 
 def _self_check() -> None:

@@ -49,12 +49,16 @@ def register() -> None:
         log.warning("specplug plugin registered nothing in %s: %s", where, "; ".join(found))
         return
     from vllm import ModelRegistry
+
+    from .cpu_sampling_fix import repair_after_platform_overrides
+    repair = repair_after_platform_overrides()  # T > 0 on CPU, see cpu_sampling_fix.py
     names = []
     for arch, target in MODEL_CLASSES:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, target)
         names.append(arch)
     _registered = names
-    log.info("specplug plugin loaded in %s for vLLM %s: custom_class proposer %s; model classes: %s",
-             where, compat.vllm_version(), "specplug.integrations.vllm.proposer.SpecplugProposer",
-             ", ".join(names) or "none")
+    log.info("specplug plugin loaded in %s for vLLM %s: custom_class proposer %s; model classes: "
+             "%s; %s", where, compat.vllm_version(),
+             "specplug.integrations.vllm.proposer.SpecplugProposer", ", ".join(names) or "none",
+             repair)

@@ -91,4 +91,5 @@ def _load_builtin() -> None:
                 raise
 
 
-BUILTIN_FAMILIES = ("ngram", "draft_model", "eagle", "eagle3", "dflash", "specdiff", "hybrid")
+BUILTIN_FAMILIES = ("ngram", "suffix", "draft_model", "eagle", "eagle3", "dflash", "specdiff",
+                    "hybrid")

@@ -19,8 +19,8 @@ node is verified as a point mass, which is lossless for any draft chosen without
 target's random numbers (see verify.py).
 
 Options: head_method (default: detected from the drafter folder), head_* (passed to the head with
-the prefix removed, e.g. head_tree_topk), mode, max_ngram (4), min_match (2),
-min_lookup_tokens (1).  DrafterSpec.path is the head's checkpoint folder.
+the prefix removed, e.g. head_tree_topk), mode, lookup ("ngram" with max_ngram (4) and
+min_match (2), or "suffix" with suffix options prefixed lookup_), min_lookup_tokens (1).  DrafterSpec.path is the head's checkpoint folder.
 """
 from __future__ import annotations
 
@@ -162,16 +162,27 @@ def _head_spec(spec: DrafterSpec) -> DrafterSpec:
     return DrafterSpec(str(method), opts.get("head_path") or spec.path, head_opts)
 
 
-@register_drafter("hybrid")
-def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
-    opts = spec.options
+def _lookup_spec(opts: dict) -> DrafterSpec:
+    """option lookup: "ngram" (max_ngram, min_match) or "suffix" (its options prefixed lookup_,
+    e.g. lookup_min_prob; a chain, as the merge rules expect)."""
+    kind = str(opts.get("lookup", "ngram"))
+    if kind == "suffix":
+        return DrafterSpec("suffix", None, {k[len("lookup_"):]: v for k, v in opts.items()
+                                            if k.startswith("lookup_") and k != "lookup_tree_nodes"})
+    if kind != "ngram":
+        raise ValueError(f"hybrid option lookup must be 'ngram' or 'suffix', got {kind!r}")
     max_ngram = int(opts.get("max_ngram", 4))
     min_match = int(opts.get("min_match", 2))
     if not 1 <= min_match <= max_ngram:
         raise ValueError(f"hybrid needs 1 <= min_match ({min_match}) <= max_ngram ({max_ngram})")
     # an n-gram drafter whose shortest n is min_match proposes nothing without such a match
-    lookup = build_drafter(DrafterSpec("ngram", None, {"max_ngram": max_ngram,
-                                                      "min_ngram": min_match}), target)
+    return DrafterSpec("ngram", None, {"max_ngram": max_ngram, "min_ngram": min_match})
+
+
+@register_drafter("hybrid")
+def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
+    opts = spec.options
+    lookup = build_drafter(_lookup_spec(opts), target)
     head = build_drafter(_head_spec(spec), target)
     return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
                          int(opts.get("min_lookup_tokens", 1)))

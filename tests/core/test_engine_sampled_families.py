@@ -65,14 +65,25 @@ def _tiny_text_target():
     return build_tiny_llama(0), tok, tok.encode("the cat sat on the mat. the cat sat on")
 
 
-def ngram(tmp):
-    """The prompt holds the target's own greedy continuation of its last words, so the lookup
+def _self_quoting_prompt():
+    """The prompt holds the target's own greedy continuation of its last words, so a lookup
     finds what the target is likely to say next."""
     target, tok, base = _tiny_text_target()
     with torch.no_grad():
         said = target.generate(torch.tensor([base]), max_new_tokens=8, do_sample=False)[0]
-    prompt = said.tolist() + base
+    return target, tok, said.tolist() + base
+
+
+def ngram(tmp):
+    target, tok, prompt = _self_quoting_prompt()
     return target, build_drafter(DrafterSpec("ngram"), target_info(target, tok)), prompt
+
+
+def suffix(tmp):
+    """Trees of continuations (several deterministic siblings per node)."""
+    target, tok, prompt = _self_quoting_prompt()
+    spec = DrafterSpec("suffix", None, {"tree_nodes": 6, "min_prob": 0.0})
+    return target, build_drafter(spec, target_info(target, tok)), prompt
 
 
 def draft(tmp):
@@ -123,7 +134,7 @@ def specdiff(tmp):
     return target, build_drafter(spec, target_info(target, tok)), prompt
 
 
-FAMILIES = [ngram, draft, draft_other_tokenizer, eagle, eagle3, hybrid, dflash, specdiff]
+FAMILIES = [ngram, suffix, draft, draft_other_tokenizer, eagle, eagle3, hybrid, dflash, specdiff]
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
@@ -146,7 +157,7 @@ def test_first_tokens_follow_the_target(family, tmp_path):
         assert df > 0 and p_value > ALPHA, f"{name}: chi2={stat:.1f} df={df} p={p_value:.2e}"
 
 
-def test_an_engine_that_always_accepts_is_caught(monkeypatch, tmp_path):
+def test_an_engine_that_always_accepts_is_caught(monkeypatch, tmp_path, summary_line):
     """The same check at the same size rejects an engine whose verify keeps every draft."""
     from specplug.engine import embedded
     from specplug.types import VerifyResult
@@ -170,5 +181,6 @@ def test_an_engine_that_always_accepts_is_caught(monkeypatch, tmp_path):
 
     stat, df, p_value = conditional_chi_square([o.output_token_ids for o in outputs], POSITIONS,
                                                target_law(target, prompt, params))["all"]
-    print(f"always-accept engine: chi2={stat:.1f} df={df} p={p_value:.1e}")
+    summary_line(f"engine with an always-accept verify (draft family): chi2={stat:.1f} df={df} "
+                 f"p={p_value:.1e} -> {'rejected' if p_value < ALPHA else 'NOT rejected'}")
     assert p_value < ALPHA

@@ -194,11 +194,13 @@ MUTANTS = ["always_accept", "resample_from_p", "accept_with_p", "skip_residual_d
 
 
 @pytest.mark.parametrize("bug", MUTANTS)
-def test_broken_verifiers_are_rejected(bug):
+def test_broken_verifiers_are_rejected(bug, summary_line):
     rows, with_probs = BATCH_WITH_PROBS, True
     counts = _joint_counts(broken_verifier(bug), rows, with_probs, seed=11)
     stat, df, p_value = chi_square(zip(counts, _expected(rows)))
-    print(f"mutant {bug}: chi2={stat:.1f} df={df} p={p_value:.1e} power={power(stat, df):.4f}")
+    summary_line(f"broken verifier {bug!r}: chi2={stat:.1f} df={df} p={p_value:.1e} -> "
+                 f"{'rejected' if p_value < ALPHA else 'NOT rejected'} at {ALPHA} "
+                 f"(power at its noncentrality {power(stat, df):.4f}, {DRAWS} draws)")
     assert p_value < ALPHA, f"the test cannot see {bug}: chi2={stat:.1f} df={df} p={p_value:.2e}"
     assert power(stat, df) >= 0.99
 

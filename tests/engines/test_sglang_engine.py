@@ -177,7 +177,7 @@ def test_unknown_algorithm_fails_at_start_with_sglangs_message(python, cpu_env, 
     assert "Unknown speculative algorithm name: SPECPLUG_NOPE" in server.log_text()
 
 
-def test_specplug_generate_engine_sglang_runs_the_diffusion_drafter(python, cpu_env, models,
+def test_specplug_generate_engine_sglang_runs_diffusion_and_suffix_drafters(python, cpu_env, models,
                                                                     plain_server, spec_server):
     """`specplug generate --engine sglang` path: run_sglang(GenerateConfig) in engine mode
     (sglang.Engine in the SGLang venv), SPECPLUG_SPECDIFF with a Dream drafter that agrees."""
@@ -197,3 +197,9 @@ def test_specplug_generate_engine_sglang_runs_the_diffusion_drafter(python, cpu_
     for out, want in zip(outputs, wants):
         assert out.output_token_ids == want["output_ids"]
     assert stats.num_drafts > 0 and stats.mean_accept_length > 1.5, stats.summary()
+    # SPECPLUG_SUFFIX: suffix decoding over each request's own tokens, same engine path
+    cfg = GenerateConfig(target=models["target"], prompts=prompts, method="suffix", gamma=STEPS,
+                         max_new_tokens=MAX_NEW)
+    outputs, stats = run_sglang(cfg)
+    assert [o.output_token_ids for o in outputs] == [w["output_ids"] for w in wants]
+    assert stats.num_drafts > 0, stats.summary()

@@ -51,6 +51,7 @@ def specplug_job(models, method: str, path_key: str | None = None, **options) ->
 
 CASES = {
     "ngram": ("ngram", None, {"max_ngram": 3}),
+    "suffix": ("suffix", None, {}),
     "draft": ("draft", "draft", {}),
     "draft_other_tokenizer": ("draft", "other_tok_draft", {}),
     "specdiff": ("specdiff", "dream", {"unmask_order": "left_to_right"}),
