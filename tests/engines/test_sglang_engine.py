@@ -202,4 +202,4 @@ def test_specplug_generate_engine_sglang_runs_diffusion_and_suffix_drafters(pyth
                          max_new_tokens=MAX_NEW)
     outputs, stats = run_sglang(cfg)
     assert [o.output_token_ids for o in outputs] == [w["output_ids"] for w in wants]
-    assert stats.num_drafts > 0, stats.summary()
+    assert stats.mean_accept_length > 1.0, stats.summary()  # some drafts were accepted
