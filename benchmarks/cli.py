@@ -40,6 +40,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
+    p.add_argument("--budget", default="on", choices=("on", "off", "both"),
+                   help="embedded drafter arms with the automatic speculation budget, without "
+                        "it (gamma every step, label suffix /no-budget), or both")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, per_category=args.per_category, turns=args.turns, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,
             chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,
-            output=args.output, name=args.name)
+            output=args.output, name=args.name, budget=args.budget)
         result = run_bench(cfg, progress=not args.no_progress)
     except (DatasetError, ModelLoadError, EngineUnavailable, ValueError, OSError) as e:
         print(f"specplug bench: error: {e}", file=sys.stderr)

@@ -62,6 +62,7 @@ class BenchTarget:
     sampling: SamplingParams
     batch_size: int
     compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more embedded arms
+    budget: str = "on"  # embedded drafter arms: with the speculation budget, without, or both
 
 
 def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
@@ -77,6 +78,7 @@ def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
 
 
 def _embedded_arms(t: BenchTarget) -> list[Arm]:
+    from specplug.budget import SpeculationBudget
     from specplug.drafters.base import build_drafter
     from specplug.engine.embedded import EmbeddedEngine
     from specplug.models.loading import target_info
@@ -88,14 +90,19 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
     arms = [Arm("embedded/none", "embedded", "none", "baseline", runner(base),
                 {"batch_size": t.batch_size})]
     specs = ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[t.budget]
     for label, dspec in specs:
-        drafter = build_drafter(dspec, target_info(t.model, t.tokenizer))
-        spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
-                              sampling=t.sampling)
-        arms.append(Arm(f"embedded/{label}", "embedded", dspec.method, "spec",
-                        runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
-                                       "drafter_path": dspec.path,
-                                       "options": dict(dspec.options)}))
+        for with_budget in modes:
+            # each arm its own drafter: drafters keep per-row state
+            drafter = build_drafter(dspec, target_info(t.model, t.tokenizer))
+            spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
+                                  sampling=t.sampling,
+                                  budget=SpeculationBudget(t.gamma) if with_budget else None)
+            name = f"embedded/{label}" + ("" if with_budget else "/no-budget")
+            arms.append(Arm(name, "embedded", dspec.method, "spec",
+                            runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
+                                           "drafter_path": dspec.path, "budget": with_budget,
+                                           "options": dict(dspec.options)}))
     return arms
 
 

@@ -46,6 +46,7 @@ class BenchConfig:
     name: str | None = None  # JSON file stem; default from suite/engine/method
     # more embedded drafter arms in the same run: (label, spec), label unique among them
     compare: list = field(default_factory=list)
+    budget: str = "on"  # embedded drafter arms with the speculation budget: on | off | both
 
     def run_name(self) -> str:
         if self.name:
@@ -91,7 +92,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, cfg.drafter, cfg.options)
     target = BenchTarget(cfg.target, model, tokenizer, drafter, cfg.gamma,
                          SamplingParams(temperature=cfg.temperature), cfg.batch_size,
-                         list(cfg.compare))
+                         list(cfg.compare), cfg.budget)
     engines = [cfg.engine] + (["hf"] if cfg.anchors and cfg.engine != "hf" else [])
     states = [_ArmState(a) for e in engines for a in build_arms(e, target)]
     use_chat = cfg.chat_template and has_chat_template(tokenizer)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .budget import SpeculationBudget
 from .drafters.base import DrafterSpec, build_drafter
 from .engine.embedded import EmbeddedEngine
 from .engine.rows import Request, RequestOutput
@@ -36,6 +37,7 @@ class GenerateConfig:
     stop: tuple[str, ...] = ()
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # drafter options (tree sizes, steps, ...)
+    budget: bool = True  # the automatic speculation budget (specplug/budget.py); embedded engine
 
     @property
     def sampling(self) -> SamplingParams:
@@ -112,7 +114,8 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
                                 target_info(model, tokenizer))
     # a tree drafter's depth is the number of draft tokens on its longest path
     depth = int(cfg.options.get("tree_depth") or cfg.gamma)
-    return EmbeddedEngine(model, tokenizer, drafter, depth, cfg.sampling)
+    budget = SpeculationBudget(depth) if cfg.budget and drafter is not None else None
+    return EmbeddedEngine(model, tokenizer, drafter, depth, cfg.sampling, budget)
 
 
 def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[RequestOutput], SpecStats]:

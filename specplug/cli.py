@@ -77,6 +77,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoise-steps", type=int, help="specdiff: denoising steps k")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="other drafter options")
+    p.add_argument("--no-budget", dest="budget", action="store_false",
+                   help="draft gamma tokens every step instead of the automatic speculation "
+                        "budget (embedded engine)")
     p.add_argument("--stats-output", help="write the stats JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 
@@ -92,7 +95,7 @@ def config_from_args(args):
         gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
         engine=args.engine, chat_template=args.chat_template, stop=tuple(args.stop),
-        dtype=args.dtype, options=options)
+        dtype=args.dtype, options=options, budget=args.budget)
 
 
 def cmd_generate(args) -> int:

@@ -22,6 +22,7 @@ class SpecStats:
     # set by an arm that could not count drafts (why, in one line): its draft counts are not zero
     # but unknown, and readers must not take them as measured
     counts_unavailable: str | None = None
+    budgets: list[int] = field(default_factory=list)  # draft tokens budgeted per step (budget on)
 
     @contextmanager
     def timer(self, key: str):
@@ -69,6 +70,8 @@ class SpecStats:
             "accept_length_histogram": {str(k): v for k, v in self.histogram().items()},
             "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
             **({"counts_unavailable": self.counts_unavailable} if self.counts_unavailable else {}),
+            **({"budget_histogram": {str(k): v for k, v in sorted(Counter(self.budgets).items())}}
+               if self.budgets else {}),
         }
 
     def summary_line(self, label: str = "") -> str:

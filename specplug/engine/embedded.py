@@ -5,6 +5,8 @@ One decode step for a batch of rows:
   2. the target runs once on [last committed token, draft nodes...] with a tree mask
   3. verify -> accepted drafts + recovered/bonus token per row
   4. the cache keeps the accepted path's slots, the rest is masked out (rollback is free)
+With a SpeculationBudget (specplug/budget.py) step 1 is preceded by each row's draft budget:
+rows whose budget is 0 are not drafted for, the others' proposals are cut to their budget.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 
 import torch
 
+from ..budget import SpeculationBudget
 from ..drafters.base import Drafter
 from ..stats import SpecStats
 from ..types import PAD, DraftInput, DraftProposal, SamplingParams
@@ -48,8 +51,10 @@ def tree_block_mask(proposal: DraftProposal) -> torch.Tensor:
 
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None,
-                 num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams()):
+                 num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams(),
+                 budget: SpeculationBudget | None = None):
         self.model = model.eval()
+        self.budget = budget if drafter else None
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens if drafter else 0
@@ -98,15 +103,19 @@ class EmbeddedEngine:
             self._prefill(rows, cache)
         active = [r for r in rows if not r.finish_reason]
         self._drop_finished(rows, active, cache)
+        first_step = True
         while active:
             step_start = time.perf_counter()
             timed = dict.fromkeys(("draft", "verify", "sample", "cache"), 0.0)
             t = time.perf_counter()
-            proposal = self._propose(active)
+            limits = self.budget.plan([r.row_id for r in active]) if self.budget else None
+            proposal = self._propose(active, limits)
             timed["draft"] = time.perf_counter() - t
             t = time.perf_counter()
             logits, feats = self._verify_forward(active, cache, proposal)
             timed["verify"] = time.perf_counter() - t
+            if limits is not None:
+                stats.budgets.append(sum(limits))
             t = time.perf_counter()
             result = verify(logits, proposal, self.sampling, [r.generator for r in active])
             timed["sample"] = time.perf_counter() - t
@@ -122,6 +131,13 @@ class EmbeddedEngine:
                 n_new = row.append(result.row_tokens(i), self.eos_ids, self.tokenizer)
                 row.accept_lengths.append(n_new)
                 stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
+                if self.budget:
+                    self.budget.observe_row(row.row_id, num_nodes[i], n_acc)
+            if self.budget:
+                self.budget.observe_verify(len(active) + sum(num_nodes), timed["verify"] * 1e3)
+                if not first_step:  # the first drafting also takes in the prompts
+                    self.budget.observe_draft(sum(num_nodes), timed["draft"] * 1e3)
+            first_step = False
             cache.commit(keep)
             still = [r for r in active if not r.finish_reason]
             if len(still) < len(active):
@@ -140,7 +156,10 @@ class EmbeddedEngine:
         keep_ids = {r.row_id for r in after}
         cache.select_rows([i for i, r in enumerate(before) if r.row_id in keep_ids])
         if self.drafter:
-            self.drafter.release([r.row_id for r in before if r.row_id not in keep_ids])
+            gone = [r.row_id for r in before if r.row_id not in keep_ids]
+            self.drafter.release(gone)
+            if self.budget:
+                self.budget.forget(gone)
 
     # -- model calls --------------------------------------------------------------------------
     def _forward(self, cache, ids, pos, real, block_mask=None):
@@ -169,21 +188,29 @@ class EmbeddedEngine:
                 r.pending_hidden.append(feats[i, :lens[i]])
             r.append([int(first[i])], self.eos_ids, self.tokenizer)
 
-    def _propose(self, rows: list[Row]) -> DraftProposal:
+    def _propose(self, rows: list[Row], limits: list[int] | None = None) -> DraftProposal:
+        """limits: draft tokens per row (the speculation budget), None: num_draft_tokens each.
+        Rows with limit 0 are not drafted for; their features wait for their next draft."""
         if not self.drafter:
             return DraftProposal.empty(len(rows))
-        starts = [r.hidden_start for r in rows]
-        feats = [r.take_hidden() for r in rows] if self.hidden_layers else None
+        limits = limits if limits is not None else [self.num_draft_tokens] * len(rows)
+        chosen = [i for i, k in enumerate(limits) if k > 0]
+        if not chosen:
+            return DraftProposal.empty(len(rows))
+        some = [rows[i] for i in chosen]
+        starts = [r.hidden_start for r in some]
+        feats = [r.take_hidden() for r in some] if self.hidden_layers else None
         inp = DraftInput(
-            row_ids=[r.row_id for r in rows],
-            token_ids=[torch.tensor(r.tokens, dtype=torch.long) for r in rows],
-            num_draft_tokens=self.num_draft_tokens, sampling=self.sampling,
+            row_ids=[r.row_id for r in some],
+            token_ids=[torch.tensor(r.tokens, dtype=torch.long) for r in some],
+            num_draft_tokens=max(limits[i] for i in chosen), sampling=self.sampling,
             hidden_states=feats, hidden_start=starts if feats is not None else None,
-            generators=[r.generator for r in rows])
-        proposal = self.drafter.propose(inp)
-        # never draft past a row's token budget: the extra tokens could not be kept anyway
-        budget = torch.tensor([r.req.max_new_tokens - r.num_new for r in rows])
-        return _limit_depth(proposal, budget)
+            generators=[r.generator for r in some])
+        proposal = _scatter_rows(self.drafter.propose(inp), chosen, len(rows))
+        # never draft past a row's limit or its token budget (extra tokens could not be kept)
+        room = torch.tensor([min(k, r.req.max_new_tokens - r.num_new - 1) + 1
+                             for k, r in zip(limits, rows)])
+        return _limit_depth(proposal, room)
 
     def _verify_forward(self, rows, cache, proposal: DraftProposal):
         batch, n = proposal.tokens.shape
@@ -195,6 +222,21 @@ class EmbeddedEngine:
         pos = base + depth
         block_mask = None if proposal.is_chain() else tree_block_mask(proposal)
         return self._forward(cache, ids, pos, real, block_mask)
+
+
+def _scatter_rows(proposal: DraftProposal, index: list[int], batch: int) -> DraftProposal:
+    """The proposal of rows `index` placed among `batch` rows; the others get no nodes."""
+    if len(index) == batch:
+        return proposal
+    n = proposal.tokens.shape[1]
+    tokens = torch.full((batch, n), PAD, dtype=torch.long)
+    parents = torch.full((batch, n), -1, dtype=torch.long)
+    tokens[index], parents[index] = proposal.tokens, proposal.parents
+    probs = None
+    if proposal.draft_probs is not None:
+        probs = proposal.draft_probs.new_zeros((batch,) + proposal.draft_probs.shape[1:])
+        probs[index] = proposal.draft_probs
+    return DraftProposal(tokens, parents, probs)
 
 
 def _limit_depth(proposal: DraftProposal, budget: torch.Tensor) -> DraftProposal:

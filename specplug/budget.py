@@ -1,0 +1,138 @@
+"""The automatic speculation budget: how many draft tokens each row gets this step (0 allowed).
+
+Speculation pays only while a draft token's expected gain beats its cost.  Per engine:
+  cost      a verify forward carrying N tokens (every row's last token plus its drafts) takes
+            t(N) = a + b * N ms, fitted online by least squares over recent steps (exponential
+            forgetting); drafting costs d ms per draft token, averaged the same way.
+  gain      row r accepts its i-th draft token with probability alpha_r ** i (alpha_r: the row's
+            recent per-token acceptance, an exponential average; rows without history take the
+            engine-wide average).  A row always commits one token, drafted or not.
+  decision  maximise committed tokens per ms, E / T with E = sum_r (1 + sum_{i<=k_r} alpha_r^i)
+            and T = a + b * sum_r (1 + k_r) + d * sum_r k_r.  Each extra token costs the same
+            (b + d) and row r's next one gains alpha_r ** (k_r + 1), a decreasing sequence, so
+            adding the best remaining token while its gain / cost beats the current E / T is
+            optimal; with many rows the fixed cost a is spread thin and drafting stops first.
+
+Exploration: a row that gets no drafts learns nothing new, so after `explore_every` steps in
+which nobody drafted, one row (in turn) gets a single draft token: the estimates stay fresh at a
+cost of one verify token every few steps.
+
+Worked example: a = 40, b = 0.5, d = 0.3, one row, alpha 0.6: E/T starts at 1 / 40.5; a first
+token gains 0.6 for 0.8 ms (0.75 per ms): take it (E/T = 1.6 / 41.3); the fifth gains
+0.6 ** 5 = 0.078 for 0.8 ms (0.097 per ms), still above E/T = 0.054: every token up to the cap
+is taken.  The same row in a batch of 64 rows (T ~ 72 ms, E ~ 64) takes a token only while
+alpha ** i / 0.8 > 0.89, i.e. never: plain decoding.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LinearCost:
+    """t(N) = a + b * N (ms), weighted least squares with forgetting factor `decay`."""
+    decay: float = 0.9
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wt, wNN, wNt
+
+    def observe(self, tokens: int, ms: float) -> None:
+        s = [v * self.decay for v in self._sums]
+        for i, v in enumerate((1.0, tokens, ms, tokens * tokens, tokens * ms)):
+            s[i] += v
+        self._sums = s
+
+    @property
+    def seen(self) -> bool:
+        return self._sums[0] > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b): fixed and per-token ms.  Without spread in N yet, the step's whole time is
+        taken as fixed cost (drafting then looks cheap, so the engine explores)."""
+        w, sn, st, snn, snt = self._sums
+        if w == 0:
+            return 0.0, 0.0
+        var = snn / w - (sn / w) ** 2
+        if var <= 1e-9 * max(1.0, (sn / w) ** 2):
+            return st / w, 0.0
+        b = max(0.0, (snt / w - (sn / w) * (st / w)) / var)
+        a = max(0.0, st / w - b * sn / w)
+        return a, b
+
+
+@dataclass
+class SpeculationBudget:
+    """One per engine.  plan() before drafting, observe_*() after the step."""
+    max_tokens: int  # the drafter's configured draft length: no row gets more
+    acceptance_decay: float = 0.8  # weight of a row's history against its newest step
+    prior_acceptance: float = 0.5  # until anything was seen
+    explore_every: int = 8  # idle steps before one row gets one probing draft token
+    verify: LinearCost = field(default_factory=LinearCost)
+    draft_ms_per_token: float = 0.0
+    _rows: dict = field(default_factory=dict)  # row id -> [accepted, tried] (decayed)
+    _all: list = field(default_factory=lambda: [0.0, 0.0])
+    _idle_steps: int = 0
+    _probe: int = 0
+
+    def acceptance(self, row_id) -> float:
+        acc, tried = self._rows.get(row_id, self._all)
+        if tried < 1e-9:
+            return self.prior_acceptance
+        return min(max(acc / tried, 0.0), 0.99)
+
+    def plan(self, row_ids: list) -> list[int]:
+        """Draft tokens per row this step, each in [0, max_tokens]."""
+        alphas = [self.acceptance(r) for r in row_ids]
+        k = [0] * len(row_ids)
+        if self.max_tokens <= 0 or not row_ids:
+            return k
+        a, b = self.verify.coefficients()
+        step_cost = b + self.draft_ms_per_token
+        if not self.verify.seen or step_cost <= 0:
+            return [self.max_tokens] * len(row_ids)  # nothing measured yet: explore
+        gain = float(len(row_ids))
+        time = a + b * len(row_ids)
+        best = [(-alpha, i) for i, alpha in enumerate(alphas) if alpha > 0]
+        heapq.heapify(best)
+        while best:
+            neg_g, i = heapq.heappop(best)
+            if -neg_g / step_cost <= gain / time:
+                break  # the best remaining token no longer raises tokens per ms
+            k[i] += 1
+            gain, time = gain - neg_g, time + step_cost
+            if k[i] < self.max_tokens:
+                heapq.heappush(best, (neg_g * alphas[i], i))
+        if any(k):
+            self._idle_steps = 0
+        else:
+            self._idle_steps += 1
+            if self._idle_steps >= self.explore_every:
+                self._idle_steps = 0
+                self._probe = (self._probe + 1) % len(row_ids)
+                k[self._probe] = 1
+        return k
+
+    def observe_verify(self, tokens: int, ms: float) -> None:
+        """One verify forward: `tokens` fed in all (rows + drafts), `ms` it took."""
+        self.verify.observe(tokens, ms)
+
+    def observe_draft(self, tokens: int, ms: float) -> None:
+        """Drafting time of a step that proposed `tokens` (engines skip a batch's first step,
+        whose drafting also takes in the prompts)."""
+        if tokens > 0:
+            per = ms / tokens
+            self.draft_ms_per_token = (per if self.draft_ms_per_token == 0.0
+                                       else 0.8 * self.draft_ms_per_token + 0.2 * per)
+
+    def observe_row(self, row_id, drafted: int, accepted: int) -> None:
+        """A row's verify step: the drafts it tried (the first rejection ends the trial) and
+        how many were accepted."""
+        if drafted <= 0:
+            return
+        tried = min(drafted, accepted + 1)
+        for stats in (self._rows.setdefault(row_id, [0.0, 0.0]), self._all):
+            stats[0] = stats[0] * self.acceptance_decay + accepted
+            stats[1] = stats[1] * self.acceptance_decay + tried
+
+    def forget(self, row_ids: list) -> None:
+        for r in row_ids:
+            self._rows.pop(r, None)

@@ -1,0 +1,109 @@
+"""The speculation budget: its cost fit, its choice against brute force, and the embedded engine
+with it on (greedy identity, drafting stops when verify is made expensive)."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from specplug.budget import LinearCost, SpeculationBudget
+from specplug.drafters.draft_model import DraftModelDrafter
+from specplug.drafters.ngram import NgramDrafter
+from specplug.engine import embedded
+from specplug.engine.embedded import EmbeddedEngine
+from specplug.engine.rows import Request
+from specplug.models.tiny import build_tiny_llama, perturbed_copy
+
+
+def test_linear_cost_recovers_fixed_and_per_token_time():
+    cost = LinearCost(decay=0.95)
+    assert cost.coefficients() == (0.0, 0.0)
+    cost.observe(4, 12.0)
+    assert cost.coefficients() == (12.0, 0.0)  # one N only: all of it counts as fixed
+    for n in (1, 5, 9, 2, 30, 7):
+        cost.observe(n, 10.0 + 0.5 * n)
+    a, b = cost.coefficients()
+    assert a == pytest.approx(10.0, abs=0.2) and b == pytest.approx(0.5, abs=0.02)
+
+
+def budget_with(a, b, d, alphas, max_tokens=4):
+    plan = SpeculationBudget(max_tokens)
+    plan.verify.observe(1, a + b)
+    plan.verify.observe(101, a + 101 * b)
+    plan.draft_ms_per_token = d
+    for row, alpha in alphas.items():  # rows whose histories give exactly these rates
+        plan._rows[row] = [alpha * 1000, 1000.0]
+    return plan
+
+
+def rate(k, alphas, a, b, d):
+    gain = sum(1 + sum(al ** i for i in range(1, n + 1)) for n, al in zip(k, alphas))
+    return gain / (a + b * sum(1 + n for n in k) + d * sum(k))
+
+
+@pytest.mark.parametrize("a,b,d,alphas", [
+    (40.0, 0.5, 0.3, [0.6]), (40.0, 0.5, 0.3, [0.6] * 64), (5.0, 2.0, 0.5, [0.9, 0.2]),
+    (20.0, 1.0, 0.0, [0.8, 0.5, 0.05]), (2.0, 3.0, 1.0, [0.95, 0.95]), (30.0, 0.2, 4.0, [0.7])])
+def test_plan_maximises_tokens_per_ms_like_brute_force(a, b, d, alphas):
+    plan = budget_with(a, b, d, dict(enumerate(alphas)))
+    got = plan.plan(list(range(len(alphas))))
+    if len(alphas) <= 3:
+        best = max(itertools.product(range(5), repeat=len(alphas)),
+                   key=lambda k: rate(k, alphas, a, b, d))
+        assert rate(got, alphas, a, b, d) == pytest.approx(rate(best, alphas, a, b, d))
+    if len(alphas) == 64:  # the docstring's example: under load, plain decoding
+        assert got == [0] * 64
+    if alphas == [0.6] and d == 0.3:
+        assert got == [4]
+
+
+def test_unmeasured_engine_explores_and_rows_without_history_take_the_average():
+    plan = SpeculationBudget(3)
+    assert plan.plan([1, 2]) == [3, 3]
+    plan.observe_row(1, drafted=3, accepted=3)
+    plan.observe_row(1, drafted=3, accepted=0)
+    assert plan.acceptance(1) == pytest.approx((3 * 0.8 + 0) / (3 * 0.8 + 1))
+    assert plan.acceptance(7) == plan.acceptance(1)  # engine-wide average so far
+    plan.forget([1])
+    assert 1 not in plan._rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_tiny_llama(0)
+    base = [10, 20, 30, 40, 10, 20, 30, 40, 50]
+    reqs = [Request(base, 24), Request([7, 8, 9, 7, 8, 9], 24), Request(base[:5], 24),
+            Request([3, 4, 5, 6], 24)]
+    plain = [o.output_token_ids for o in EmbeddedEngine(model, None, None).generate(reqs, 4)[0]]
+    return model, reqs, plain
+
+
+@pytest.mark.parametrize("which", ["ngram", "draft"])
+def test_greedy_identity_with_the_budget_on(tiny, which):
+    model, reqs, plain = tiny
+    drafter = NgramDrafter() if which == "ngram" else DraftModelDrafter(perturbed_copy(model, 0.1), 256)
+    engine = EmbeddedEngine(model, None, drafter, 4, budget=SpeculationBudget(4))
+    outs, stats = engine.generate(reqs, batch_size=4)
+    assert [o.output_token_ids for o in outs] == plain
+    assert stats.num_accepted_tokens > 0 and len(stats.budgets) > 0
+    assert "budget_histogram" in stats.summary()
+
+
+def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch):
+    """Each verify token costs 20 ms more: drafting can no longer pay, and after the first
+    measured steps the budget stops it while the output stays the target's."""
+    model, reqs, plain = tiny
+    forward = EmbeddedEngine._verify_forward
+
+    def slow(self, rows, cache, proposal):
+        time.sleep(0.02 * (len(rows) + int(proposal.num_nodes.sum())))
+        return forward(self, rows, cache, proposal)
+
+    monkeypatch.setattr(embedded.EmbeddedEngine, "_verify_forward", slow)
+    engine = EmbeddedEngine(model, None, DraftModelDrafter(perturbed_copy(model, 0.1), 256), 4,
+                            budget=SpeculationBudget(4))
+    outs, stats = engine.generate(reqs, batch_size=4)
+    assert [o.output_token_ids for o in outs] == plain
+    assert stats.budgets[0] == 16  # nothing measured: explore
+    assert all(b == 0 for b in stats.budgets[3:]), stats.budgets
