@@ -92,7 +92,8 @@ def test_greedy_identity_with_the_budget_on(tiny, which):
 
 def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch):
     """Each verify token costs 20 ms more: drafting can no longer pay, and after the first
-    measured steps the budget stops it while the output stays the target's."""
+    measured steps the budget stops it (bar one probing token now and then) while the output
+    stays the target's."""
     model, reqs, plain = tiny
     forward = EmbeddedEngine._verify_forward
 
@@ -106,4 +107,5 @@ def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch):
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
     assert stats.budgets[0] == 16  # nothing measured: explore
-    assert all(b == 0 for b in stats.budgets[3:]), stats.budgets
+    later = stats.budgets[4:]  # after a few measured steps: nothing but the odd probing token
+    assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
