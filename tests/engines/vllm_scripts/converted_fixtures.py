@@ -41,7 +41,7 @@ def _f32(state: dict) -> dict:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def _save_target(model, folder: str) -> str:
+def save_target(model, folder: str) -> str:
     from specplug.models.tiny import build_tiny_tokenizer, save_model
     return save_model(model.float(), build_tiny_tokenizer(), folder)
 
@@ -62,7 +62,7 @@ def attention_target(folder: str):
             layer.mlp.down_proj.weight.zero_()
     model.generation_config.eos_token_id = None
     model = model.float().eval()
-    return model, _save_target(model, folder)
+    return model, save_target(model, folder)
 
 
 def markov_target(folder: str, seed: int = 0, cycle_every: int = 3):
@@ -85,7 +85,7 @@ def markov_target(folder: str, seed: int = 0, cycle_every: int = 3):
         # row perm(x) of lm_head is emb[x]: a hidden of norm(emb[x]) scores perm(x) highest
         inverse = torch.argsort(perm)
         model.lm_head.weight.copy_(emb[inverse] * 2.0)
-    return model, _save_target(model, folder)
+    return model, save_target(model, folder)
 
 
 def eagle1_head(folder: str, target, noise: float = 0.005) -> str:
