@@ -1,15 +1,16 @@
 """The torch and transformers releases specplug is tested with, and one warning line outside them.
 
-The ranges are the minor versions CI and `make test-latest` ran green (locks/*.txt: torch 2.13;
-transformers 5.19 in the SGLang venv up to the newest release test-latest passed).  Outside them
-specplug may still work; the warning says where to look when it does not.
+The ranges are the minor versions the tests ran green on: the locks (locks/*.txt: torch 2.13,
+transformers 5.19 in the engine venvs and 5.23 in the main one) and `make test-latest` on
+2026-11-29 (torch 2.14.1, transformers 5.24.0: every fast test passed).  Outside them specplug
+may still work; the warning says where to look when it does not.
 """
 from __future__ import annotations
 
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-TESTED = {"torch": ((2, 13), (2, 13)), "transformers": ((5, 19), (5, 24))}
+TESTED = {"torch": ((2, 13), (2, 14)), "transformers": ((5, 19), (5, 24))}
 
 
 def _minor(text: str) -> tuple[int, int] | None:

@@ -77,7 +77,9 @@ def test_bad_input_is_one_line_error(case, tiny_dirs):
     }[case]
     res = run_cli("generate", *args)
     assert res.returncode != 0
-    err = [line for line in res.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    # an untested torch/transformers adds its own warning line (tested_versions.py) before it
+    err = [line for line in res.stderr.splitlines() if line.strip() and "Loading weights" not in line
+           and not line.startswith("specplug: warning: untested versions")]
     assert len(err) == 1, res.stderr
     assert err[0].startswith("specplug: error:")
     assert "Traceback" not in res.stderr

@@ -16,8 +16,8 @@ def test_outside_names_each_package_and_its_range():
     got = untested({"torch": "2.13.0+cpu", "transformers": "5.99.1"})
     assert got == ["transformers 5.99.1 (tested 5.19-5.24)"]
     got = untested({"torch": "2.12.0", "transformers": "4.57.0"})
-    assert got == ["torch 2.12.0 (tested 2.13)", "transformers 4.57.0 (tested 5.19-5.24)"]
-    assert untested({"torch": "garbage"})[0] == "torch garbage (tested 2.13)"
+    assert got == ["torch 2.12.0 (tested 2.13-2.14)", "transformers 4.57.0 (tested 5.19-5.24)"]
+    assert untested({"torch": "garbage"})[0] == "torch garbage (tested 2.13-2.14)"
     assert "transformers missing" in untested({"torch": "2.13.0"})[0]
 
 
