@@ -9,7 +9,8 @@ float32 weights: a conditional chi-square per position (tests/sampling_checks.py
 Drafts must have been proposed and some accepted, or the test would check nothing.
 
 Without specplug's repair of vLLM's CPU expand kernel (integrations/vllm/cpu_sampling_fix.py)
-every case here fails by a wide margin (measured: chi-square in the thousands at position 1).
+the n-gram and draft-model cases failed by far (measured with 1,200 requests: chi-square
+34,042 and 12,317, 6 of 2,731 and 45 of 10,689 drafts accepted).
 Drafts reach vLLM as point masses (the proposer hands no draft probabilities), which its
 no-draft-probs rejection path verifies exactly: accept x with p(x), else sample p without x.
 """
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.engine
 
 GAMMA = 3
 POSITIONS = 4
-REQUESTS = 1200
+REQUESTS = 800
 # per target, about 1-1.5 nats at the first position: the tiny targets' T = 1 laws spread over
 # ~20 tokens; the markov target's logits are scaled down 12x so that T = 1 samples (vLLM takes
 # temperatures up to 2 only)
