@@ -40,9 +40,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
-    p.add_argument("--budget", default="on", choices=("on", "off", "both"),
-                   help="embedded drafter arms with the automatic speculation budget, without "
-                        "it (gamma every step, label suffix /no-budget), or both")
+    p.add_argument("--budget", default="off", choices=("on", "off", "both"),
+                   help="embedded drafter arms without the automatic speculation budget (gamma "
+                        "every step), with it (label suffix /budget), or both")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))

@@ -62,7 +62,7 @@ class BenchTarget:
     sampling: SamplingParams
     batch_size: int
     compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more embedded arms
-    budget: str = "on"  # embedded drafter arms: with the speculation budget, without, or both
+    budget: str = "off"  # embedded drafter arms: with the speculation budget, without, or both
 
 
 def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
@@ -90,7 +90,7 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
     arms = [Arm("embedded/none", "embedded", "none", "baseline", runner(base),
                 {"batch_size": t.batch_size})]
     specs = ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
-    modes = {"on": (True,), "off": (False,), "both": (True, False)}[t.budget]
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
     for label, dspec in specs:
         for with_budget in modes:
             # each arm its own drafter: drafters keep per-row state
@@ -98,7 +98,7 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
             spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
                                   sampling=t.sampling,
                                   budget=SpeculationBudget(t.gamma) if with_budget else None)
-            name = f"embedded/{label}" + ("" if with_budget else "/no-budget")
+            name = f"embedded/{label}" + ("/budget" if with_budget else "")
             arms.append(Arm(name, "embedded", dspec.method, "spec",
                             runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
                                            "drafter_path": dspec.path, "budget": with_budget,

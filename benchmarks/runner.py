@@ -46,7 +46,7 @@ class BenchConfig:
     name: str | None = None  # JSON file stem; default from suite/engine/method
     # more embedded drafter arms in the same run: (label, spec), label unique among them
     compare: list = field(default_factory=list)
-    budget: str = "on"  # embedded drafter arms with the speculation budget: on | off | both
+    budget: str = "off"  # embedded drafter arms with the speculation budget: on | off | both
 
     def run_name(self) -> str:
         if self.name:

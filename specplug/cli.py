@@ -77,9 +77,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoise-steps", type=int, help="specdiff: denoising steps k")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="other drafter options")
-    p.add_argument("--no-budget", dest="budget", action="store_false",
-                   help="draft gamma tokens every step instead of the automatic speculation "
-                        "budget (embedded engine)")
+    p.add_argument("--budget", action="store_true",
+                   help="let the automatic speculation budget pick each row's draft length every "
+                        "step (embedded engine; default: gamma every step)")
     p.add_argument("--stats-output", help="write the stats JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 
