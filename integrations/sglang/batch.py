@@ -64,8 +64,9 @@ def draft_input(reqs, rows: RowIds, num_steps: int, bonus_tokens: torch.Tensor) 
                       num_draft_tokens=num_steps)
 
 
-def chain_tokens(proposal: DraftProposal, roots: list[int], num_steps: int) -> torch.Tensor:
-    """[batch, num_steps] int64 draft chain per row, from a chain proposal.
+def chain_tokens(proposal: DraftProposal, roots: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """[batch, num_steps] int64 draft chain per row, from a chain proposal; on the proposal's
+    device (the engine's), with no host round trip.  roots [batch]: each row's verify root.
 
     SGLang verifies a fixed width.  A row with fewer drafts repeats its last one (its root when it
     has none): greedy verification keeps a filler token only where it is the target's own choice,
@@ -74,11 +75,14 @@ def chain_tokens(proposal: DraftProposal, roots: list[int], num_steps: int) -> t
     if not proposal.is_chain():
         raise ValueError("SGLang's specplug worker verifies chains; the drafter proposed a tree "
                          "(set its tree options off)")
-    batch = len(roots)
-    out = torch.empty((batch, num_steps), dtype=torch.long)
-    width = min(proposal.tokens.shape[1], num_steps)
-    for r in range(batch):
-        real = [t for t in proposal.tokens[r, :width].tolist() if t != PAD]
-        fill = real[-1] if real else roots[r]
-        out[r] = torch.tensor(real + [fill] * (num_steps - len(real)), dtype=torch.long)
-    return out
+    tokens = proposal.tokens[:, :num_steps]  # [batch, width], PAD only after a row's drafts
+    batch, width = tokens.shape
+    roots = roots.to(device=tokens.device, dtype=torch.long)
+    count = (tokens != PAD).sum(1)  # [batch] drafts per row
+    last = tokens.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0] if width else roots
+    fill = torch.where(count > 0, last, roots)  # [batch]
+    filled = fill[:, None].expand(batch, num_steps)
+    if width:
+        filled = torch.cat([tokens, filled[:, width:]], dim=1)
+    steps = torch.arange(num_steps, device=tokens.device)
+    return torch.where(steps < count[:, None], filled, fill[:, None])

@@ -69,12 +69,12 @@ class SpecplugWorker(BaseSpecWorker):
         self.drafter = build_drafter(
             DrafterSpec(self.method,
                         None if self.method in METHODS_WITHOUT_FOLDER else draft_path, options),
-            _target_info(server_args, target_worker))
+            _target_info(server_args, target_worker, self.device))
         if self.drafter.needs.hidden_layers:
             raise ValueError(f"specplug method {self.method!r} reads target hidden states, which "
                              "SGLang hands only to its own EAGLE/DFLASH workers")
-        log.info("specplug %s drafter ready: %s, %d draft tokens per step", self.method,
-                 type(self.drafter).__name__, self.speculative_num_steps)
+        log.info("specplug %s drafter ready on %s: %s, %d draft tokens per step", self.method,
+                 self.device, type(self.drafter).__name__, self.speculative_num_steps)
 
     # -- what the scheduler calls -------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None,
@@ -125,9 +125,8 @@ class SpecplugWorker(BaseSpecWorker):
         steps = self.speculative_num_steps
         if bs:
             inp = draft_input(batch.reqs, self.rows, steps, root.bonus_tokens)
-            proposal = self.drafter.propose(inp)
-            roots = [int(t[-1]) for t in inp.token_ids]
-            tokens = chain_tokens(proposal, roots, steps).to(self.device)
+            proposal = self.drafter.propose(inp)  # on self.device: the drafter lives there
+            tokens = chain_tokens(proposal, root.bonus_tokens, steps)
         else:
             tokens = torch.empty((0, steps), dtype=torch.long, device=self.device)
         # EAGLE's topk = 1 topology: draft j (1-based) hangs under draft j - 1, draft 1 under root
@@ -159,11 +158,12 @@ def _root_input(bonus_tokens: torch.Tensor) -> EagleDraftInput:
         hidden_states=None, capture_hidden_mode=CaptureHiddenMode.NULL)
 
 
-def _target_info(server_args, target_worker) -> TargetInfo:
-    """What a token-only drafter borrows from SGLang's target: HF config, tokenizer, dtype."""
+def _target_info(server_args, target_worker, device) -> TargetInfo:
+    """What a token-only drafter borrows from SGLang's target: HF config, tokenizer, dtype, and
+    the device its weights and tensors must live on."""
     from specplug.models.loading import load_tokenizer
     model_config = target_worker.model_runner.model_config
     tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path,
                                required=False)
     return TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
-                      dtype=model_config.dtype)
+                      dtype=model_config.dtype, device=torch.device(device))

@@ -85,8 +85,10 @@ class SpecplugProposer:
 
     def load_model(self, target_model) -> None:
         if self.drafter is None:
-            self.drafter = build_drafter(self.spec, target_info_from(self.vllm_config.model_config,
-                                                                     target_model))
+            info = target_info_from(self.vllm_config.model_config, target_model)
+            self.drafter = build_drafter(self.spec, info)
+            from .plugin import plugin_logger
+            plugin_logger().info("specplug %s drafter ready on %s", self.spec.method, info.device)
         if not self.drafter.needs.hidden_layers:
             return
         from .runner_access import check_runner_settings, runner_calling_load_model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 from specplug.drafters.base import TargetInfo
@@ -73,7 +74,7 @@ def target_info_from(model_config, target_model: nn.Module | None = None) -> Tar
     from specplug.models.loading import load_tokenizer
     tokenizer = load_tokenizer(model_config.tokenizer, required=False)
     info = TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
-                      dtype=model_config.dtype)
+                      dtype=model_config.dtype, device=_device_of(target_model))
     if target_model is None:
         return info
     from .target_features import decoder_parts
@@ -85,3 +86,12 @@ def target_info_from(model_config, target_model: nn.Module | None = None) -> Tar
     if head is not None and getattr(head, "weight", None) is not None:
         info.lm_head = _LentLmHead(head.weight, vocab)
     return info
+
+
+def _device_of(target_model: nn.Module | None) -> torch.device:
+    """Where vLLM put the target's weights (the drafter goes beside them); the CPU before the
+    target is loaded, where only token-only drafters are built (and vLLM's CPU build runs)."""
+    if target_model is not None:
+        for p in target_model.parameters():
+            return p.device
+    return torch.device("cpu")

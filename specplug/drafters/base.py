@@ -19,6 +19,8 @@ class TargetInfo:
     lm_head: torch.nn.Module | None = None
     final_norm: torch.nn.Module | None = None
     dtype: torch.dtype = torch.float32
+    # where the target runs: every drafter keeps its weights, caches and per-step tensors here
+    device: torch.device = torch.device("cpu")
 
     @property
     def vocab_size(self) -> int:

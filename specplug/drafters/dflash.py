@@ -79,7 +79,7 @@ class DFlashHead(nn.Module):
         ctx_valid [b, P] -> normed hidden [b, q, H]."""
         b, q, _ = noise.shape
         allowed = torch.cat([ctx_valid[:, None, :].expand(b, q, -1),
-                             torch.ones(b, q, q, dtype=torch.bool)], dim=2)
+                             ctx_valid.new_ones(b, q, q)], dim=2)
         x = noise
         for layer, past in zip(self.layers, ctx_kv):
             x, _ = layer(x, pos, allowed, past)
@@ -113,10 +113,11 @@ class DFlashDrafter(Drafter):
         if target.embed_tokens is None or target.lm_head is None:
             raise ValueError("dflash shares the target's embedding and lm_head: TargetInfo has none")
         self.head, self.cfg = head.eval(), cfg
+        self.device = target.device  # where the head, its caches and its draws live
         self.embed, self.lm_head = target.embed_tokens, target.lm_head
         self.needs = DrafterNeeds(hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
         self.rows: dict[int, _RowContext] = {}
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def release(self, row_ids: list[int]) -> None:
         for rid in row_ids:
@@ -137,7 +138,7 @@ class DFlashDrafter(Drafter):
             n = min(feats.shape[0], len(tokens) - 1 - start)
             pos = list(range(start, start + n))
             dtype = self.head.fc.weight.dtype
-            kv = self.head.context_kv(feats[None, :n].to(dtype), torch.tensor([pos]))
+            kv = self.head.context_kv(feats[None, :n].to(dtype), torch.tensor([pos], device=self.device))
             st.append(kv, pos, tokens[start:start + n])
         return st
 
@@ -146,16 +147,18 @@ class DFlashDrafter(Drafter):
         batch = len(inp.row_ids)
         block_len = min(inp.num_draft_tokens, self.cfg.block_size - 1) + 1
         if block_len < 2:
-            return DraftProposal.empty(batch)
+            return DraftProposal.empty(batch, self.device)
         tokens = [t.tolist() for t in inp.token_ids]
         states = [self._reconcile(rid, toks,
                                   inp.hidden_states[r] if inp.hidden_states else None,
                                   inp.hidden_start[r] if inp.hidden_start else None)
                   for r, (rid, toks) in enumerate(zip(inp.row_ids, tokens))]
         ctx_kv, ctx_valid = self._stack_context(states)
-        ids = torch.full((batch, block_len), self.cfg.mask_token_id, dtype=torch.long)
-        ids[:, 0] = torch.tensor([t[-1] for t in tokens])
-        pos = torch.tensor([len(t) - 1 for t in tokens])[:, None] + torch.arange(block_len)
+        dev = self.device
+        ids = torch.full((batch, block_len), self.cfg.mask_token_id, dtype=torch.long, device=dev)
+        ids[:, 0] = torch.tensor([t[-1] for t in tokens], device=dev)
+        pos = (torch.tensor([len(t) - 1 for t in tokens], device=dev)[:, None]
+               + torch.arange(block_len, device=dev))
         dtype = self.head.fc.weight.dtype
         noise = self.embed(ids).to(dtype) * self.cfg.embed_scale
         hidden = self.head.block(noise, pos, ctx_kv, ctx_valid)[:, 1:]
@@ -173,10 +176,10 @@ class DFlashDrafter(Drafter):
         width = max(len(st.pos) for st in states)
         s = self.head.layers[0].self_attn.s
         dtype = self.head.fc.weight.dtype
-        valid = torch.zeros(len(states), width, dtype=torch.bool)
+        valid = torch.zeros(len(states), width, dtype=torch.bool, device=self.device)
         out = []
         for layer in range(len(self.head.layers)):
-            k = torch.zeros(len(states), s.kv_heads, width, s.head_dim, dtype=dtype)
+            k = torch.zeros(len(states), s.kv_heads, width, s.head_dim, dtype=dtype, device=self.device)
             v = torch.zeros_like(k)
             for r, st in enumerate(states):
                 n = len(st.pos)
@@ -227,7 +230,7 @@ def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlas
     check_keys(state, expected, source)
     head = DFlashHead(s, n)
     head.load_state_dict(state, strict=True)
-    return head.to(target.dtype).eval(), dcfg
+    return head.to(device=target.device, dtype=target.dtype).eval(), dcfg
 
 
 @register_drafter("dflash")

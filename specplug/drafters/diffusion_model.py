@@ -81,7 +81,8 @@ class RMSNorm(nn.Module):
 
 def rope(pos: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """pos [b, n] -> cos, sin [b, 1, n, head_dim]; float32 angles as HF computes them."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=pos.device)
+                           / head_dim))
     ang = pos[..., None].float() * inv
     ang = torch.cat([ang, ang], dim=-1)[:, None]
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -183,7 +184,7 @@ class DiffusionLM(nn.Module):
             x, kv = layer(x, pos, allowed, None if past is None else past[i])
             new_kv.append(kv)
         if score is not None:
-            x = x[torch.arange(x.shape[0])[:, None], score]
+            x = x[torch.arange(x.shape[0], device=x.device)[:, None], score]
         return self.lm_head(self.norm(x)), new_kv
 
 

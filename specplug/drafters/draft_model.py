@@ -21,9 +21,10 @@ from .row_slots import RowSlots, common_prefix
 class DraftModelDrafter(Drafter):
     def __init__(self, model, target_vocab: int, bridge: TextBridge | None = None):
         self.model = model.eval()
+        self.device = model.device  # the target's (build() puts the draft there)
         self.target_vocab = target_vocab
         self.bridge = bridge  # set when the draft's tokenizer differs from the target's
-        self.cache = SlotCache(0)
+        self.cache = SlotCache(0, self.device)
         self.slots = RowSlots(self.cache)
         self.cached_tokens: dict[int, list[int]] = {}  # what each row's cache holds, in order
 
@@ -50,11 +51,12 @@ class DraftModelDrafter(Drafter):
             self.cached_tokens[rid] = ctx[:common]
             feeds.append(ctx[common:])
         logits = self._feed(inp.row_ids, feeds)
-        drafts = torch.full((len(contexts), gamma), PAD, dtype=torch.long)
+        drafts = torch.full((len(contexts), gamma), PAD, dtype=torch.long, device=self.device)
         probs = None
         sampled = not inp.sampling.greedy and self.bridge is None
         if sampled:
-            probs = torch.zeros(len(contexts), gamma, self.target_vocab, dtype=torch.float64)
+            probs = torch.zeros(len(contexts), gamma, self.target_vocab, dtype=torch.float64,
+                                device=self.device)
         gens = inp.generators or [None] * len(contexts)
         for step in range(gamma):
             if not self.bridge:
@@ -64,8 +66,9 @@ class DraftModelDrafter(Drafter):
                 probs[:, step] = p
                 toks = [sample(p[r], gens[r]) for r in range(len(contexts))]
             else:
+                # the host keeps each row's cached tokens (rollback by common prefix)
                 toks = logits.argmax(-1).tolist()
-            drafts[:, step] = torch.tensor(toks)
+            drafts[:, step] = torch.tensor(toks, device=self.device)
             if step + 1 < gamma:
                 logits = self._feed(inp.row_ids, [[t] for t in toks])
         if self.bridge:
@@ -75,25 +78,23 @@ class DraftModelDrafter(Drafter):
     def _feed(self, row_ids: list[int], feeds: list[list[int]]) -> torch.Tensor:
         """Append ragged token lists per row; return [batch, vocab] logits at each row's last."""
         width = max(len(f) for f in feeds)
-        ids = torch.full((len(feeds), width), PAD, dtype=torch.long)
+        ids = torch.full((len(feeds), width), PAD, dtype=torch.long, device="cpu")
         for i, f in enumerate(feeds):
-            ids[i, :len(f)] = torch.tensor(f, dtype=torch.long)
+            ids[i, :len(f)] = torch.tensor(f, dtype=torch.long, device="cpu")
+        ids = ids.to(self.device)  # host lists, copied over once
         real = ids != PAD
-        pos = self.cache.length[:, None] + torch.arange(width)
+        pos = self.cache.length[:, None] + torch.arange(width, device=self.device)
         out = self.cache.forward(self.model, ids, pos, real)
         self.cache.commit([list(range(len(f))) for f in feeds])
         for rid, f in zip(row_ids, feeds):
             self.cached_tokens[rid] += f
-        last = torch.tensor([len(f) - 1 for f in feeds])
-        return out.logits[torch.arange(len(feeds)), last].float()
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+        return out.logits[torch.arange(len(feeds), device=self.device), last].float()
 
     def _bridge_back(self, contexts, drafts, gamma) -> DraftProposal:
         mapped = [self.bridge.to_target(ctx, d.tolist())[:gamma] for ctx, d in zip(contexts, drafts)]
-        width = max((len(m) for m in mapped), default=0)
-        tokens = torch.full((len(mapped), width), PAD, dtype=torch.long)
-        for r, m in enumerate(mapped):
-            tokens[r, :len(m)] = torch.tensor(m, dtype=torch.long)
-        return DraftProposal.chain(tokens)
+        return DraftProposal.from_rows([(m, list(range(-1, len(m) - 1))) for m in mapped],
+                                       self.device)
 
 
 def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -110,7 +111,7 @@ def build(spec: DrafterSpec, target: TargetInfo) -> DraftModelDrafter:
     from ..models.loading import load_causal_lm, load_tokenizer
     if not spec.path:
         raise ValueError("method 'draft' needs --drafter PATH (a HF causal LM folder)")
-    model = load_causal_lm(spec.path, dtype=target.dtype)
+    model = load_causal_lm(spec.path, dtype=target.dtype).to(target.device)
     bridge = None
     draft_tok = load_tokenizer(spec.path, required=False)
     if draft_tok is not None and target.tokenizer is not None and not same_tokenizer(draft_tok, target.tokenizer):

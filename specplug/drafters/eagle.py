@@ -69,7 +69,10 @@ class EagleHead(nn.Module):
             x = x + layer.self_attn(h, rope, kv, i, mask)
             x = layer.feed_forward(x)
         out = self.l2s(x) if self.l2s is not None else x
-        scored = out if logits_at is None else out[torch.arange(out.shape[0]), logits_at][:, None]
+        if logits_at is None:
+            scored = out
+        else:
+            scored = out[torch.arange(out.shape[0], device=out.device), logits_at][:, None]
         if self.lm_head is None:
             return out, self.target_lm_head(scored)
         logits = self.lm_head(scored)
@@ -142,7 +145,7 @@ def load_eagle(path: str, target: TargetInfo, options: dict | None = None) -> Ea
     state, cfg = read_eagle_checkpoint(path, target)
     options = options or {}
     h_t = target.hidden_size
-    vocab_map = VocabMap(state["d2t"], target.vocab_size) if "d2t" in state else None
+    vocab_map = VocabMap(state["d2t"].to(target.device), target.vocab_size) if "d2t" in state else None
     emb_size = state["embed_tokens.weight"].shape[1] if "embed_tokens.weight" in state else h_t
     own_head = state["lm_head.weight"].shape[0] if "lm_head.weight" in state else None
     if own_head is None and target.lm_head is None:
@@ -154,7 +157,7 @@ def load_eagle(path: str, target: TargetInfo, options: dict | None = None) -> Ea
     weights = {k: v for k, v in state.items() if k not in ("embed_tokens.weight", "d2t", "t2d")}
     head.load_state_dict(weights, strict=False)
     _check_loaded(head, weights, path)
-    head.to(target.dtype)
+    head.to(device=target.device, dtype=target.dtype)  # beside the target, in its dtype
     return EagleDrafter(head, (FINAL_HIDDEN,), TreeSettings.from_options(options),
                         float(options.get("min_confidence", 0.0)))
 

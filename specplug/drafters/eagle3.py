@@ -74,7 +74,10 @@ class Eagle3Head(nn.Module):
         x = residual + layer.self_attn(torch.cat([emb, normed], -1), self.rope(h, positions),
                                        kv, 0, mask)
         x = layer.feed_forward(x)
-        scored = x if logits_at is None else x[torch.arange(x.shape[0]), logits_at][:, None]
+        if logits_at is None:
+            scored = x
+        else:
+            scored = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         logits = self.lm_head(self.norm(scored))
         return x, self.vocab_map.logits_to_target(logits) if self.vocab_map else logits
 
@@ -168,7 +171,7 @@ def load_eagle3(path: str, target: TargetInfo, options: dict | None = None) -> E
     options = options or {}
     state, cfg = read_eagle3_checkpoint(path, target, options)
     aux = aux_hidden_indices(cfg, target.num_layers, options)
-    vocab_map = VocabMap(state["d2t"], target.vocab_size) if "d2t" in state else None
+    vocab_map = VocabMap(state["d2t"].to(target.device), target.vocab_size) if "d2t" in state else None
     if vocab_map is not None and bool((state["d2t"] == 0).all()) and \
             state["d2t"].shape[0] == target.vocab_size:
         vocab_map = None  # identity
@@ -180,7 +183,7 @@ def load_eagle3(path: str, target: TargetInfo, options: dict | None = None) -> E
     weights = {k: v for k, v in state.items() if k not in ("embed_tokens.weight", "d2t", "t2d")}
     head.load_state_dict(weights, strict=False)
     _check_loaded(head, weights, path)
-    head.to(target.dtype)
+    head.to(device=target.device, dtype=target.dtype)  # beside the target, in its dtype
     return EagleDrafter(head, aux, TreeSettings.from_options(options),
                         float(options.get("min_confidence", 0.0)))
 

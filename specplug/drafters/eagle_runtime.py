@@ -37,10 +37,11 @@ class EagleDrafter(Drafter):
         if tree is not None and min_confidence > 0:
             raise ValueError("min_confidence applies to chains; drop it or the tree_* options")
         self.head = head.eval()
+        self.device = next(head.parameters()).device  # the target's (the loaders put it there)
         self.min_confidence = min_confidence
         self.needs = DrafterNeeds(hidden_layers=tuple(hidden_layers))
         self.tree = tree
-        self.kv = HeadKV(head.num_layers)
+        self.kv = HeadKV(head.num_layers, device=self.device)
         self.slots = RowSlots(self.kv)
         self.context: dict[int, list[int]] = {}  # x_0..x_m: the row has entries for x_1..x_m
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # last entry's (feat, logits)
@@ -60,8 +61,9 @@ class EagleDrafter(Drafter):
             self.last.pop(rid, None)
         feats, logits, ready = self._catch_up(inp)
         if not ready.any():
-            return DraftProposal.empty(len(inp.row_ids))
-        base = torch.tensor([len(t) - 1 for t in inp.token_ids])  # last committed position
+            return DraftProposal.empty(len(inp.row_ids), self.device)
+        # [b] last committed position
+        base = torch.tensor([len(t) - 1 for t in inp.token_ids], device=self.device)
         committed_width = self.kv.width
         try:
             if self.tree is not None:
@@ -104,7 +106,8 @@ class EagleDrafter(Drafter):
         if width:
             self._feed(feeds, width, inp.row_ids)
         ready = torch.tensor([rid in self.last and len(self.context[rid]) == len(ids)
-                              for rid, ids in zip(inp.row_ids, inp.token_ids)], dtype=torch.bool)
+                              for rid, ids in zip(inp.row_ids, inp.token_ids)], dtype=torch.bool,
+                             device=self.device)
         if not ready.any():
             return None, None, ready
         feat0, logits0 = next(self.last[rid] for rid, ok in zip(inp.row_ids, ready) if ok)
@@ -118,22 +121,26 @@ class EagleDrafter(Drafter):
     def _feed(self, feeds, width: int, row_ids: list[int]) -> None:
         b = len(feeds)
         feat_dim = next(f[1].shape[-1] for f in feeds if f[1] is not None)
-        tokens = torch.zeros(b, width, dtype=torch.long)
-        feats = torch.zeros(b, width, feat_dim, dtype=self._dtype())
-        positions = torch.zeros(b, width, dtype=torch.long)
-        real = torch.zeros(b, width, dtype=torch.bool)
+        dev = self.device
+        # token ids and positions are host lists: laid out on the host, copied over once
+        tokens = torch.zeros(b, width, dtype=torch.long, device="cpu")
+        positions = torch.zeros(b, width, dtype=torch.long, device="cpu")
+        real = torch.zeros(b, width, dtype=torch.bool, device="cpu")
+        feats = torch.zeros(b, width, feat_dim, dtype=self._dtype(), device=dev)
         for r, (toks, f, first) in enumerate(feeds):
             m = len(toks)
             if m:
-                tokens[r, :m] = torch.tensor(toks)
+                tokens[r, :m] = torch.tensor(toks, device="cpu")
                 feats[r, :m] = f.to(feats.dtype)
-                positions[r, :m] = torch.arange(first, first + m)
+                positions[r, :m] = torch.arange(first, first + m, device="cpu")
                 real[r, :m] = True
-        block = torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :]
-        block = block | torch.eye(width, dtype=torch.bool)  # padding sees itself: no NaN
+        tokens, positions, real = tokens.to(dev), positions.to(dev), real.to(dev)
+        block = torch.ones(width, width, dtype=torch.bool, device=dev).tril() & real[:, None, :]
+        block = block | torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself: no NaN
         mask = torch.cat([self.kv.valid[:, None, :].expand(b, width, -1), block], dim=2)
         start = self.kv.extend(positions)
-        last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds])  # [b] entry to score
+        # [b] entry to score
+        last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds], device=dev)
         out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last)
         self.kv.valid[:, start:] = real
         for r, (toks, _, _) in enumerate(feeds):
@@ -143,17 +150,19 @@ class EagleDrafter(Drafter):
     # -- drafting -----------------------------------------------------------------------------
     def _draft_chain(self, inp: DraftInput, feats, logits, base) -> DraftProposal:
         b, gamma = len(inp.row_ids), inp.num_draft_tokens
-        tokens = torch.full((b, gamma), PAD, dtype=torch.long)
+        tokens = torch.full((b, gamma), PAD, dtype=torch.long, device=self.device)
         sampled = not inp.sampling.greedy
-        probs = torch.zeros(b, gamma, logits.shape[-1], dtype=torch.float64) if sampled else None
+        probs = (torch.zeros(b, gamma, logits.shape[-1], dtype=torch.float64, device=self.device)
+                 if sampled else None)
         gens = inp.generators or [None] * b
         chain_start = self.kv.width
-        alive = torch.ones(b, dtype=torch.bool)  # rows still drafting
+        alive = torch.ones(b, dtype=torch.bool, device=self.device)  # rows still drafting
         for step in range(gamma):
             if sampled:
                 p = probs_from_logits(logits, inp.sampling)
                 probs[:, step] = p
-                tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)])
+                tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)],
+                                               device=self.device)
             else:
                 tokens[:, step] = logits.argmax(-1)
             if self.min_confidence > 0:
@@ -162,14 +171,14 @@ class EagleDrafter(Drafter):
                 if step:
                     tokens[~(alive & sure), step] = PAD
                 alive &= sure
-                if not alive.any():
+                if not alive.any():  # the host decides whether to draft on: one sync per step
                     break
             if step + 1 == gamma:
                 break
             # every draft slot so far belongs to this row's chain
             visible = self.kv.valid.clone()
             visible[:, chain_start:] = True
-            mask = torch.cat([visible, torch.ones(b, 1, dtype=torch.bool)], dim=1)[:, None, :]
+            mask = torch.cat([visible, visible.new_ones(b, 1)], dim=1)[:, None, :]
             positions = (base + step + 1)[:, None]
             self.kv.extend(positions)
             out, out_logits = self.head(tokens[:, step:step + 1].clamp(min=0), feats[:, None],
@@ -187,9 +196,10 @@ class EagleDrafter(Drafter):
             feats = state["feats"].gather(1, par[:, :, None].expand(-1, -1, state["feats"].shape[-1]))
             visible = state["visible"].gather(1, par[:, :, None].expand(-1, -1, state["visible"].shape[-1]))
             width_before = self.kv.width
-            visible = torch.cat([visible, torch.zeros(b, k, width_before - visible.shape[-1],
-                                                      dtype=torch.bool)], dim=2)
-            mask = torch.cat([visible, torch.eye(k, dtype=torch.bool).expand(b, k, k)], dim=2)
+            visible = torch.cat([visible, visible.new_zeros(b, k, width_before - visible.shape[-1])],
+                                dim=2)
+            itself = torch.eye(k, dtype=torch.bool, device=visible.device).expand(b, k, k)
+            mask = torch.cat([visible, itself], dim=2)
             state["level"] += 1
             positions = (base + state["level"])[:, None].expand(b, k)
             self.kv.extend(positions)

@@ -102,10 +102,11 @@ class HybridDrafter(Drafter):
 
 def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.Tensor) -> DraftProposal:
     """Per row, the lookup's proposal where take_lookup [batch] is set, else the head's."""
-    batch = take_lookup.shape[0]
+    batch, dev = take_lookup.shape[0], head.tokens.device
+    # the width is a shape, so the host must know whether any row takes the lookup
     width = max(lookup.tokens.shape[1] if take_lookup.any() else 0, head.tokens.shape[1])
-    tokens = torch.full((batch, width), PAD, dtype=torch.long)
-    parents = torch.full((batch, width), ROOT, dtype=torch.long)
+    tokens = torch.full((batch, width), PAD, dtype=torch.long, device=dev)
+    parents = torch.full((batch, width), ROOT, dtype=torch.long, device=dev)
     for src, rows in ((lookup, take_lookup), (head, ~take_lookup)):
         n = min(src.tokens.shape[1], width)
         tokens[rows, :n] = src.tokens[rows, :n]
@@ -113,7 +114,7 @@ def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.T
     probs = None
     if head.draft_probs is not None:
         vocab = head.draft_probs.shape[-1]
-        probs = torch.zeros(batch, width, vocab, dtype=head.draft_probs.dtype)
+        probs = head.draft_probs.new_zeros(batch, width, vocab)
         n = head.tokens.shape[1]
         probs[~take_lookup, :n] = head.draft_probs[~take_lookup]
         # a lookup token is a point mass: one-hot q accepts with probability p(x), like None
@@ -143,7 +144,7 @@ def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Te
                     parents.append(new_par)
                 remap[j] = index[key]
         rows.append((tokens, parents))
-    return DraftProposal.from_rows(rows)
+    return DraftProposal.from_rows(rows, first.tokens.device)
 
 
 def _head_spec(spec: DrafterSpec) -> DrafterSpec:

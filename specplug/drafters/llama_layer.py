@@ -75,12 +75,15 @@ class HeadKV:
     valid[r, s] marks the slots holding committed entries of row r; blocks appended while
     drafting stay invalid and are cropped when drafting ends, so rollback is a crop.
     """
-    def __init__(self, num_layers: int, batch: int = 0):
+    def __init__(self, num_layers: int, device: torch.device | str | None = None, batch: int = 0):
         self.num_layers = num_layers
+        # the head's, and so the target's (None: torch's default device)
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [b, kv_heads, slots, d]
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool)  # [b, slots]
-        self.pos = torch.zeros(batch, 0, dtype=torch.long)  # [b, slots] entry position
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)  # [b, slots]
+        # [b, slots] entry position
+        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
 
     @property
     def batch(self) -> int:
@@ -117,6 +120,7 @@ class HeadKV:
                 self.keys[i] = self.keys[i][:, :, :width]
                 self.values[i] = self.values[i][:, :, :width]
         used = self.valid.any(0).nonzero()
+        # the host decides how far to crop: one sync per call
         last = int(used[-1]) + 1 if len(used) else 0
         if last < self.width:
             self.crop(last)
@@ -124,15 +128,15 @@ class HeadKV:
             self._compact()
 
     def select_rows(self, rows: list[int]) -> None:
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.valid, self.pos = self.valid[idx], self.pos[idx]
         for i in range(self.num_layers):
             if self.keys[i] is not None:
                 self.keys[i], self.values[i] = self.keys[i][idx], self.values[i][idx]
 
     def add_rows(self, n: int) -> None:
-        self.valid = torch.cat([self.valid, torch.zeros(n, self.width, dtype=torch.bool)])
-        self.pos = torch.cat([self.pos, torch.zeros(n, self.width, dtype=torch.long)])
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(n, self.width)])
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(n, self.width)])
         for i in range(self.num_layers):
             if self.keys[i] is not None:
                 pad = self.keys[i].new_zeros((n,) + tuple(self.keys[i].shape[1:]))

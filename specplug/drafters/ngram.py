@@ -22,21 +22,22 @@ def lookup(tokens: torch.Tensor, max_ngram: int, min_ngram: int, num_tokens: int
 
 
 class NgramDrafter(Drafter):
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1,
+                 device: torch.device | str | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"ngram sizes need 1 <= min ({min_ngram}) <= max ({max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.device = device  # the target's: proposals go there (None: torch's default)
 
     def propose(self, inp: DraftInput) -> DraftProposal:
         drafts = [lookup(t, self.max_ngram, self.min_ngram, inp.num_draft_tokens)
                   for t in inp.token_ids]
-        width = max((len(d) for d in drafts), default=0)
-        tokens = torch.full((len(drafts), width), PAD, dtype=torch.long)
-        for r, d in enumerate(drafts):
-            tokens[r, :len(d)] = torch.tensor(d, dtype=torch.long)
-        return DraftProposal.chain(tokens)
+        # lookups run on the host's committed tokens; the proposal crosses to the device once
+        return DraftProposal.from_rows([(d, list(range(-1, len(d) - 1))) for d in drafts],
+                                       self.device)
 
 
 @register_drafter("ngram")
 def build(spec: DrafterSpec, target: TargetInfo) -> NgramDrafter:
-    return NgramDrafter(int(spec.options.get("max_ngram", 3)), int(spec.options.get("min_ngram", 1)))
+    return NgramDrafter(int(spec.options.get("max_ngram", 3)), int(spec.options.get("min_ngram", 1)),
+                        target.device)

@@ -56,7 +56,8 @@ class SpecDiffDrafter(Drafter):
         self.model, self.target_vocab, self.bridge = model.eval(), target_vocab, bridge
         self.denoise_steps, self.order, self.num_candidates = denoise_steps, unmask_order, num_candidates
         self.approx_kv_cache = approx_kv_cache
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = model.embed_tokens.weight.device  # the target's (build() puts it there)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cache: dict[int, tuple[list[int], list]] = {}  # row id -> (tokens, per layer (k, v))
 
     def release(self, row_ids: list[int]) -> None:
@@ -67,15 +68,16 @@ class SpecDiffDrafter(Drafter):
     def propose(self, inp: DraftInput) -> DraftProposal:
         gamma, cands = inp.num_draft_tokens, self.num_candidates
         if gamma < 1:
-            return DraftProposal.empty(len(inp.row_ids))
+            return DraftProposal.empty(len(inp.row_ids), self.device)
         contexts = [t.tolist() for t in inp.token_ids]
         if self.bridge:
             contexts = [self.bridge.to_draft(c) for c in contexts]
         # candidates of a row sit next to each other: expanded row e belongs to row e // cands
         ctx = [c for c in contexts for _ in range(cands)]
         rids = [rid for rid in inp.row_ids for _ in range(cands)]
-        block = torch.full((len(ctx), gamma), self.model.mask_token_id, dtype=torch.long)
-        done = torch.zeros(len(ctx), gamma, dtype=torch.bool)
+        block = torch.full((len(ctx), gamma), self.model.mask_token_id, dtype=torch.long,
+                           device=self.device)
+        done = torch.zeros(len(ctx), gamma, dtype=torch.bool, device=self.device)
         pinned = torch.zeros_like(done)
         steps = min(self.denoise_steps or gamma, gamma)
         if self.approx_kv_cache:
@@ -84,12 +86,14 @@ class SpecDiffDrafter(Drafter):
             logits = self._block_logits(ctx, rids, block, step)  # [rows, gamma, vocab]
             if step == 0 and cands > 1:
                 top = logits[:, 0].topk(cands, dim=-1).indices  # [rows, cands]
-                block[:, 0] = top[torch.arange(len(ctx)), torch.arange(len(ctx)) % cands]
+                rows = torch.arange(len(ctx), device=self.device)
+                block[:, 0] = top[rows, rows % cands]
                 done[:, 0] = pinned[:, 0] = True
             want = math.ceil(gamma * (step + 1) / steps)
             self._unmask(block, done, pinned, logits, want, inp.sampling)
         chains = self._to_target(ctx, block)
-        return _merge_chains([chains[r * cands:(r + 1) * cands] for r in range(len(contexts))])
+        return _merge_chains([chains[r * cands:(r + 1) * cands] for r in range(len(contexts))],
+                             self.device)
 
     # -- denoising -----------------------------------------------------------------------------
     def _unmask(self, block, done, pinned, logits, want, sampling) -> None:
@@ -111,15 +115,17 @@ class SpecDiffDrafter(Drafter):
             return
         gamma = block.shape[1]
         if self.order == "left_to_right":
-            score = -torch.arange(gamma, dtype=torch.double).expand(block.shape)
+            score = -torch.arange(gamma, dtype=torch.double, device=block.device).expand(block.shape)
         elif self.order == "entropy":
             score = (probs * probs.clamp(min=1e-300).log()).sum(-1)  # -entropy
         else:  # origin
-            score = torch.rand(block.shape, generator=self.generator, dtype=torch.double)
+            score = torch.rand(block.shape, generator=self.generator, dtype=torch.double,
+                               device=block.device)
         need = (want - done.sum(1)).clamp(min=0)  # [rows]
         score = score.masked_fill(done, float("-inf"))
         order = score.argsort(dim=1, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(gamma).expand_as(order))
+        ranks = torch.arange(gamma, device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, ranks)
         pick = (rank < need[:, None]) & ~done
         block.copy_(torch.where(pick, proposal, block))
         done |= pick
@@ -131,14 +137,17 @@ class SpecDiffDrafter(Drafter):
         if not self.approx_kv_cache:
             feeds = [c + b for c, b in zip(ctx, block.tolist())]
             first = [len(c) - shift for c in ctx]
-            idx = torch.tensor(first)[:, None] + torch.arange(gamma)  # [rows, gamma] entries
+            # [rows, gamma] entries
+            idx = (torch.tensor(first, device=self.device)[:, None]
+                   + torch.arange(gamma, device=self.device))
             out, _ = self._forward(feeds, [0] * len(ctx), [None] * len(ctx), idx)
         else:
             past = [self.cache[rid] for rid in rids]
             cached = [len(p[0]) for p in past]
             feeds = [c[n:] + b for c, n, b in zip(ctx, cached, block.tolist())]
             first = [len(c) - n - shift for c, n in zip(ctx, cached)]
-            idx = torch.tensor(first)[:, None] + torch.arange(gamma)
+            idx = (torch.tensor(first, device=self.device)[:, None]
+                   + torch.arange(gamma, device=self.device))
             out, new_kv = self._forward(feeds, cached, past, idx)
             if step == 0:
                 self._store(ctx, rids, cached, new_kv)
@@ -151,16 +160,20 @@ class SpecDiffDrafter(Drafter):
         """Ragged rows: feeds[r] at positions starts[r]..., after past[r]'s cached K/V;
         score [rows, m]: the entries whose logits come back (default all)."""
         b, width = len(feeds), max(len(f) for f in feeds)
-        ids = torch.zeros(b, width, dtype=torch.long)
-        real = torch.zeros(b, width, dtype=torch.bool)
+        dev = self.device
+        # host lists, laid out on the host and copied over once
+        ids = torch.zeros(b, width, dtype=torch.long, device="cpu")
+        real = torch.zeros(b, width, dtype=torch.bool, device="cpu")
         for r, f in enumerate(feeds):
-            ids[r, :len(f)] = torch.tensor(f, dtype=torch.long)
+            ids[r, :len(f)] = torch.tensor(f, dtype=torch.long, device="cpu")
             real[r, :len(f)] = True
-        pos = torch.tensor(starts)[:, None] + torch.arange(width)
+        ids, real = ids.to(dev), real.to(dev)
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(width, device=dev)
         new = real[:, None, :].expand(b, width, width)
         if self.model.is_causal:
-            new = new & torch.ones(width, width, dtype=torch.bool).tril()
-        new = new | torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no NaN
+            new = new & torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        # padding queries see themselves: no NaN
+        new = new | torch.eye(width, dtype=torch.bool, device=dev)
         stacked, valid = _stack_past(past, self.model)
         allowed = torch.cat([valid[:, None, :].expand(b, width, -1), new], dim=2)
         return self.model(ids, pos, allowed, stacked, score)
@@ -218,13 +231,14 @@ def _stack_past(past: list, model: DiffusionLM):
     (k, v) [b, kv_heads, P, hd] (None when nothing is cached) and valid [b, P]."""
     lens = [0 if p is None or p[1] is None else len(p[0]) for p in past]
     width = max(lens)
-    valid = torch.zeros(len(past), width, dtype=torch.bool)
+    weight = model.embed_tokens.weight
+    valid = torch.zeros(len(past), width, dtype=torch.bool, device=weight.device)
     if width == 0:
         return None, valid
-    s, dtype = model.shape, model.embed_tokens.weight.dtype
+    s = model.shape
     out = []
     for layer in range(s.layers):
-        k = torch.zeros(len(past), s.kv_heads, width, s.head_dim, dtype=dtype)
+        k = weight.new_zeros(len(past), s.kv_heads, width, s.head_dim)
         v = torch.zeros_like(k)
         for r, (p, n) in enumerate(zip(past, lens)):
             if n:
@@ -234,7 +248,7 @@ def _stack_past(past: list, model: DiffusionLM):
     return out, valid
 
 
-def _merge_chains(per_row: list[list[list[int]]]) -> DraftProposal:
+def _merge_chains(per_row: list[list[list[int]]], device: torch.device) -> DraftProposal:
     """Per row, candidate chains -> one prefix tree (shared prefixes verified once)."""
     rows = []
     for chains in per_row:
@@ -249,7 +263,7 @@ def _merge_chains(per_row: list[list[list[int]]]) -> DraftProposal:
                     parents.append(node)
                 node = children[key]
         rows.append((tokens, parents))
-    return DraftProposal.from_rows(rows)
+    return DraftProposal.from_rows(rows, device)
 
 
 def _has_tokenizer(folder: str) -> bool:
@@ -275,6 +289,7 @@ def build(spec: DrafterSpec, target: TargetInfo) -> SpecDiffDrafter:
                          "a LoRA adapter folder over one)")
     opts = spec.options
     model, base_folder = load_diffusion_lm(spec.path, target.dtype, opts.get("base"))
+    model = model.to(target.device)
     draft_tok = None
     for folder in (spec.path, base_folder):
         if draft_tok is None and _has_tokenizer(folder):

@@ -21,6 +21,8 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
 from ..types import DraftInput, DraftProposal
 from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
 from .suffix_index import StreamCursor, SuffixIndex, best_continuations
@@ -53,9 +55,11 @@ class _Row:
 
 
 class SuffixDrafter(Drafter):
-    def __init__(self, options: SuffixOptions = SuffixOptions()):
+    def __init__(self, options: SuffixOptions = SuffixOptions(),
+                 device: torch.device | str | None = None):
         options.check()
         self.opt = options
+        self.device = device  # the target's: proposals go there (None: torch's default)
         self.depth = options.max_match + options.max_spec_depth
         self.rows: dict[int, _Row] = {}
         self.finished = SuffixIndex(self.depth)
@@ -68,7 +72,7 @@ class SuffixDrafter(Drafter):
             row = self._catch_up(rid, ids)
             rows.append(self._draft(row.tokens[-self.opt.max_match:], row.index,
                                     inp.num_draft_tokens))
-        return DraftProposal.from_rows(rows)
+        return DraftProposal.from_rows(rows, self.device)
 
     def release(self, row_ids: list[int]) -> None:
         """Finished rows: their outputs join the global index, the oldest ones leave it."""
@@ -139,4 +143,6 @@ def build(spec: DrafterSpec, target: TargetInfo) -> SuffixDrafter:
         raise ValueError(f"suffix: unknown options {sorted(unknown)}; known: {', '.join(known)}")
     types = {"max_match": int, "max_spec_depth": int, "spec_factor": float, "min_prob": float,
              "tree_nodes": int, "global_requests": int}
-    return SuffixDrafter(SuffixOptions(**{k: types[k](v) for k, v in spec.options.items()}))
+    options = SuffixOptions(**{k: types[k](v) for k, v in spec.options.items()})
+    options.check()  # before the target is asked anything: bad options are the first error
+    return SuffixDrafter(options, target.device)

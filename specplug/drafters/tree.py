@@ -64,10 +64,11 @@ def expand_tree(root_logprobs: torch.Tensor, expand: Expander, topk: int, depth:
     k = min(topk, vocab)
     scores, tokens = root_logprobs.double().topk(k, dim=-1)  # [b, k]
     pool_tokens, pool_scores = [tokens], [scores]
-    pool_parents = [torch.full((b, k), ROOT, dtype=torch.long)]
-    fed_index = torch.arange(k).expand(b, k)  # pool index of each node being expanded
+    dev = root_logprobs.device
+    pool_parents = [torch.full((b, k), ROOT, dtype=torch.long, device=dev)]
+    fed_index = torch.arange(k, device=dev).expand(b, k)  # pool index of each node being expanded
     fed_tokens, fed_scores = tokens, scores
-    fed_parent = torch.full((b, k), ROOT, dtype=torch.long)
+    fed_parent = torch.full((b, k), ROOT, dtype=torch.long, device=dev)
     pool_size = k
     for _ in range(depth - 1):
         logprobs = expand(fed_tokens, fed_parent).double()  # [b, k, vocab]
@@ -102,8 +103,8 @@ def select_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tenso
     order = order.gather(1, chosen)
     finite = torch.isfinite(keep_scores.gather(1, chosen))
     # new index of each kept pool node, to renumber parents
-    new_index = torch.full((b, pool), PAD, dtype=torch.long)
-    new_index.scatter_(1, order, torch.arange(n).expand(b, n).clone())
+    new_index = torch.full((b, pool), PAD, dtype=torch.long, device=tokens.device)
+    new_index.scatter_(1, order, torch.arange(n, device=tokens.device).expand(b, n).clone())
     old_parent = parents.gather(1, order)
     new_parent = torch.where(old_parent == ROOT, ROOT,
                              new_index.gather(1, old_parent.clamp(min=0)))

@@ -34,18 +34,18 @@ def context_limit(config) -> int:
 
 def tree_block_mask(proposal: DraftProposal) -> torch.Tensor:
     """[batch, n + 1, n + 1] bool: block input i may see block input j when j is i's ancestor
-    or i itself.  Block input 0 is the last committed token, input j + 1 is node j."""
+    or i itself.  Block input 0 is the last committed token, input j + 1 is node j.  Built on
+    the proposal's device, one column of nodes at a time (parents precede children)."""
     batch, n = proposal.tokens.shape
-    mask = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool)
+    device = proposal.tokens.device
+    mask = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool, device=device)
     mask[:, :, 0] = True
-    mask[:, 0, 0] = True
-    parents, tokens = proposal.parents.tolist(), proposal.tokens.tolist()
-    for r in range(batch):
-        for j, par in enumerate(parents[r]):
-            if tokens[r][j] == PAD:
-                continue
-            mask[r, j + 1] = mask[r, par + 1] if par >= 0 else mask[r, 0]
-            mask[r, j + 1, j + 1] = True
+    rows = torch.arange(batch, device=device)
+    for j in range(n):
+        seen = mask[rows, proposal.parents[:, j].clamp(min=-1) + 1].clone()  # [batch, n + 1]
+        seen[:, j + 1] = True
+        real = (proposal.tokens[:, j] != PAD)[:, None]
+        mask[:, j + 1] = torch.where(real, seen, mask[:, j + 1])
     return mask
 
 
@@ -54,6 +54,7 @@ class EmbeddedEngine:
                  num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams(),
                  budget: SpeculationBudget | None = None):
         self.model = model.eval()
+        self.device = model.device  # every tensor the engine makes lives here
         self.budget = budget if drafter else None
         self.tokenizer = tokenizer
         self.drafter = drafter
@@ -95,10 +96,10 @@ class EmbeddedEngine:
         for req in requests:
             gen = None
             if req.seed is not None:
-                gen = torch.Generator().manual_seed(req.seed)
+                gen = torch.Generator(device=self.device).manual_seed(req.seed)
             rows.append(Row(self._next_row_id, req, list(req.prompt_ids), gen))
             self._next_row_id += 1
-        cache = SlotCache(len(rows))
+        cache = SlotCache(len(rows), self.device)
         with stats.timer("prefill"):
             self._prefill(rows, cache)
         active = [r for r in rows if not r.finish_reason]
@@ -120,15 +121,19 @@ class EmbeddedEngine:
             result = verify(logits, proposal, self.sampling, [r.generator for r in active])
             timed["sample"] = time.perf_counter() - t
             t = time.perf_counter()
+            # the host decides what each row keeps and when it stops: one sync per step
             num_nodes = proposal.num_nodes.tolist()
+            accepted = result.num_accepted.tolist()
+            nodes_kept = result.accepted_nodes.tolist()
+            out_tokens = result.tokens.tolist()
             keep = []
             for i, row in enumerate(active):
-                n_acc = int(result.num_accepted[i])
-                path = [0] + [int(j) + 1 for j in result.accepted_nodes[i, :n_acc]]
+                n_acc = accepted[i]
+                path = [0] + [j + 1 for j in nodes_kept[i][:n_acc]]
                 keep.append(path)
                 if feats is not None:
                     row.pending_hidden.append(feats[i, path])
-                n_new = row.append(result.row_tokens(i), self.eos_ids, self.tokenizer)
+                n_new = row.append(out_tokens[i][:n_acc + 1], self.eos_ids, self.tokenizer)
                 row.accept_lengths.append(n_new)
                 stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
                 if self.budget:
@@ -173,52 +178,57 @@ class EmbeddedEngine:
     def _prefill(self, rows: list[Row], cache: SlotCache) -> None:
         lens = [len(r.tokens) for r in rows]
         width = max(lens)
-        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        # the prompts are host lists: padded on the host, copied to the device once
+        ids = torch.full((len(rows), width), PAD, dtype=torch.long, device="cpu")
         for i, r in enumerate(rows):
-            ids[i, :lens[i]] = torch.tensor(r.tokens)
+            ids[i, :lens[i]] = torch.tensor(r.tokens, dtype=torch.long, device="cpu")
+        ids = ids.to(self.device)
         real = ids != PAD
-        pos = torch.arange(width).expand(len(rows), width)
+        pos = torch.arange(width, device=self.device).expand(len(rows), width)
         logits, feats = self._forward(cache, ids, pos, real)
         cache.commit([list(range(n)) for n in lens])
-        last = torch.tensor(lens) - 1
-        first = next_tokens(logits[torch.arange(len(rows)), last], self.sampling,
-                            [r.generator for r in rows])
+        last = torch.tensor(lens, device=self.device) - 1
+        first = next_tokens(logits[torch.arange(len(rows), device=self.device), last],
+                            self.sampling, [r.generator for r in rows])
+        first = first.tolist()  # the host keeps each row's tokens (stop checks, detokenising)
         for i, r in enumerate(rows):
             if feats is not None:
                 r.pending_hidden.append(feats[i, :lens[i]])
-            r.append([int(first[i])], self.eos_ids, self.tokenizer)
+            r.append([first[i]], self.eos_ids, self.tokenizer)
 
     def _propose(self, rows: list[Row], limits: list[int] | None = None) -> DraftProposal:
         """limits: draft tokens per row (the speculation budget), None: num_draft_tokens each.
         Rows with limit 0 are not drafted for; their features wait for their next draft."""
         if not self.drafter:
-            return DraftProposal.empty(len(rows))
+            return DraftProposal.empty(len(rows), self.device)
         limits = limits if limits is not None else [self.num_draft_tokens] * len(rows)
         chosen = [i for i, k in enumerate(limits) if k > 0]
         if not chosen:
-            return DraftProposal.empty(len(rows))
+            return DraftProposal.empty(len(rows), self.device)
         some = [rows[i] for i in chosen]
         starts = [r.hidden_start for r in some]
         feats = [r.take_hidden() for r in some] if self.hidden_layers else None
         inp = DraftInput(
             row_ids=[r.row_id for r in some],
-            token_ids=[torch.tensor(r.tokens, dtype=torch.long) for r in some],
+            # committed tokens are host bookkeeping (as in vLLM and SGLang), so they stay on cpu
+            token_ids=[torch.tensor(r.tokens, dtype=torch.long, device="cpu") for r in some],
             num_draft_tokens=max(limits[i] for i in chosen), sampling=self.sampling,
             hidden_states=feats, hidden_start=starts if feats is not None else None,
             generators=[r.generator for r in some])
         proposal = _scatter_rows(self.drafter.propose(inp), chosen, len(rows))
         # never draft past a row's limit or its token budget (extra tokens could not be kept)
         room = torch.tensor([min(k, r.req.max_new_tokens - r.num_new - 1) + 1
-                             for k, r in zip(limits, rows)])
+                             for k, r in zip(limits, rows)], device=self.device)
         return _limit_depth(proposal, room)
 
     def _verify_forward(self, rows, cache, proposal: DraftProposal):
         batch, n = proposal.tokens.shape
-        last = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long)
+        last = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=self.device)
         ids = torch.cat([last[:, None], proposal.tokens], dim=1)
         real = ids != PAD
         base = cache.length[:, None]
-        depth = torch.cat([torch.zeros(batch, 1, dtype=torch.long), proposal.depths()], dim=1)
+        depth = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=self.device),
+                           proposal.depths()], dim=1)
         pos = base + depth
         block_mask = None if proposal.is_chain() else tree_block_mask(proposal)
         return self._forward(cache, ids, pos, real, block_mask)
@@ -228,14 +238,15 @@ def _scatter_rows(proposal: DraftProposal, index: list[int], batch: int) -> Draf
     """The proposal of rows `index` placed among `batch` rows; the others get no nodes."""
     if len(index) == batch:
         return proposal
-    n = proposal.tokens.shape[1]
-    tokens = torch.full((batch, n), PAD, dtype=torch.long)
-    parents = torch.full((batch, n), -1, dtype=torch.long)
-    tokens[index], parents[index] = proposal.tokens, proposal.parents
+    n, device = proposal.tokens.shape[1], proposal.tokens.device
+    tokens = torch.full((batch, n), PAD, dtype=torch.long, device=device)
+    parents = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    where = torch.tensor(index, dtype=torch.long, device=device)
+    tokens[where], parents[where] = proposal.tokens, proposal.parents
     probs = None
     if proposal.draft_probs is not None:
         probs = proposal.draft_probs.new_zeros((batch,) + proposal.draft_probs.shape[1:])
-        probs[index] = proposal.draft_probs
+        probs[where] = proposal.draft_probs
     return DraftProposal(tokens, parents, probs)
 
 

@@ -12,11 +12,15 @@ from transformers import DynamicCache
 
 
 class SlotCache:
-    def __init__(self, batch: int):
+    def __init__(self, batch: int, device: torch.device | str | None = None):
+        # the target's: masks and bookkeeping live beside it (None: torch's default device)
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
         self.cache = DynamicCache()
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool)  # [batch, slots]
-        self.slot_pos = torch.zeros(batch, 0, dtype=torch.long)  # [batch, slots] position held
-        self.length = torch.zeros(batch, dtype=torch.long)  # [batch] committed tokens cached
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
+        # [batch, slots] position each slot holds
+        self.slot_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        # [batch] committed tokens cached
+        self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._block = 0
 
     @property
@@ -33,16 +37,20 @@ class SlotCache:
         """
         batch, q = input_ids.shape
         if block_mask is None:
-            block_mask = torch.ones(q, q, dtype=torch.bool).tril().expand(batch, q, q)
+            block_mask = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+            block_mask = block_mask.expand(batch, q, q)
         block_mask = block_mask & real[:, None, :]
-        block_mask = block_mask | torch.eye(q, dtype=torch.bool)  # padding rows see themselves: no NaN
+        # padding rows see themselves: no NaN
+        block_mask = block_mask | torch.eye(q, dtype=torch.bool, device=self.device)
         allowed = torch.cat([self.valid[:, None, :].expand(batch, q, -1), block_mask], dim=2)
         dtype = model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
         out = model(input_ids=input_ids.clamp(min=0), position_ids=positions,
                     attention_mask=mask[:, None], past_key_values=self.cache, use_cache=True,
                     output_hidden_states=output_hidden_states)
-        self.valid = torch.cat([self.valid, torch.zeros(batch, q, dtype=torch.bool)], dim=1)
+        self.valid = torch.cat(
+            [self.valid, torch.zeros(batch, q, dtype=torch.bool, device=self.device)], dim=1)
         self.slot_pos = torch.cat([self.slot_pos, positions], dim=1)
         self._block = q  # width of the block `commit` will pick from
         return out
@@ -52,7 +60,7 @@ class SlotCache:
         start = self.valid.shape[1] - self._block
         for r, idx in enumerate(keep):
             if idx:
-                cols = torch.tensor(idx, dtype=torch.long) + start
+                cols = torch.tensor(idx, dtype=torch.long, device=self.device) + start
                 self.valid[r, cols] = True
                 self.length[r] += len(idx)
         self._trim()
@@ -60,13 +68,13 @@ class SlotCache:
     def truncate(self, row: int, length: int) -> None:
         """Drop row's cached tokens from position `length` on (rollback)."""
         self.valid[row] &= self.slot_pos[row] < length
-        self.length[row] = min(int(self.length[row]), length)
+        self.length[row] = self.length[row].clamp(max=length)
 
     def select_rows(self, rows: list[int]) -> None:
         if not rows:
-            self.__init__(0)
+            self.__init__(0, self.device)
             return
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
                 layer.keys, layer.values = layer.keys[idx], layer.values[idx]
@@ -76,7 +84,7 @@ class SlotCache:
     def add_rows(self, n: int) -> None:
         """Append n empty rows (all slots invalid)."""
         if self.batch == 0:
-            self.__init__(n)
+            self.__init__(n, self.device)
             return
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
@@ -84,13 +92,15 @@ class SlotCache:
                 layer.keys = torch.cat([layer.keys, pad])
                 layer.values = torch.cat([layer.values, pad.clone()])
         slots = self.valid.shape[1]
-        self.valid = torch.cat([self.valid, torch.zeros(n, slots, dtype=torch.bool)])
-        self.slot_pos = torch.cat([self.slot_pos, torch.zeros(n, slots, dtype=torch.long)])
-        self.length = torch.cat([self.length, torch.zeros(n, dtype=torch.long)])
+        new = dict(dtype=torch.long, device=self.device)
+        self.valid = torch.cat([self.valid, torch.zeros(n, slots, dtype=torch.bool, device=self.device)])
+        self.slot_pos = torch.cat([self.slot_pos, torch.zeros(n, slots, **new)])
+        self.length = torch.cat([self.length, torch.zeros(n, **new)])
 
     def _trim(self) -> None:
         """Crop slots no row uses at the end; compact when over half the slots are holes."""
         used = self.valid.any(dim=0).nonzero()
+        # the host decides how far to crop the cache: one sync per step
         keep_slots = int(used[-1]) + 1 if len(used) else 0
         drop = self.valid.shape[1] - keep_slots
         if drop > 0:

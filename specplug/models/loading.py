@@ -45,4 +45,5 @@ def target_info(model, tokenizer=None) -> TargetInfo:
     return TargetInfo(config=model.config, tokenizer=tokenizer,
                       embed_tokens=model.get_input_embeddings(),
                       lm_head=model.get_output_embeddings(),
-                      final_norm=getattr(inner, "norm", None), dtype=model.dtype)
+                      final_norm=getattr(inner, "norm", None), dtype=model.dtype,
+                      device=model.device)

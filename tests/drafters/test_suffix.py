@@ -174,7 +174,9 @@ def test_greedy_output_identical_to_plain(tree_nodes):
     base = [10, 20, 30, 40, 10, 20, 30, 40, 50]
     reqs = [Request(base, 24), Request([7, 8, 9, 7, 8], 24), Request(base[:5], 24)]
     plain, _ = EmbeddedEngine(model, None, None).generate(reqs, batch_size=3)
-    drafter = build_drafter(DrafterSpec("suffix", None, {"tree_nodes": tree_nodes}), None)
+    from specplug.models.loading import target_info
+    drafter = build_drafter(DrafterSpec("suffix", None, {"tree_nodes": tree_nodes}),
+                            target_info(model))
     spec, stats = EmbeddedEngine(model, None, drafter, 4).generate(reqs, batch_size=2)
     assert [o.output_token_ids for o in spec] == [o.output_token_ids for o in plain]
     assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0, stats.summary()

@@ -41,14 +41,19 @@ def test_draft_input_rejects_a_stale_root():
 
 def test_chain_tokens_pads_short_rows_with_their_last_token():
     prop = DraftProposal.chain(torch.tensor([[8, 1, 3, 4], [6, PAD, PAD, PAD], [PAD] * 4]))
-    out = chain_tokens(prop, roots=[7, 2, 9], num_steps=3)
+    out = chain_tokens(prop, roots=torch.tensor([7, 2, 9]), num_steps=3)
     assert out.tolist() == [[8, 1, 3], [6, 6, 6], [9, 9, 9]]
+    # a proposal narrower than the verify width, and one with no drafts at all
+    narrow = DraftProposal.chain(torch.tensor([[5, 6], [4, PAD]]))
+    assert chain_tokens(narrow, torch.tensor([1, 2]), 4).tolist() == [[5, 6, 6, 6], [4, 4, 4, 4]]
+    none = DraftProposal.empty(2)
+    assert chain_tokens(none, torch.tensor([1, 2]), 2).tolist() == [[1, 1], [2, 2]]
 
 
 def test_chain_tokens_refuses_trees():
     tree = DraftProposal(torch.tensor([[1, 2]]), torch.tensor([[-1, -1]]))
     with pytest.raises(ValueError, match="verifies chains"):
-        chain_tokens(tree, [0], 2)
+        chain_tokens(tree, torch.tensor([0]), 2)
 
 
 def test_algorithm_names_and_methods():
