@@ -53,9 +53,10 @@ engines:
 	integrations/vllm/install_cpu.sh $(CURDIR)/.venv-vllm
 	bash integrations/sglang/install_cpu.sh $(CURDIR)/.venv-sglang
 
-# Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU.
-test: $(BIN)/.installed models engines
-	$(BIN)/python -m pytest -q tests
+# Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU, packed onto
+# two cores (tests/run_suite.sh: the engine venvs install while the in-process tests run).
+test: $(BIN)/.installed models
+	tests/run_suite.sh $(BIN)/python
 
 # Re-resolve every environment (main, vLLM, SGLang) and rewrite locks/*.txt.
 lock:
