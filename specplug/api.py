@@ -9,14 +9,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import SpeculationBudget
-from .drafters.base import DrafterSpec, build_drafter
+from .drafters.base import DrafterSpec, build_drafter, family_of
 from .engine.embedded import EmbeddedEngine
 from .engine.rows import Request, RequestOutput
 from .stats import SpecStats
 from .types import SamplingParams
 
-# methods whose drafter is a checkpoint folder
-METHODS_WITH_WEIGHTS = {"draft", "eagle", "eagle3", "dflash", "specdiff", "hybrid"}
 
 
 @dataclass
@@ -108,7 +106,7 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
     method = resolve_method(cfg)
     drafter = None
     if method != "none":
-        if method in METHODS_WITH_WEIGHTS and not cfg.drafter:
+        if family_of(method).needs_weights and not cfg.drafter:
             raise ValueError(f"method {method!r} needs --drafter PATH")
         path = cfg.drafter if cfg.drafter != "ngram" else None
         if path and not os.path.exists(path):

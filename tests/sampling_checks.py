@@ -37,6 +37,14 @@ def chi_square(groups) -> tuple[float, int, float]:
     return stat, df, float(chi2.sf(stat, df)) if df else 1.0
 
 
+def goodness_of_fit_p(samples, probs) -> float:
+    """p-value that `samples` (token ids) were drawn from `probs` [vocab] (one group of
+    `chi_square`); a token of probability ~0 gives p = 0."""
+    probs = np.asarray(probs, float)
+    counts = np.bincount(np.asarray(samples, int), minlength=len(probs))
+    return chi_square([(counts, probs / probs.sum() * len(samples))])[2]
+
+
 def conditional_chi_square(samples: list[list[int]], positions: int,
                            probs: Callable[[list[tuple[int, ...]]], dict]) -> dict:
     """samples: token sequences (each at least `positions` long).  probs(prefixes) -> {prefix:

@@ -23,14 +23,12 @@ import json
 import logging
 import os
 
-# SGLang algorithm name -> specplug drafter method (None: detected from the draft folder)
-ALGORITHMS: dict[str, str | None] = {
-    "SPECPLUG": None,
-    "SPECPLUG_DRAFT": "draft",
-    "SPECPLUG_SPECDIFF": "specdiff",
-    "SPECPLUG_NGRAM": "ngram",
-    "SPECPLUG_SUFFIX": "suffix",
-}
+from specplug.drafters.base import families, family_of
+
+# SGLang algorithm name -> specplug drafter method (None: detected from the draft folder); each
+# family that specplug's worker serves names its algorithm (Family.sglang_plugin_name)
+ALGORITHMS: dict[str, str | None] = {"SPECPLUG": None, **{
+    f.sglang_plugin_name: f.method for f in families() if f.sglang_plugin_name}}
 
 # On CPU SGLang's verify commits the target's argmax whatever the temperature, so the worker
 # ends sampled requests with this message (worker.refuse_sampled) instead of answering greedily.
@@ -39,10 +37,7 @@ SAMPLING_REFUSED = ("specplug on SGLang CPU refuses temperature > 0: SGLang's CP
                     "distribution; use temperature 0 here, or a GPU")
 
 # specplug methods SGLang serves with its own workers (from converted checkpoints)
-SGLANG_BUILTINS = {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
-
-METHODS_WITH_FOLDER = {"draft", "specdiff"}
-METHODS_WITHOUT_FOLDER = {"ngram", "suffix"}  # token-only drafters with no weights
+SGLANG_BUILTINS = {f.method: f.sglang_algorithm for f in families() if f.sglang_algorithm}
 DEFAULT_NUM_STEPS = 4  # draft tokens per verify when neither steps nor draft tokens are given
 # JSON dict of drafter options, e.g. {"max_ngram": 4}; its "path" names the drafter folder when
 # --speculative-draft-model-path cannot (SGLang reads that folder's config with transformers'
@@ -78,12 +73,13 @@ def resolve_method(algorithm: str, draft_path: str | None) -> str:
         raise ValueError(f"{draft_path} is a {method} checkpoint: run it with SGLang's own "
                          f"--speculative-algorithm {SGLANG_BUILTINS[method]} (after "
                          "`specplug convert --to sglang` if it is not in SGLang's layout)")
-    if method in METHODS_WITH_FOLDER and not draft_path:
-        raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
-                         f"(a {method} drafter folder)")
-    if method not in METHODS_WITH_FOLDER | METHODS_WITHOUT_FOLDER:
+    family = family_of(method)
+    if not family.sglang_plugin_name:
         raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang "
                          "(it needs target hidden states SGLang does not hand to plugins)")
+    if family.needs_weights and not draft_path:
+        raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
+                         f"(a {method} drafter folder)")
     return method
 
 

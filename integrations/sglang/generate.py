@@ -23,16 +23,13 @@ import sys
 import tempfile
 import time
 
-from specplug.drafters.base import DrafterSpec
+from specplug.drafters.base import DrafterSpec, family_of
 from specplug.jobfile import run_job_files
 from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
 from .algorithms import OPTIONS_ENV, algorithm_for
-
-# diffusion drafters: SGLang's AutoConfig cannot read the folder, so it travels in the options
-PATH_IN_OPTIONS = {"specdiff"}
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +41,7 @@ def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: i
     kwargs = {"speculative_algorithm": algorithm_for(method),
               "speculative_num_steps": num_draft_tokens, "speculative_eagle_topk": 1,
               "speculative_num_draft_tokens": num_draft_tokens + 1}
-    if path and method not in PATH_IN_OPTIONS:
+    if path and not family_of(method).sglang_path_in_options:
         kwargs["speculative_draft_model_path"] = path
     return kwargs
 
@@ -52,7 +49,7 @@ def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: i
 def drafter_options_for(method: str | None, path: str | None, options: dict | None) -> dict:
     """The SPECPLUG_DRAFTER_OPTIONS block: options, plus the folder SGLang cannot be given."""
     out = dict(options or {})
-    if path and method in PATH_IN_OPTIONS:
+    if path and method not in (None, "none") and family_of(method).sglang_path_in_options:
         out["path"] = path
     return out
 

@@ -35,10 +35,9 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_utils import get_plan_stream
 from sglang.srt.utils import is_cpu
 
-from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter
+from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter, family_of
 
-from .algorithms import (METHODS_WITHOUT_FOLDER, SAMPLING_REFUSED, drafter_options, drafter_path,
-                         resolve_method)
+from .algorithms import SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method
 from .batch import RowIds, chain_tokens, draft_input
 
 log = logging.getLogger("specplug.sglang")
@@ -68,7 +67,7 @@ class SpecplugWorker(BaseSpecWorker):
         options = {k: v for k, v in drafter_options().items() if k != "path"}
         self.drafter = build_drafter(
             DrafterSpec(self.method,
-                        None if self.method in METHODS_WITHOUT_FOLDER else draft_path, options),
+                        draft_path if family_of(self.method).needs_weights else None, options),
             _target_info(server_args, target_worker, self.device))
         if self.drafter.needs.hidden_layers:
             raise ValueError(f"specplug method {self.method!r} reads target hidden states, which "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 
+from specplug.drafters.base import family_of
 from specplug.engine.rows import Request, RequestOutput
 from specplug.jobfile import run_job_files
 from specplug.stats import SpecStats
@@ -29,13 +30,6 @@ from specplug.types import SamplingParams
 
 from .proposer import CLASS_PATH, CONFIG_KEY
 
-# specplug methods whose drafter reads target hidden states: by default vLLM runs them as one of
-# its own families (vLLM's implementation on the same checkpoint); with via_plugin, specplug's
-# drafter runs through the custom_class proposer, fed by hooks on the target (target_features.py).
-HIDDEN_STATE_METHODS = {"eagle": "eagle", "eagle3": "eagle3", "dflash": "dflash"}
-# methods whose specplug drafter reads target features when it runs through the plugin: the
-# prompt must run through the target (no prefix cache) for their features to exist
-PLUGIN_FEATURE_METHODS = {"eagle", "eagle3", "dflash", "hybrid"}
 
 # settings that worked for vLLM on CPU (ENGINE_NOTES); callers may override any of them
 DEFAULT_LLM_KWARGS = {"dtype": "float32", "enforce_eager": True}
@@ -48,11 +42,13 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
     instead of vLLM's implementation of the family; hybrid always runs through the plugin."""
     if method in (None, "none"):
         return None, {}
-    if method in HIDDEN_STATE_METHODS and not via_plugin:
+    # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
+    # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer
+    native = family_of(method).vllm_method
+    if native and not via_plugin:
         if not path:
             raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
-        return {"method": HIDDEN_STATE_METHODS[method], "model": path,
-                "num_speculative_tokens": num_draft_tokens}, {}
+        return {"method": native, "model": path, "num_speculative_tokens": num_draft_tokens}, {}
     block = {"method": method, "options": dict(options or {})}
     if path:
         block["path"] = path
@@ -80,8 +76,10 @@ def run_vllm_requests(target: str, requests: list[Request], speculative_config: 
                       per_request_spec_decode_metrics="detailed")
     if additional_config:
         kwargs["additional_config"] = additional_config
-        if (additional_config.get(CONFIG_KEY) or {}).get("method") in PLUGIN_FEATURE_METHODS:
-            kwargs["enable_prefix_caching"] = False  # every prompt position needs its features
+        method = (additional_config.get(CONFIG_KEY) or {}).get("method")
+        if method and family_of(method).reads_hidden_states:
+            # every prompt position needs its features: the prompt must run through the target
+            kwargs["enable_prefix_caching"] = False
     kwargs.update(llm_kwargs or {})
     llm = LLM(model=target, **kwargs)
 

@@ -59,14 +59,44 @@ class DrafterSpec:
     options: dict = field(default_factory=dict)  # method-specific settings (tree sizes, k, ...)
 
 
-_REGISTRY: dict[str, Callable[[DrafterSpec, TargetInfo], Drafter]] = {}
+@dataclass(frozen=True)
+class Family:
+    """The facts about one drafter family that the rest of specplug asks for, declared once in
+    that family's own file (`@register_drafter(Family(...))`).  Nothing else keeps a list."""
+    method: str  # --method / DrafterSpec.method
+    needs_weights: bool  # the drafter is a checkpoint folder (--drafter PATH)
+    reads_hidden_states: bool  # it (or, for hybrid, its head) reads target features
+    architectures: tuple[str, ...] = ()  # config.json architectures that name this family
+    speculators_type: str | None = None  # speculators_model_type of its speculators checkpoints
+    vllm_method: str | None = None  # vLLM's own method for its checkpoints (speculative_config)
+    sglang_algorithm: str | None = None  # SGLang's own worker for its converted checkpoints
+    sglang_plugin_name: str | None = None  # SPECPLUG_* algorithm when specplug's worker serves it
+    # SGLang reads --speculative-draft-model-path with AutoConfig; folders it cannot read travel in
+    # the drafter options instead
+    sglang_path_in_options: bool = False
 
 
-def register_drafter(method: str):
+_REGISTRY: dict[str, tuple[Family, Callable[[DrafterSpec, TargetInfo], Drafter]]] = {}
+
+
+def register_drafter(family: Family):
     def deco(factory):
-        _REGISTRY[method] = factory
+        _REGISTRY[family.method] = (family, factory)
         return factory
     return deco
+
+
+def families() -> list[Family]:
+    """Every registered family, in BUILTIN_FAMILIES order (then any registered later)."""
+    _load_builtin()
+    return [family for family, _ in _REGISTRY.values()]
+
+
+def family_of(method: str) -> Family:
+    _load_builtin()
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known: none, {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[method][0]
 
 
 def available_methods() -> list[str]:
@@ -75,15 +105,13 @@ def available_methods() -> list[str]:
 
 
 def build_drafter(spec: DrafterSpec, target: TargetInfo) -> Drafter:
-    _load_builtin()
-    if spec.method not in _REGISTRY:
-        raise ValueError(f"unknown method {spec.method!r}; known: none, {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[spec.method](spec, target)
+    family_of(spec.method)  # a one-line error for an unknown method
+    return _REGISTRY[spec.method][1](spec, target)
 
 
 def _load_builtin() -> None:
-    # importing the family modules runs their @register_drafter; kept lazy so importing the
-    # core costs nothing
+    # importing the family modules runs their @register_drafter (so registry order follows
+    # BUILTIN_FAMILIES); kept lazy so importing the core costs nothing
     import importlib
     for name in BUILTIN_FAMILIES:
         try:

@@ -2,16 +2,8 @@
 from __future__ import annotations
 
 from ..checkpoint_io import read_config
+from .base import families
 from .speculators_format import is_speculators, speculators_method
-
-# architecture name -> method; families register theirs here as plain data
-ARCHITECTURES = {
-    "DFlashDraftModel": "dflash",
-    "LlamaForCausalLMEagle3": "eagle3",
-    "Eagle3LlamaForCausalLM": "eagle3",
-    "LlamaForCausalLMEagle": "eagle",
-    "EagleLlamaForCausalLM": "eagle",
-}
 
 
 def detect_method(path: str) -> str:
@@ -20,9 +12,10 @@ def detect_method(path: str) -> str:
         return "dflash"
     if is_speculators(cfg):
         return speculators_method(cfg, path)
+    by_architecture = {arch: f.method for f in families() for arch in f.architectures}
     for arch in cfg.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
+        if arch in by_architecture:
+            return by_architecture[arch]
     if cfg.get("specplug_method"):
         return cfg["specplug_method"]
     if cfg.get("mask_token_id") is not None and cfg.get("model_type") in ("Dream", "dream", "llada"):

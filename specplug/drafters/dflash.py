@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoint_io import CheckpointError, check_keys, read_config
 from ..sampling import probs_from_logits
 from ..types import DraftInput, DraftProposal, DrafterNeeds
-from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .diffusion_model import Layer, RMSNorm, Shape, expected_layer_keys, load_weights
 from .speculators_format import native_config
 
@@ -233,7 +233,12 @@ def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlas
     return head.to(device=target.device, dtype=target.dtype).eval(), dcfg
 
 
-@register_drafter("dflash")
+FAMILY = Family("dflash", needs_weights=True, reads_hidden_states=True,
+                 architectures=DFLASH_ARCHITECTURES, speculators_type="dflash",
+                 vllm_method="dflash", sglang_algorithm="DFLASH")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> DFlashDrafter:
     if not spec.path:
         raise ValueError("method 'dflash' needs --drafter PATH (a z-lab DFlash checkpoint folder)")

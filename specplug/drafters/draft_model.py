@@ -14,7 +14,7 @@ from ..engine.kv import SlotCache
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
-from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .row_slots import RowSlots, common_prefix
 
 
@@ -106,7 +106,11 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 
-@register_drafter("draft")
+FAMILY = Family("draft", needs_weights=True, reads_hidden_states=False,
+                 sglang_plugin_name="SPECPLUG_DRAFT")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> DraftModelDrafter:
     from ..models.loading import load_causal_lm, load_tokenizer
     if not spec.path:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint_io import CheckpointError, check_keys, load_state_dict, read_config, weight_files
 from ..vocab import VocabMap
-from .base import DrafterSpec, TargetInfo, register_drafter
+from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle_runtime import EagleDrafter
 from .llama_layer import HeadLayer, HeadShape, layer_keys, rotary
 from .tree import TreeSettings
@@ -182,7 +182,12 @@ def _check_loaded(module: nn.Module, weights: dict, path: str) -> None:
         raise CheckpointError(f"{where(path)}: missing key {missing[0]}")
 
 
-@register_drafter("eagle")
+FAMILY = Family("eagle", needs_weights=True, reads_hidden_states=True,
+                 architectures=("LlamaForCausalLMEagle", "EagleLlamaForCausalLM"),
+                 vllm_method="eagle", sglang_algorithm="EAGLE")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> EagleDrafter:
     if not spec.path:
         raise ValueError("method 'eagle' needs --drafter PATH (an EAGLE-1/2 head folder)")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checkpoint_io import CheckpointError, check_keys, load_state_dict, read_config
 from ..vocab import VocabMap
-from .base import DrafterSpec, TargetInfo, register_drafter
+from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle import _check_loaded, _embedding, strip_prefixes, where
 from .eagle_runtime import EagleDrafter
 from .llama_layer import HeadLayer, HeadShape, RMSNorm, layer_keys, rotary
@@ -188,7 +188,12 @@ def load_eagle3(path: str, target: TargetInfo, options: dict | None = None) -> E
                         float(options.get("min_confidence", 0.0)))
 
 
-@register_drafter("eagle3")
+FAMILY = Family("eagle3", needs_weights=True, reads_hidden_states=True,
+                 architectures=("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"),
+                 speculators_type="eagle3", vllm_method="eagle3", sglang_algorithm="EAGLE3")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> EagleDrafter:
     if not spec.path:
         raise ValueError("method 'eagle3' needs --drafter PATH (an EAGLE-3 head folder)")

@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from ..types import PAD, ROOT, DraftInput, DraftProposal
-from .base import Drafter, DrafterSpec, TargetInfo, build_drafter, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, build_drafter, register_drafter
 
 MODES = ("switch", "tree")
 
@@ -180,7 +180,10 @@ def _lookup_spec(opts: dict) -> DrafterSpec:
     return DrafterSpec("ngram", None, {"max_ngram": max_ngram, "min_ngram": min_match})
 
 
-@register_drafter("hybrid")
+FAMILY = Family("hybrid", needs_weights=True, reads_hidden_states=True)
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
     opts = spec.options
     lookup = build_drafter(_lookup_spec(opts), target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..types import PAD, DraftInput, DraftProposal
-from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 
 
 def lookup(tokens: torch.Tensor, max_ngram: int, min_ngram: int, num_tokens: int) -> list[int]:
@@ -37,7 +37,11 @@ class NgramDrafter(Drafter):
                                        self.device)
 
 
-@register_drafter("ngram")
+FAMILY = Family("ngram", needs_weights=False, reads_hidden_states=False,
+                 sglang_plugin_name="SPECPLUG_NGRAM")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> NgramDrafter:
     return NgramDrafter(int(spec.options.get("max_ngram", 3)), int(spec.options.get("min_ngram", 1)),
                         target.device)

@@ -38,7 +38,7 @@ import torch
 from ..sampling import probs_from_logits
 from ..types import ROOT, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
-from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .diffusion_model import DiffusionLM, load_diffusion_lm
 
 UNMASK_ORDERS = ("origin", "entropy", "p2", "left_to_right")
@@ -281,7 +281,11 @@ def _option(options: dict, name: str, kind, default):
     return kind(value)
 
 
-@register_drafter("specdiff")
+FAMILY = Family("specdiff", needs_weights=True, reads_hidden_states=False,
+                 sglang_plugin_name="SPECPLUG_SPECDIFF", sglang_path_in_options=True)
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> SpecDiffDrafter:
     from ..models.loading import load_tokenizer
     if not spec.path:

@@ -24,7 +24,6 @@ import os
 
 from ..checkpoint_io import CheckpointError
 
-SPECULATORS_METHODS = {"eagle3": "eagle3", "dflash": "dflash"}  # speculators type -> method
 # EAGLE-3 options vLLM implements and specplug's head does not: refused when true
 UNSUPPORTED_EAGLE3_FLAGS = ("norm_before_fc", "fc_norm", "norm_output")
 
@@ -35,11 +34,13 @@ def is_speculators(cfg: dict) -> bool:
 
 def speculators_method(cfg: dict, folder: str) -> str:
     """The specplug method that loads a speculators folder."""
+    from .base import families  # the families' modules import this one
     kind = cfg.get("speculators_model_type")
-    if kind not in SPECULATORS_METHODS:
+    by_type = {f.speculators_type: f.method for f in families() if f.speculators_type}
+    if kind not in by_type:
         raise CheckpointError(f"{_where(folder)}: speculators_model_type {kind!r} has no specplug "
-                              f"loader (supported: {', '.join(SPECULATORS_METHODS)})")
-    return SPECULATORS_METHODS[kind]
+                              f"loader (supported: {', '.join(by_type)})")
+    return by_type[kind]
 
 
 def native_config(cfg: dict, folder: str) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..types import DraftInput, DraftProposal
-from .base import Drafter, DrafterSpec, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .suffix_index import StreamCursor, SuffixIndex, best_continuations
 
 
@@ -135,7 +135,11 @@ def _best_chain(node, length: int, depth: int, min_prob: float) -> tuple[list[in
     return tokens, list(range(-1, len(tokens) - 1))
 
 
-@register_drafter("suffix")
+FAMILY = Family("suffix", needs_weights=False, reads_hidden_states=False,
+                 sglang_plugin_name="SPECPLUG_SUFFIX")
+
+
+@register_drafter(FAMILY)
 def build(spec: DrafterSpec, target: TargetInfo) -> SuffixDrafter:
     known = SuffixOptions.__dataclass_fields__
     unknown = set(spec.options) - set(known)

@@ -211,20 +211,10 @@ def markov_marginals(model, last_token: int, steps: int, sampling) -> list[torch
     return out
 
 
-def chi_square_p(samples: list[int], probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Goodness of fit of samples to probs; bins with small expected counts are merged."""
-    from scipy.stats import chisquare
-    n = len(samples)
-    counts = torch.bincount(torch.tensor(samples), minlength=probs.shape[0]).double()
-    expected = probs.double() * n
-    big = expected >= min_expected
-    obs = counts[big].tolist() + [float(counts[~big].sum())]
-    exp = expected[big].tolist() + [float(expected[~big].sum())]
-    if exp[-1] < 1e-9:
-        assert obs[-1] == 0, "a token with zero probability was produced"
-        obs, exp = obs[:-1], exp[:-1]
-    scale = sum(obs) / sum(exp)
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+def chi_square_p(samples: list[int], probs: torch.Tensor) -> float:
+    """Goodness of fit of sampled token ids to probs [vocab] (tests/sampling_checks.py)."""
+    from sampling_checks import goodness_of_fit_p
+    return goodness_of_fit_p(samples, probs.double().cpu().numpy())
 
 
 def rewrite_checkpoint(src: str, dst: str, edit_state=None, edit_config=None) -> str:

@@ -216,16 +216,7 @@ def second_token_marginal(model, prompt: list[int]) -> torch.Tensor:
     return p1 @ p2
 
 
-def chi_square_p(samples: list[int], expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value; bins with expected count < 5 are merged into one."""
-    from scipy.stats import chisquare
-    n = len(samples)
-    counts = torch.bincount(torch.tensor(samples), minlength=expected_probs.shape[0]).double()
-    expected = expected_probs * n
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    if exp[-1] < 1e-9:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+def chi_square_p(samples: list[int], probs: torch.Tensor) -> float:
+    """Goodness of fit of sampled token ids to probs [vocab] (tests/sampling_checks.py)."""
+    from sampling_checks import goodness_of_fit_p
+    return goodness_of_fit_p(samples, probs.double().cpu().numpy())

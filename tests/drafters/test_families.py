@@ -1,0 +1,46 @@
+"""Each drafter family declares its facts once (`FAMILY` in its own module); every other part of
+specplug derives its method sets from those records."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from specplug.drafters.base import BUILTIN_FAMILIES, available_methods, families, family_of
+
+
+def test_every_family_is_declared_in_its_own_module():
+    declared = {}
+    for module in BUILTIN_FAMILIES:
+        record = importlib.import_module(f"specplug.drafters.{module}").FAMILY
+        declared[record.method] = record
+    assert sorted(declared) == available_methods()
+    assert {f.method: f for f in families()} == declared
+
+
+def test_records_are_consistent():
+    for f in families():
+        if f.reads_hidden_states:  # features come from a target run, never a token-only plugin
+            assert f.sglang_plugin_name is None, f
+        if f.sglang_path_in_options:
+            assert f.needs_weights and f.sglang_plugin_name, f
+        if f.vllm_method or f.sglang_algorithm:  # engines' own families load checkpoints
+            assert f.needs_weights, f
+
+
+def test_derived_sets_follow_the_records():
+    from specplug.drafters.detect import detect_method  # noqa: F401  (imports cleanly)
+    from specplug.integrations.sglang import algorithms
+    from specplug.integrations.vllm.generate import speculative_settings
+    served = {m for m in algorithms.ALGORITHMS.values() if m}
+    assert served == {f.method for f in families() if f.sglang_plugin_name}
+    assert algorithms.SGLANG_BUILTINS == {"eagle": "EAGLE", "eagle3": "EAGLE3", "dflash": "DFLASH"}
+    spec, extra = speculative_settings("eagle3", "/ckpt", {}, 3)
+    assert spec["method"] == "eagle3" and not extra  # vLLM's own EAGLE-3 on the same checkpoint
+    spec, extra = speculative_settings("suffix", None, {}, 3)
+    assert spec["method"] == "custom_class" and extra["specplug"]["method"] == "suffix"
+
+
+def test_unknown_method_is_one_line():
+    with pytest.raises(ValueError, match="unknown method 'nope'; known: none, "):
+        family_of("nope")
