@@ -38,7 +38,7 @@ GAMMA = 3
 MAX_NEW = 24
 
 
-def _own_tensors(drafter, target) -> dict[str, torch.Tensor]:
+def _own_tensors(drafter) -> dict[str, torch.Tensor]:
     """name -> every parameter and buffer of the drafter's modules (borrowed target ones too:
     they must be on CUDA all the more)."""
     found = {}
@@ -55,7 +55,7 @@ def test_family_on_cuda_is_greedy_identical_and_lives_on_cuda(family, tmp_path):
     with torch.device("cuda"):
         target, drafter, prompt = family(str(tmp_path))
     assert target.device.type == "cuda"
-    tensors = _own_tensors(drafter, target)
+    tensors = _own_tensors(drafter)
     weightless = family.__name__ in ("ngram", "suffix")
     assert bool(tensors) != weightless, f"{family.__name__}: {len(tensors)} drafter tensors"
     off = [name for name, t in tensors.items() if t.device.type != "cuda"]
