@@ -32,7 +32,8 @@ from ..checkpoint_io import CheckpointError, check_keys, read_config
 from ..sampling import probs_from_logits
 from ..types import DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
-from .diffusion_model import Layer, RMSNorm, Shape, expected_layer_keys, load_weights
+from .decoder_layer import DecoderLayer, RMSNorm
+from .diffusion_model import Shape, expected_layer_keys, keep_and_join, load_weights
 from .speculators_format import native_config
 
 DFLASH_ARCHITECTURES = ("DFlashDraftModel",)
@@ -66,13 +67,15 @@ class DFlashHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(num_features * s.hidden, s.hidden, bias=False)
         self.hidden_norm = RMSNorm(s.hidden, s.eps)
-        self.layers = nn.ModuleList(Layer(s) for _ in range(s.layers))
+        self.layers = nn.ModuleList(DecoderLayer(s.layer) for _ in range(s.layers))
         self.norm = RMSNorm(s.hidden, s.eps)
+        self.rope = s.rope
 
     def context_kv(self, feats: torch.Tensor, pos: torch.Tensor) -> list[tuple]:
         """feats [1, n, num_features * H], pos [1, n] -> per layer (k, v) [1, kv_heads, n, head_dim]."""
         ctx = self.hidden_norm(self.fc(feats))
-        return [layer.self_attn.kv(ctx, pos) for layer in self.layers]
+        rope = self.rope(ctx, pos)
+        return [layer.self_attn.keys_values(ctx, rope) for layer in self.layers]
 
     def block(self, noise, pos, ctx_kv, ctx_valid):
         """noise [b, q, H] embedded block; pos [b, q]; ctx_kv per layer (k, v) [b, kv_heads, P, hd];
@@ -80,9 +83,14 @@ class DFlashHead(nn.Module):
         b, q, _ = noise.shape
         allowed = torch.cat([ctx_valid[:, None, :].expand(b, q, -1),
                              ctx_valid.new_ones(b, q, q)], dim=2)
-        x = noise
+        return self.layers_over(noise, pos, allowed, ctx_kv)
+
+    def layers_over(self, x, pos, allowed, ctx_kv):
+        """x [b, q, H] embedded blocks; pos [b, q]; allowed [b, q, P + q] over [context, blocks];
+        ctx_kv per layer (k, v) [b, kv_heads, P, hd] -> normed hidden [b, q, H]."""
+        rope = self.rope(x, pos)
         for layer, past in zip(self.layers, ctx_kv):
-            x, _ = layer(x, pos, allowed, past)
+            x = layer(x, rope, allowed, keep_and_join([], past))
         return self.norm(x)
 
 
@@ -174,7 +182,7 @@ class DFlashDrafter(Drafter):
     def _stack_context(self, states: list[_RowContext]):
         """Pad rows' context K/V to one width: per layer (k, v) [b, kv_heads, P, hd], valid [b, P]."""
         width = max(len(st.pos) for st in states)
-        s = self.head.layers[0].self_attn.s
+        s = self.head.layers[0].self_attn.shape
         dtype = self.head.fc.weight.dtype
         valid = torch.zeros(len(states), width, dtype=torch.bool, device=self.device)
         out = []

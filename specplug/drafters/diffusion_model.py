@@ -1,9 +1,9 @@
 """A small transformer for diffusion drafters, and the SpecDiff checkpoint loader.
 
-Layers use the Llama/Qwen2/Qwen3 key layout (self_attn.{q,k,v,o}_proj, optional q_norm/k_norm,
-mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm) but attend through an
-explicit boolean mask over [cached keys, new keys].  So one attention serves three patterns:
-causal, bidirectional (masked diffusion), and DFlash's block attending to context features.
+Layers are specplug's one decoder layer (decoder_layer.py: the Llama/Qwen2/Qwen3 key layout,
+attending through an explicit boolean mask over [cached keys, new keys]), so one attention
+serves three patterns: causal, bidirectional (masked diffusion), and DFlash's block attending to
+context features.
 
 SpecDiff checkpoint format: Dream's layout (Qwen2-based masked diffusion LM).
   config.json   architectures ["DreamModel"], hidden_size, intermediate_size, num_hidden_layers,
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..checkpoint_io import CheckpointError, check_keys, load_file, read_config, weight_files
+from .decoder_layer import DecoderLayer, LayerShape, RMSNorm, Rope, layer_keys
 
 
 @dataclass
@@ -47,6 +47,16 @@ class Shape:
     rope_theta: float = 10000.0
     qkv_bias: bool = False
     qk_norm: bool = False
+
+    @property
+    def layer(self) -> LayerShape:
+        return LayerShape(hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                          head_dim=self.head_dim, intermediate=self.intermediate, eps=self.eps,
+                          attn_bias=self.qkv_bias, qk_norm=self.qk_norm)
+
+    @property
+    def rope(self) -> Rope:
+        return Rope(self.head_dim, self.rope_theta)
 
     @staticmethod
     def from_config(cfg: dict, where: str, qkv_bias: bool, qk_norm: bool) -> "Shape":
@@ -68,99 +78,6 @@ class Shape:
                      qkv_bias=bool(cfg.get("attention_bias", qkv_bias)), qk_norm=qk_norm)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):  # [..., dim]
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
-
-
-def rope(pos: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos [b, n] -> cos, sin [b, 1, n, head_dim]; float32 angles as HF computes them."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=pos.device)
-                           / head_dim))
-    ang = pos[..., None].float() * inv
-    ang = torch.cat([ang, ang], dim=-1)[:, None]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def _rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-class Attention(nn.Module):
-    def __init__(self, s: Shape):
-        super().__init__()
-        self.s = s
-        self.q_proj = nn.Linear(s.hidden, s.heads * s.head_dim, bias=s.qkv_bias)
-        self.k_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=False)
-        if s.qk_norm:
-            self.q_norm = RMSNorm(s.head_dim, s.eps)
-            self.k_norm = RMSNorm(s.head_dim, s.eps)
-
-    def kv(self, x, pos):
-        """x [b, n, H], pos [b, n] -> keys, values [b, kv_heads, n, head_dim] (keys roped)."""
-        b, n, _ = x.shape
-        k = self.k_proj(x).view(b, n, self.s.kv_heads, self.s.head_dim)
-        if self.s.qk_norm:
-            k = self.k_norm(k)
-        v = self.v_proj(x).view(b, n, self.s.kv_heads, self.s.head_dim).transpose(1, 2)
-        cos, sin = rope(pos, self.s.head_dim, self.s.rope_theta, x.dtype)
-        return _rotate(k.transpose(1, 2), cos, sin), v
-
-    def forward(self, x, pos, allowed, past=None):
-        """x [b, q, H]; pos [b, q]; allowed [b, q, past_len + q] bool; past (k, v) or None.
-        Returns output [b, q, H] and this block's (k, v)."""
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.s.heads, self.s.head_dim)
-        if self.s.qk_norm:
-            q = self.q_norm(q)
-        cos, sin = rope(pos, self.s.head_dim, self.s.rope_theta, x.dtype)
-        q = _rotate(q.transpose(1, 2), cos, sin)
-        k_new, v_new = self.kv(x, pos)
-        k, v = k_new, v_new
-        if past is not None:
-            k, v = torch.cat([past[0], k_new], dim=2), torch.cat([past[1], v_new], dim=2)
-        groups = self.s.heads // self.s.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
-                                             scale=1.0 / math.sqrt(self.s.head_dim))
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), (k_new, v_new)
-
-
-class MLP(nn.Module):
-    def __init__(self, s: Shape):
-        super().__init__()
-        self.gate_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
-        self.up_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
-        self.down_proj = nn.Linear(s.intermediate, s.hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Layer(nn.Module):
-    def __init__(self, s: Shape):
-        super().__init__()
-        self.self_attn = Attention(s)
-        self.mlp = MLP(s)
-        self.input_layernorm = RMSNorm(s.hidden, s.eps)
-        self.post_attention_layernorm = RMSNorm(s.hidden, s.eps)
-
-    def forward(self, x, pos, allowed, past=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), pos, allowed, past)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
-
-
 class DiffusionLM(nn.Module):
     """Masked-diffusion LM: embeddings, layers, norm, lm_head; attention pattern from the caller."""
     def __init__(self, s: Shape, vocab: int, mask_token_id: int, is_causal: bool = False,
@@ -169,9 +86,10 @@ class DiffusionLM(nn.Module):
         self.shape, self.vocab = s, vocab
         self.mask_token_id, self.is_causal, self.shift_logits = mask_token_id, is_causal, shift_logits
         self.embed_tokens = nn.Embedding(vocab, s.hidden)
-        self.layers = nn.ModuleList(Layer(s) for _ in range(s.layers))
+        self.layers = nn.ModuleList(DecoderLayer(s.layer) for _ in range(s.layers))
         self.norm = RMSNorm(s.hidden, s.eps)
         self.lm_head = nn.Linear(s.hidden, vocab, bias=False)
+        self.rope = s.rope
 
     def forward(self, ids, pos, allowed, past=None, score=None):
         """ids, pos [b, q]; allowed [b, q, past_len + q]; past: per layer (k, v) or None;
@@ -179,13 +97,24 @@ class DiffusionLM(nn.Module):
         would cost more than the layers).  Returns logits [b, q, vocab] (unshifted: row i is
         the output at position i), or [b, m, vocab] for `score`, and the per-layer (k, v)."""
         x = self.embed_tokens(ids)
+        rope = self.rope(x, pos)
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, pos, allowed, None if past is None else past[i])
-            new_kv.append(kv)
+            x = layer(x, rope, allowed, keep_and_join(new_kv, None if past is None else past[i]))
         if score is not None:
             x = x[torch.arange(x.shape[0], device=x.device)[:, None], score]
         return self.lm_head(self.norm(x)), new_kv
+
+
+def keep_and_join(kept: list, past: tuple | None):
+    """An `extend` for DecoderLayer: records the block's own (k, v) in `kept` and attends over
+    past (k, v) [b, kv_heads, P, head_dim] (or None) followed by the block."""
+    def extend(k, v):  # k, v [b, kv_heads, q, head_dim]
+        kept.append((k, v))
+        if past is None:
+            return k, v
+        return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    return extend
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -193,20 +122,7 @@ def expected_layer_keys(s: Shape, prefix: str) -> dict[str, tuple]:
     """Key -> shape for every layer under prefix (e.g. 'model.layers.')."""
     out = {}
     for i in range(s.layers):
-        p = f"{prefix}{i}."
-        for name, rows in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (rows * s.head_dim, s.hidden)
-            if s.qkv_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (rows * s.head_dim,)
-        out[f"{p}self_attn.o_proj.weight"] = (s.hidden, s.heads * s.head_dim)
-        if s.qk_norm:
-            out[f"{p}self_attn.q_norm.weight"] = (s.head_dim,)
-            out[f"{p}self_attn.k_norm.weight"] = (s.head_dim,)
-        out[f"{p}mlp.gate_proj.weight"] = (s.intermediate, s.hidden)
-        out[f"{p}mlp.up_proj.weight"] = (s.intermediate, s.hidden)
-        out[f"{p}mlp.down_proj.weight"] = (s.hidden, s.intermediate)
-        out[f"{p}input_layernorm.weight"] = (s.hidden,)
-        out[f"{p}post_attention_layernorm.weight"] = (s.hidden,)
+        out.update(layer_keys(f"{prefix}{i}.", s.layer))
     return out
 
 

@@ -26,7 +26,7 @@ from ..checkpoint_io import CheckpointError, check_keys, load_state_dict, read_c
 from ..vocab import VocabMap
 from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle_runtime import EagleDrafter
-from .llama_layer import HeadLayer, HeadShape, layer_keys, rotary
+from .decoder_layer import DecoderLayer, LayerShape, Rope, layer_keys
 from .tree import TreeSettings
 
 EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
@@ -39,14 +39,14 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: dict, target_hidden: int, emb_size: int, fc_bias: bool,
                  attn_bias: bool, vocab_map: VocabMap | None, own_lm_head: int | None):
         super().__init__()
-        self.shape = HeadShape.from_config(cfg, attn_bias=attn_bias)
+        self.shape = LayerShape.from_config(cfg, attn_bias=attn_bias)
         hidden = self.shape.hidden
         self.fc = nn.Linear(emb_size + target_hidden, hidden, bias=fc_bias)
-        self.layers = nn.ModuleList(HeadLayer(self.shape, hidden, input_norm=i > 0)
+        self.layers = nn.ModuleList(DecoderLayer(self.shape, hidden, input_norm=i > 0)
                                     for i in range(int(cfg.get("num_hidden_layers", 1))))
         self.l2s = nn.Linear(hidden, target_hidden, bias=False) if hidden != target_hidden else None
         self.lm_head = nn.Linear(target_hidden, own_lm_head, bias=False) if own_lm_head else None
-        self.rope = rotary(cfg)
+        self.rope = Rope.from_config(cfg)
         self.vocab_map = vocab_map
         self.embed: nn.Module | None = None  # set by attach(): the target's, or the checkpoint's
         self.target_lm_head: nn.Module | None = None
@@ -66,7 +66,7 @@ class EagleHead(nn.Module):
         rope = self.rope(x, positions)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x) if i > 0 else x
-            x = x + layer.self_attn(h, rope, kv, i, mask)
+            x = x + layer.self_attn(h, rope, mask, kv.extend_for(i))
             x = layer.feed_forward(x)
         out = self.l2s(x) if self.l2s is not None else x
         if logits_at is None:
@@ -113,7 +113,7 @@ def read_eagle_checkpoint(path: str, target: TargetInfo | None = None) -> tuple[
 
 def expected_eagle_keys(cfg: dict, state: dict, target: TargetInfo | None) -> dict[str, tuple]:
     attn_bias = "layers.0.self_attn.q_proj.bias" in state or bool(cfg.get("attention_bias"))
-    shape = HeadShape.from_config(cfg, attn_bias=attn_bias)
+    shape = LayerShape.from_config(cfg, attn_bias=attn_bias)
     h = shape.hidden
     h_t = _target_hidden(cfg, target)
     vocab = int(cfg["vocab_size"])

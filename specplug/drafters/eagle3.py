@@ -32,7 +32,7 @@ from ..vocab import VocabMap
 from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle import _check_loaded, _embedding, strip_prefixes, where
 from .eagle_runtime import EagleDrafter
-from .llama_layer import HeadLayer, HeadShape, RMSNorm, layer_keys, rotary
+from .decoder_layer import DecoderLayer, LayerShape, RMSNorm, Rope, layer_keys
 from .speculators_format import native_config
 from .tree import TreeSettings
 
@@ -44,15 +44,15 @@ class Eagle3Head(nn.Module):
     def __init__(self, cfg: dict, fc_in: int, emb_size: int, attn_bias: bool, draft_vocab: int,
                  vocab_map: VocabMap | None, norm_before_residual: bool):
         super().__init__()
-        self.shape = HeadShape.from_config(cfg, attn_bias=attn_bias)
+        self.shape = LayerShape.from_config(cfg, attn_bias=attn_bias)
         h = self.shape.hidden
         self.fc = nn.Linear(fc_in, h, bias=False)
-        self.midlayer = HeadLayer(self.shape, emb_size + h, input_norm=True, hidden_norm=True)
+        self.midlayer = DecoderLayer(self.shape, emb_size + h, input_norm=True, hidden_norm=True)
         if emb_size != h:  # input_layernorm normalises the embedding, in its own width
             self.midlayer.input_layernorm = RMSNorm(emb_size, self.shape.eps)
         self.norm = RMSNorm(h, self.shape.eps)
         self.lm_head = nn.Linear(h, draft_vocab, bias=False)
-        self.rope = rotary(cfg)
+        self.rope = Rope.from_config(cfg)
         self.vocab_map = vocab_map
         self.norm_before_residual = norm_before_residual
         self.embed: nn.Module | None = None
@@ -72,7 +72,7 @@ class Eagle3Head(nn.Module):
         normed = layer.hidden_norm(h)
         residual = normed if self.norm_before_residual else h
         x = residual + layer.self_attn(torch.cat([emb, normed], -1), self.rope(h, positions),
-                                       kv, 0, mask)
+                                       mask, kv.extend_for(0))
         x = layer.feed_forward(x)
         if logits_at is None:
             scored = x
@@ -131,7 +131,7 @@ def read_eagle3_checkpoint(path: str, target: TargetInfo | None = None,
 def expected_eagle3_keys(cfg: dict, state: dict, target: TargetInfo | None, n_aux: int,
                          draft_vocab: int, target_vocab: int) -> dict[str, tuple]:
     attn_bias = "midlayer.self_attn.q_proj.bias" in state or bool(cfg.get("attention_bias"))
-    shape = HeadShape.from_config(cfg, attn_bias=attn_bias)
+    shape = LayerShape.from_config(cfg, attn_bias=attn_bias)
     h = shape.hidden
     h_t = int(cfg.get("target_hidden_size") or h)
     if target is not None and target.hidden_size != h_t:

@@ -25,7 +25,7 @@ from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
 from .row_slots import RowSlots, common_prefix
-from .llama_layer import HeadKV
+from .head_kv import HeadKV
 from .tree import TreeSettings, expand_tree
 
 

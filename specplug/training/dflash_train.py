@@ -222,9 +222,7 @@ def block_hidden(head: DFlashHead, batch: dict, embed: torch.Tensor, block_size:
     pos = (anchors[:, :, None] + torch.arange(block_size)).reshape(B, K * block_size)
     allowed = block_mask(anchors, E, block_size)
     x = F.embedding(ids.reshape(B, -1), embed)
-    for layer, past in zip(head.layers, ctx_kv):
-        x, _ = layer(x, pos, allowed, past)
-    return head.norm(x).view(B, K, block_size, -1)
+    return head.layers_over(x, pos, allowed, ctx_kv).view(B, K, block_size, -1)
 
 
 def block_loss(head: DFlashHead, batch: dict, embed: torch.Tensor, lm_head: torch.Tensor,

@@ -143,11 +143,9 @@ def block_logits(model: DiffusionLM, contexts: list[list[int]], block: torch.Ten
     if model.is_causal:
         allowed = allowed & torch.ones(width, width, dtype=torch.bool).tril()
     allowed = allowed | torch.eye(width, dtype=torch.bool)  # padding queries see themselves
-    x = model.embed_tokens(ids)
-    for layer in model.layers:
-        x, _ = layer(x, pos, allowed)
     idx = lens[:, None] - (1 if model.shift_logits else 0) + torch.arange(gamma)
-    return model.lm_head(model.norm(x[torch.arange(b)[:, None], idx]))
+    logits, _ = model(ids, pos, allowed, score=idx)
+    return logits
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..drafters.eagle3 import Eagle3Head
-from ..drafters.llama_layer import HeadKV
+from ..drafters.head_kv import HeadKV
 from .data import Sequence, load_sequences
 from .trainer import LoopConfig, train_loop
 

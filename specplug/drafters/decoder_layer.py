@@ -1,0 +1,215 @@
+"""The one decoder layer every specplug head is built from (EAGLE-1/2, EAGLE-3, DFlash, SpecDiff):
+Llama/Qwen2/Qwen3-style, q/k norms and biases optional, RMSNorm computed in float32 as HF does.
+
+Attention reads keys and values through the caller's `extend(k_new, v_new)`, which appends this
+block's entries to whatever cache the caller keeps and returns every entry the block may see,
+under an explicit boolean mask.  So one attention serves a causal chain, a tree (a block mask),
+a bidirectional diffusion block and DFlash's block over target-feature context.
+
+Parameter names follow HF Llama (`self_attn.q_proj`, `mlp.gate_proj`, `post_attention_layernorm`,
+...) so checkpoints load with a plain `load_state_dict`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# extend(k_new, v_new) [b, kv_heads, q, head_dim] -> every (keys, values) [b, kv_heads, n, head_dim]
+# the block attends to, its own entries included, in the mask's slot order
+Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float = 1e-6
+    attn_bias: bool = False  # q/k/v projections (Qwen2, some EAGLE heads)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3, DFlash)
+    act: str = "silu"
+
+    @staticmethod
+    def from_config(cfg: dict, attn_bias: bool | None = None, qk_norm: bool = False) -> "LayerShape":
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        return LayerShape(hidden=hidden, heads=heads,
+                          kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                          head_dim=int(cfg.get("head_dim") or hidden // heads),
+                          intermediate=int(cfg["intermediate_size"]),
+                          eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                          attn_bias=bool(cfg.get("attention_bias", False)) if attn_bias is None
+                          else attn_bias,
+                          mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=qk_norm,
+                          act=str(cfg.get("hidden_act", "silu")))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., size]
+        # float32 statistics whatever x's dtype, as HF's Llama/Qwen norms (bf16 would drift)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """Rotary embedding: positions [b, q] -> (cos, sin) [b, q, head_dim] in `like`'s dtype.
+    The default rope is computed here (float32 angles, as HF); scaled variants (llama3, yarn,
+    ...) come from HF's Llama rotary embedding (`hf`), built from the head's config."""
+
+    def __init__(self, head_dim: int, theta: float, hf: nn.Module | None = None):
+        super().__init__()
+        self.head_dim, self.theta, self.hf = head_dim, theta, hf
+
+    @staticmethod
+    def from_config(cfg: dict) -> "Rope":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+        theta = float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0))
+        return Rope(dim, theta, _hf_rotary(cfg) if kind != "default" else None)
+
+    def forward(self, like: torch.Tensor, positions: torch.Tensor):
+        """like: any tensor of the wanted dtype; positions [b, q]."""
+        if self.hf is not None:
+            return self.hf(like, positions)
+        # frequencies made per call, in float32: a buffer would be cast to a bf16 head's dtype
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device)
+        inv_freq = 1.0 / (self.theta ** (steps.float() / self.head_dim))  # [head_dim / 2]
+        angles = positions[..., None].float() * inv_freq  # [b, q, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
+
+def _hf_rotary(cfg: dict) -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    keys = ("hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings",
+            "rope_theta", "rope_scaling", "rope_parameters")
+    return LlamaRotaryEmbedding(LlamaConfig(**{k: cfg[k] for k in keys if cfg.get(k) is not None}))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, q, head_dim]; cos, sin [b, q, head_dim]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: LayerShape, in_size: int | None = None):
+        super().__init__()
+        s, width = shape, in_size or shape.hidden
+        self.shape = s
+        self.q_proj = nn.Linear(width, s.heads * s.head_dim, bias=s.attn_bias)
+        self.k_proj = nn.Linear(width, s.kv_heads * s.head_dim, bias=s.attn_bias)
+        self.v_proj = nn.Linear(width, s.kv_heads * s.head_dim, bias=s.attn_bias)
+        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=False)
+        if s.qk_norm:
+            self.q_norm = RMSNorm(s.head_dim, s.eps)
+            self.k_norm = RMSNorm(s.head_dim, s.eps)
+
+    def keys_values(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [b, n, in]; rope (cos, sin) [b, n, head_dim] -> keys (roped), values
+        [b, kv_heads, n, head_dim]."""
+        b, n, _ = x.shape
+        s = self.shape
+        k = self.k_proj(x).view(b, n, s.kv_heads, s.head_dim)
+        if s.qk_norm:
+            k = self.k_norm(k)
+        v = self.v_proj(x).view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
+        return apply_rope(k.transpose(1, 2), *rope), v
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor, extend: Extend) -> torch.Tensor:
+        """x [b, q, in]; rope (cos, sin) [b, q, head_dim]; mask [b, q, n] bool over the entries
+        `extend` returns (True = may attend) -> [b, q, hidden]."""
+        b, q, _ = x.shape
+        s = self.shape
+        qs = self.q_proj(x).view(b, q, s.heads, s.head_dim)
+        if s.qk_norm:
+            qs = self.q_norm(qs)
+        qs = apply_rope(qs.transpose(1, 2), *rope)
+        keys, values = extend(*self.keys_values(x, rope))
+        groups = s.heads // s.kv_heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, s.heads * s.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: LayerShape):
+        super().__init__()
+        from transformers.activations import ACT2FN
+        self.gate_proj = nn.Linear(shape.hidden, shape.intermediate, bias=shape.mlp_bias)
+        self.up_proj = nn.Linear(shape.hidden, shape.intermediate, bias=shape.mlp_bias)
+        self.down_proj = nn.Linear(shape.intermediate, shape.hidden, bias=shape.mlp_bias)
+        self.act = ACT2FN[shape.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., hidden]
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer.  `input_norm` False drops input_layernorm (EAGLE-1 layer 0);
+    `hidden_norm` adds EAGLE-3's second norm; `qkv_in` is the attention's input width (EAGLE-3
+    attends over [embedding, feature], twice the hidden size)."""
+
+    def __init__(self, shape: LayerShape, qkv_in: int | None = None, input_norm: bool = True,
+                 hidden_norm: bool = False):
+        super().__init__()
+        self.self_attn = Attention(shape, qkv_in)
+        self.mlp = MLP(shape)
+        self.post_attention_layernorm = RMSNorm(shape.hidden, shape.eps)
+        if input_norm:
+            self.input_layernorm = RMSNorm(shape.hidden, shape.eps)
+        if hidden_norm:
+            self.hidden_norm = RMSNorm(shape.hidden, shape.eps)
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor, extend: Extend) -> torch.Tensor:
+        """The whole layer: x [b, q, hidden] -> [b, q, hidden] (see Attention.forward)."""
+        h = self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
+        return self.feed_forward(x + self.self_attn(h, rope, mask, extend))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The post-attention half: x + mlp(norm(x)); x [b, q, hidden]."""
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def layer_keys(prefix: str, shape: LayerShape, qkv_in: int | None = None, input_norm: bool = True,
+               hidden_norm: bool = False) -> dict[str, tuple]:
+    """Checkpoint key -> shape for one DecoderLayer under `prefix` (e.g. 'layers.0.')."""
+    s, width = shape, qkv_in or shape.hidden
+    keys = {f"{prefix}self_attn.o_proj.weight": (s.hidden, s.heads * s.head_dim),
+            f"{prefix}mlp.gate_proj.weight": (s.intermediate, s.hidden),
+            f"{prefix}mlp.up_proj.weight": (s.intermediate, s.hidden),
+            f"{prefix}mlp.down_proj.weight": (s.hidden, s.intermediate),
+            f"{prefix}post_attention_layernorm.weight": (s.hidden,)}
+    for name, rows in (("q", s.heads), ("k", s.kv_heads), ("v", s.kv_heads)):
+        keys[f"{prefix}self_attn.{name}_proj.weight"] = (rows * s.head_dim, width)
+        if s.attn_bias:
+            keys[f"{prefix}self_attn.{name}_proj.bias"] = (rows * s.head_dim,)
+    if s.mlp_bias:
+        keys[f"{prefix}mlp.gate_proj.bias"] = (s.intermediate,)
+        keys[f"{prefix}mlp.up_proj.bias"] = (s.intermediate,)
+        keys[f"{prefix}mlp.down_proj.bias"] = (s.hidden,)
+    if s.qk_norm:
+        keys[f"{prefix}self_attn.q_norm.weight"] = (s.head_dim,)
+        keys[f"{prefix}self_attn.k_norm.weight"] = (s.head_dim,)
+    if input_norm:
+        keys[f"{prefix}input_layernorm.weight"] = (s.hidden,)
+    if hidden_norm:
+        keys[f"{prefix}hidden_norm.weight"] = (s.hidden,)
+    return keys
