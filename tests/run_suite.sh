@@ -2,11 +2,11 @@
 # `make test`, packed onto a 2-core machine (CI's), in two phases:
 #   1. the engines' venvs install (pip: mostly one core) while the in-process tests run as two
 #      pytest processes (each one torch thread, tests/conftest.py), GROUP_A and GROUP_B below;
-#   2. the engine tests (real vLLM/SGLang subprocesses, two at a time) alone: SGLang's CPU
-#      engine slowed badly with other work beside it (phase 2 took over 25 min instead of 14.4
-#      when the SmolLM2 and CLI tests ran there).
-# Each phase-1 process writes its own log, printed whole when the phase ends, so the output never
-# interleaves.  Exit status: non-zero if any part failed.
+#   2. the engine tests, as two pytest processes: the vLLM tests (their jobs fork off one warm
+#      vLLM process, integrations/vllm/fork_server.py) beside the SGLang tests.  SGLang runs with
+#      sleep_on_idle (integrations/sglang/generate.py): before that, each idle SGLang CPU
+#      scheduler held a core in a busy loop, and anything beside it crawled.
+# Exit status: non-zero if any part failed.
 # Usage: tests/run_suite.sh PYTHON
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,24 +14,41 @@ PY="${1:?usage: tests/run_suite.sh PYTHON}"
 LOGS="$(mktemp -d)"
 trap 'rm -rf "$LOGS"' EXIT
 
-GROUP_A=(tests/core tests/slow)
-GROUP_B=(tests --ignore=tests/core --ignore=tests/slow)
+# measured alone (s): tests/core 270 + tests/slow 156, the rest 296: group B also takes
+# tests/core/test_cli.py (~56, mostly waiting on subprocesses)
+GROUP_A=(tests/slow)
+GROUP_B=(tests --ignore=tests/slow)
+for f in tests/core/test_*.py; do
+    if [[ $f != tests/core/test_cli.py ]]; then GROUP_A+=("$f") GROUP_B+=("--ignore=$f"); fi
+done
+SGLANG_TESTS=(tests/engines/test_sglang_*.py)
+VLLM_TESTS=(tests --ignore-glob='tests/engines/test_sglang_*')
+
+status=0
+# pytest_pair MARK LABEL_1 ARRAY_1 LABEL_2 ARRAY_2: two pytest processes side by side (ARRAY_i:
+# the name of an array of pytest arguments), each into its own log, printed whole under its label
+# once both end, so the output never interleaves; a failure sets status
+pytest_pair() {
+    local mark="$1" pids=() labels=() i
+    shift
+    while (($#)); do
+        local -n args="$2"  # the array named by $2
+        "$PY" -m pytest -q -p no:cacheprovider -m "$mark" "${args[@]}" > "$LOGS/${#labels[@]}.log" 2>&1 &
+        pids+=($!) labels+=("$1")
+        unset -n args
+        shift 2
+    done
+    for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=1; done
+    for i in "${!labels[@]}"; do
+        echo "=== ${labels[$i]} ==="
+        cat "$LOGS/$i.log"
+    done
+}
 
 start=$SECONDS
 make --no-print-directory engines > "$LOGS/engines.log" 2>&1 &
 engines=$!
-"$PY" -m pytest -q -p no:cacheprovider -m "not engine" "${GROUP_A[@]}" > "$LOGS/a.log" 2>&1 &
-group_a=$!
-"$PY" -m pytest -q -p no:cacheprovider -m "not engine" "${GROUP_B[@]}" > "$LOGS/b.log" 2>&1 &
-group_b=$!
-
-status=0
-wait $group_a || status=1
-wait $group_b || status=1
-for name in a b; do
-    echo "=== in-process tests, group ${name^^} ==="
-    cat "$LOGS/$name.log"
-done
+pytest_pair "not engine" "in-process tests, group A" GROUP_A "in-process tests, group B" GROUP_B
 if ! wait $engines; then
     echo "=== installing the engines failed ===" >&2
     tail -40 "$LOGS/engines.log" >&2
@@ -40,7 +57,7 @@ fi
 echo "=== phase 1 (in-process tests + engine installs): $((SECONDS - start)) s ==="
 
 start=$SECONDS
-echo "=== engine tests (real vLLM and SGLang on CPU) ==="
-"$PY" -m pytest -q -p no:cacheprovider -m engine tests || status=1
+pytest_pair engine "engine tests: vLLM (real engine on CPU)" VLLM_TESTS \
+    "engine tests: SGLang (real engine on CPU)" SGLANG_TESTS
 echo "=== phase 2 (engine tests): $((SECONDS - start)) s ==="
 exit $status
