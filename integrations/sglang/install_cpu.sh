@@ -6,8 +6,8 @@
 #
 # sglang==0.5.23 pins torch 2.14.1 and CUDA-only kernels (sglang-kernel, flashinfer, ...), so it
 # goes in --no-deps over the list below, which holds what its CPU path imports.  The few
-# sgl_kernel ops and the torchvision stand-in it also needs are tests-only shims under
-# tests/engines/sglang_cpu (put on PYTHONPATH by the tests), never installed here.
+# sgl_kernel ops and the torchvision names it also needs come from specplug's CPU stand-ins
+# (integrations/sglang/cpu_standins), which specplug puts on SGLang's PYTHONPATH itself.
 # GPU machines: `pip install 'specplug[sglang]'` instead.
 # Installs exactly locks/sglang.txt; SPECPLUG_LOCK=none resolves the list afresh (`make lock`).
 set -euo pipefail

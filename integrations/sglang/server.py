@@ -3,6 +3,7 @@
     with SGLangServer(target, python=sglang_python(), spec=speculative_kwargs("draft", D, 4)) as s:
         out = s.generate([5, 6, 7], max_new_tokens=32)       # POST /generate
         reply = s.chat("hello", max_tokens=16)                # POST /v1/chat/completions
+        text = s.chat_stream("hello", max_tokens=16)          # the same, streamed
 
 Used by the engine tests and the benchmark tool (`generate_requests` runs a batch concurrently and
 returns what run_sglang returns).  Only loopback addresses are used.
@@ -22,6 +23,7 @@ from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
+from .cpu import cpu_env, on_cpu
 from .generate import device_kwargs, drafter_env, stats_of, to_output, _params
 
 HOST = "127.0.0.1"
@@ -52,11 +54,15 @@ class SGLangServer:
                  extra: dict | None = None, options: dict | None = None, log_path: str | None = None,
                  env: dict | None = None, prefix: list[str] | None = None):
         self.port = free_port()
+        cpu = on_cpu()
         settings = {"model_path": target, "host": HOST, "port": self.port, "dtype": "float32",
-                    **device_kwargs(), **(spec or {}), **(extra or {})}
-        # prefix: how Python starts the launcher (tests put a patching `-c` script here)
-        self.command = [python, *(prefix or ["-m", "sglang.launch_server"]), *cli_args(settings)]
-        self.env = dict(os.environ, **drafter_env(options), **(env or {}))
+                    **device_kwargs(cpu), **(spec or {}), **(extra or {})}
+        # prefix: how Python starts the launcher (tests put a patching `-c` script here); by
+        # default the documented command: launch_cpu.py on CPU, else SGLang's own
+        default = ["-m", "specplug.integrations.sglang.launch_cpu" if cpu else "sglang.launch_server"]
+        self.command = [python, *(prefix or default), *cli_args(settings)]
+        env = dict(os.environ, **drafter_env(options), **(env or {}))
+        self.env = cpu_env(env) if cpu else env  # the stand-ins, for a custom prefix too
         self.log_path = log_path or os.path.join("/tmp", f"specplug-sglang-{self.port}.log")
         self.proc: subprocess.Popen | None = None
 
@@ -124,6 +130,26 @@ class SGLangServer:
         return self.post("/v1/chat/completions",
                          {"model": "default", "messages": [{"role": "user", "content": content}],
                           **params})
+
+    def chat_stream(self, content: str, timeout: float = 300, **params) -> str:
+        """POST /v1/chat/completions with stream=True; returns the text its deltas add up to."""
+        body = {"model": "default", "messages": [{"role": "user", "content": content}],
+                "stream": True, **params}
+        req = urllib.request.Request(self.url + "/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        parts = []
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:  # server-sent events: "data: {chunk}" lines, then "data: [DONE]"
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    return "".join(parts)
+                for choice in json.loads(data).get("choices", []):
+                    parts.append((choice.get("delta") or {}).get("content") or "")
+        raise RuntimeError("the chat stream ended without its [DONE] event")
 
 
 def generate_requests(server: SGLangServer, requests: list[Request],

@@ -15,7 +15,7 @@ DFlash: SGLang refuses `--speculative-algorithm DFLASH` on CPU (checked here wit
 message), so its worker cannot run.  Instead SGLang's own DFlashDraftModel, built in the SGLang
 venv, loads the converted weights (every key reaches a parameter loader once, no parameter left
 unset) and its block logits equal specplug's DFlash head on the same inputs
-(sglang_cpu/dflash_block_logits.py).
+(sglang_scripts/dflash_block_logits.py).
 """
 from __future__ import annotations
 
@@ -40,23 +40,23 @@ from specplug.drafters.base import DrafterSpec, build_drafter  # noqa: E402
 from specplug.drafters.dflash import load_dflash_head  # noqa: E402
 from specplug.engine.embedded import EmbeddedEngine  # noqa: E402
 from specplug.engine.rows import Request  # noqa: E402
+from specplug.integrations.sglang.cpu import cpu_env  # noqa: E402
 from specplug.integrations.sglang.generate import run_job_subprocess, speculative_kwargs  # noqa: E402
 from specplug.models.loading import load_causal_lm, load_tokenizer, target_info  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
 REPO = os.path.dirname(os.path.dirname(HERE))
-SHIMS = os.path.join(HERE, "sglang_cpu")
+SCRIPTS = os.path.join(HERE, "sglang_scripts")
 INSTALL = os.path.join(REPO, "integrations", "sglang", "install_cpu.sh")
 GAMMA = 4
 MAX_NEW = 40
 BATCH = 6
 FAMILIES = ("eagle", "eagle3")
 DFLASH_REFUSAL = "DFLASH speculative decoding is not supported by CpuSRTPlatform on device 'cpu'."
-SGLANG_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "SPECPLUG_SGLANG_MAX_TOTAL_TOKENS": "4096",
-              "PYTHONPATH": SHIMS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+# no PYTHONPATH or SGLANG_USE_CPU_ENGINE here: specplug turns its CPU stand-ins on itself
+SGLANG_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false", "SPECPLUG_SGLANG_MAX_TOTAL_TOKENS": "4096"}
 
 
 # -- heads SGLang can load --------------------------------------------------------------------
@@ -243,8 +243,8 @@ def test_sglang_dflash_model_loads_converted_weights_and_matches_block_logits(py
     root = models["root"]
     save_file(inputs, os.path.join(root, "dflash-inputs.safetensors"))
     out = os.path.join(root, "dflash-sglang-out")
-    env = dict(os.environ, **SGLANG_ENV)
-    proc = subprocess.run([python, os.path.join(SHIMS, "dflash_block_logits.py"),
+    env = cpu_env(dict(os.environ, **SGLANG_ENV))  # a script of ours, not specplug's launcher
+    proc = subprocess.run([python, os.path.join(SCRIPTS, "dflash_block_logits.py"),
                            models["converted"]["dflash"], models["markov"],
                            os.path.join(root, "dflash-inputs.safetensors"), out],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -22,7 +22,6 @@ from specplug.integrations.sglang.server import SGLangServer
 pytestmark = pytest.mark.engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIMS = os.path.join(REPO, "tests", "engines", "sglang_cpu")
 INSTALL = os.path.join(REPO, "integrations", "sglang", "install_cpu.sh")
 STEPS = 3
 MAX_NEW = 24
@@ -46,9 +45,10 @@ def python():
 
 @pytest.fixture(scope="module")
 def cpu_env(monkeypatch_module):
-    env = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": SHIMS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """One thread per engine process, offline.  Neither PYTHONPATH nor SGLANG_USE_CPU_ENGINE:
+    specplug sees there is no GPU and turns its CPU stand-ins on itself, as for a user."""
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     for k, v in env.items():
         monkeypatch_module.setenv(k, v)
     return env
@@ -128,6 +128,29 @@ def test_chat_completions_identical_to_no_spec(spec_server, plain_server):
     want = plain_server.chat("the cat sat on", **params)
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
     assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] > 0
+
+
+def test_16_chat_clients_some_streaming_equal_their_sequential_runs(spec_server):
+    """The server as the README starts it on CPU (launch_cpu.py), 16 concurrent OpenAI-style
+    clients, every other one streaming: each reply arrives whole and equals that request's reply
+    when it was sent alone."""
+    assert "specplug.integrations.sglang.launch_cpu" in spec_server.command
+    starts = ["the cat sat on", "one two three", "hello world, hello", "def add(a, b):"]
+    questions = [f"{starts[i % 4]} {i}" for i in range(16)]
+    params = {"temperature": 0, "max_tokens": 12}
+
+    def alone(q: str) -> str:
+        return spec_server.chat(q, **params)["choices"][0]["message"]["content"]
+    sequential = [alone(q) for q in questions]
+
+    def client(i: int) -> str:
+        return spec_server.chat_stream(questions[i], **params) if i % 2 else alone(questions[i])
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        concurrent = list(pool.map(client, range(16)))
+    for i, (got, want) in enumerate(zip(concurrent, sequential)):
+        assert got == want, f"client {i} ({'streamed' if i % 2 else 'whole'}): {got!r} vs {want!r}"
+    assert len(set(sequential)) > 1  # the replies differ: a mix-up between clients would show
+    assert "Traceback" not in spec_server.log_text()
 
 
 def test_32_concurrent_requests_equal_their_sequential_runs(spec_server, models):

@@ -3,19 +3,20 @@ server-arg resolution, result translation, and the tests-only CPU tree kernels o
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from specplug.integrations.sglang import algorithms, compat
+from specplug.integrations.sglang import algorithms, compat, launch_cpu
 from specplug.integrations.sglang.batch import RowIds, chain_tokens, draft_input
+from specplug.integrations.sglang.cpu import STANDINS, cpu_env
 from specplug.integrations.sglang.generate import accept_lengths_of, speculative_kwargs
 from specplug.integrations.sglang.server import cli_args
 from specplug.types import PAD, DraftProposal
 
-SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_cpu")
 
 
 def req(rid, prompt, output):
@@ -28,9 +29,12 @@ def test_draft_input_rows_and_stable_ids():
                       torch.tensor([7, 2], dtype=torch.int32))
     assert [t.tolist() for t in inp.token_ids] == [[5, 6, 7], [9, 4, 2]]
     assert inp.row_ids == [0, 1] and inp.num_draft_tokens == 3
-    again = draft_input([req("b", [9], [4, 2, 8])], rows, 3, torch.tensor([8]))
-    assert again.row_ids == [1]
+    assert inp.num_new_committed == [3, 3]  # first calls: the whole context
+    again = draft_input([req("b", [9], [4, 2, 8, 1])], rows, 3, torch.tensor([1]))
+    assert again.row_ids == [1] and again.num_new_committed == [2]
     assert rows.pop("a") == 0 and rows.pop("a") is None
+    back = draft_input([req("a", [5, 6], [7, 3])], rows, 3, torch.tensor([3]))
+    assert back.row_ids == [2] and back.num_new_committed == [4]  # a popped id starts afresh
 
 
 def test_draft_input_rejects_a_stale_root():
@@ -123,12 +127,12 @@ def test_result_and_cli_translation():
 
 @pytest.fixture
 def tree_kernels():
-    sys.path.insert(0, SHIMS)
+    sys.path.insert(0, STANDINS)
     try:
         from sgl_kernel.tree import build_tree_kernel_efficient_cpu, verify_tree_greedy_cpu
         yield build_tree_kernel_efficient_cpu, verify_tree_greedy_cpu
     finally:
-        sys.path.remove(SHIMS)
+        sys.path.remove(STANDINS)
 
 
 def test_cpu_shim_chain_tree_and_greedy_verify(tree_kernels):
@@ -152,3 +156,25 @@ def test_cpu_shim_chain_tree_and_greedy_verify(tree_kernels):
     assert accepted.tolist() == [2]
     assert accept_index.tolist() == [[0, 1, 2, -1]]
     assert predicts.tolist()[:3] == [5, 6, 7]
+
+
+def test_cpu_env_puts_the_standins_first_once():
+    env = cpu_env({"PYTHONPATH": os.pathsep.join(["/a", STANDINS, "/b"])})
+    assert env["PYTHONPATH"].split(os.pathsep) == [STANDINS, "/a", "/b"]
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert cpu_env(env) == env
+
+
+def test_cpu_launcher_adds_only_the_cpu_settings_not_given():
+    cmd = launch_cpu.command(["--model-path", "T", "--attention-backend", "torch_native"])
+    assert cmd[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    assert cmd.count("--attention-backend") == 1 and cmd[cmd.index("--attention-backend") + 1] == "torch_native"
+    assert cmd[cmd.index("--device") + 1] == "cpu"
+    assert "--sleep-on-idle" in cmd and "--disable-cuda-graph" in cmd
+
+
+def test_cpu_launcher_without_sglang_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "specplug.integrations.sglang.launch_cpu",
+                           "--model-path", "T"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "has no SGLang" in proc.stderr, proc.stderr

@@ -1,4 +1,4 @@
-"""Tests-only: let SGLang's intel_amx attention backend run on CPUs without AMX.
+"""CPU stand-in: let SGLang's intel_amx attention backend run on CPUs without AMX.
 
 SGLang rewrites `--attention-backend intel_amx` to `torch_native` on CPUs without AMX, and
 speculative decoding does not run on torch_native.  The pure-torch ops in ./sgl_kernel do not

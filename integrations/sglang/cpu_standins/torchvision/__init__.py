@@ -1,4 +1,4 @@
-"""Tests-only stand-in for torchvision (the PyPI wheel is a CUDA build that breaks imports here).
+"""CPU stand-in for torchvision (the PyPI wheel is a CUDA build that breaks imports here).
 
 SGLang imports torchvision names at module load for its multimodal processors, which text-only
 CPU tests never run.  Every `torchvision.*` submodule imports; every name is a placeholder that
@@ -22,7 +22,7 @@ class _PlaceholderMeta(type):
 class _Placeholder(metaclass=_PlaceholderMeta):
     def __init__(self, *args, **kwargs):
         raise RuntimeError(f"torchvision stand-in: {type(self).__name__} is not available "
-                           "(tests/engines/sglang_cpu is for text-only CPU tests)")
+                           "(specplug's SGLang CPU stand-ins serve text-only models)")
 
 
 def _placeholder(name: str) -> type:

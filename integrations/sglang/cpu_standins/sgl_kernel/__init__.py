@@ -1,10 +1,11 @@
-"""Tests-only, pure-torch stand-ins for the few `sgl_kernel` CPU ops SGLang's speculative path uses.
+"""CPU stand-ins (pure torch) for the few `sgl_kernel` CPU ops SGLang's speculative path uses.
 
 No CPU build of sgl_kernel exists on PyPI.  With SGLANG_USE_CPU_ENGINE=1 SGLang imports these
 names from `sgl_kernel` and calls two attention ops through `torch.ops.sgl_kernel`.  Each function
 follows the semantics of the Triton kernel of the same name in SGLang's `kernels/ops/` (written
-here from that description, as loops: the tests run tiny batches).  Any other name raises
-ImportError, so SGLang's own fallbacks engage.  Never imported by the shipped plugin.
+here from that description, as loops: correct, not fast).  Any other name raises ImportError,
+so SGLang's own fallbacks engage.  Imported only where specplug.integrations.sglang.cpu puts
+this folder on PYTHONPATH; the plugin itself never imports it.
 """
 from __future__ import annotations
 
