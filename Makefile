@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(BIN)/.installed: setup.py $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --no-deps -r $(LOCK)
-	$(PIP) -c $(LOCK) -e '.[test,models]'
+	flock .editable-install.lock $(PIP) -c $(LOCK) -e '.[test,models]'
 	touch $@
 
 models: $(BIN)/.installed
@@ -56,9 +56,10 @@ engines:
 	bash integrations/sglang/install_cpu.sh $(CURDIR)/.venv-sglang
 
 # Everything CI runs: the fast subset, SmolLM2 checks, and the real engines on CPU, packed onto
-# two cores (tests/run_suite.sh: the engine venvs install while the in-process tests run).
-test: $(BIN)/.installed models
-	tests/run_suite.sh $(BIN)/python
+# two cores (tests/run_suite.sh: the engine venvs install while the main venv and the in-process
+# tests get going; it makes $(BIN)/.installed and models itself).
+test:
+	tests/run_suite.sh $(BIN)/python $(BIN)/.installed models
 
 # Re-resolve every environment (main, vLLM, SGLang) and rewrite locks/*.txt.
 lock:

@@ -53,12 +53,18 @@ class DrafterNeeds:
 class DraftInput:
     """One drafting step for a batch of rows (rows are requests; order may change per step)."""
     row_ids: list[int]  # stable request ids: a drafter keys its per-request state on them
-    # per row [num_committed] int64, prompt + output so far.  On the CPU: committed tokens are
-    # host bookkeeping in every engine (vLLM's token_ids_cpu, SGLang's request lists), and
+    # per row [num_committed] integer ids, prompt + output so far.  On the CPU: committed tokens
+    # are host bookkeeping in every engine (vLLM's token_ids_cpu, SGLang's request lists), and
     # token-only drafters search them there.  Everything else lives on the target's device.
     token_ids: list[torch.Tensor]
     num_draft_tokens: int  # gamma: chain length, or tree depth for tree drafters
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # per row: tokens committed since this row's previous propose() (its accept length, or the
+    # sum of them when the row skipped drafting; the whole context on its first call).  With it
+    # a drafter brings its state up to date from the last num_new tokens alone, O(new tokens)
+    # per step; None (an engine that cannot say) makes drafters compare their state with the
+    # whole context instead (row_slots.surviving_prefix, the one fallback).
+    num_new_committed: list[int] | None = None
     # Target features for committed positions the drafter has not been given yet: row r gets
     # positions [hidden_start[r], num_committed[r] - 1) as [n_new, len(hidden_layers) * H].
     # The last committed token has no feature yet (the target has not run on it).

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# `make test`, packed onto a 2-core machine (CI's), in two phases:
-#   1. the engines' venvs install (pip: mostly one core) while the in-process tests run as two
-#      pytest processes (each one torch thread, tests/conftest.py), GROUP_A and GROUP_B below;
+# `make test`, packed onto a 2-core machine (CI's), in three phases:
+#   0. the main venv and the model (MAKE_TARGETs) while the engines' venvs install (pip: mostly
+#      one core each; every editable install of specplug takes .editable-install.lock, as they
+#      all write specplug.egg-info);
+#   1. the in-process tests as two pytest processes (each one torch thread, tests/conftest.py),
+#      GROUP_A and GROUP_B below, while the engine installs finish;
 #   2. the engine tests, as two pytest processes: the vLLM tests (their jobs fork off one warm
 #      vLLM process, integrations/vllm/fork_server.py) beside the SGLang tests.  SGLang runs with
 #      sleep_on_idle (integrations/sglang/generate.py): before that, each idle SGLang CPU
 #      scheduler held a core in a busy loop, and anything beside it crawled.
 # Exit status: non-zero if any part failed.
-# Usage: tests/run_suite.sh PYTHON
+# Usage: tests/run_suite.sh PYTHON [MAKE_TARGET...]: the targets (the main venv, the model) are
+# made first, while the engines' venvs start installing (`make engines`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${1:?usage: tests/run_suite.sh PYTHON}"
+PY="${1:?usage: tests/run_suite.sh PYTHON [MAKE_TARGET...]}"
+SETUP=("${@:2}")
 LOGS="$(mktemp -d)"
 trap 'rm -rf "$LOGS"' EXIT
 
@@ -48,13 +53,20 @@ pytest_pair() {
 start=$SECONDS
 make --no-print-directory engines > "$LOGS/engines.log" 2>&1 &
 engines=$!
+if ! make --no-print-directory "${SETUP[@]}"; then
+    wait $engines
+    exit 1
+fi
+echo "=== phase 0 (main venv, model; the engines' venvs install meanwhile): $((SECONDS - start)) s ==="
+
+start=$SECONDS
 pytest_pair "not engine" "in-process tests, group A" GROUP_A "in-process tests, group B" GROUP_B
 if ! wait $engines; then
     echo "=== installing the engines failed ===" >&2
     tail -40 "$LOGS/engines.log" >&2
     exit 1
 fi
-echo "=== phase 1 (in-process tests + engine installs): $((SECONDS - start)) s ==="
+echo "=== phase 1 (in-process tests, and what is left of the engine installs): $((SECONDS - start)) s ==="
 
 start=$SECONDS
 pytest_pair engine "engine tests: vLLM (real engine on CPU)" VLLM_TESTS \

@@ -42,6 +42,8 @@ if [[ "$LOCK" == none ]]; then
 else
     "${PIP[@]}" --no-deps -r "$LOCK"
 fi
-"${PIP[@]}" --no-deps -e "$REPO"
+# every editable install writes the repo's specplug.egg-info: one at a time (make test runs
+# this beside the main venv's install)
+flock "$REPO/.editable-install.lock" "${PIP[@]}" --no-deps -e "$REPO"
 "$VENV/bin/python" -c "import sglang, specplug; print('sglang', sglang.__version__, 'ready in $VENV')"
 echo "$STAMP" > "$MARKER"

@@ -34,7 +34,9 @@ else
     # the lock is the whole environment as `make lock` left it (no torchvision or triton)
     "${PIP[@]}" --no-deps -r "$LOCK"
 fi
-"${PIP[@]}" --no-deps -e "$REPO"
+# every editable install writes the repo's specplug.egg-info: one at a time (make test runs
+# this beside the main venv's install)
+flock "$REPO/.editable-install.lock" "${PIP[@]}" --no-deps -e "$REPO"
 # Whatever specplug needs that vLLM did not already bring (never upgrading vLLM's pins).
 MISSING="$("$VENV/bin/python" - <<'PY'
 from importlib.metadata import PackageNotFoundError, requires, version

@@ -130,7 +130,10 @@ class SpecplugProposer:
         inp = DraftInput(
             row_ids=row_ids,
             token_ids=[torch.from_numpy(c.astype(np.int64)) for c in contexts],
-            num_draft_tokens=self.num_draft_tokens, hidden_states=hidden, hidden_start=starts)
+            num_draft_tokens=self.num_draft_tokens, hidden_states=hidden, hidden_start=starts,
+            # what each row committed this step (accepted drafts + the bonus token): a row drafts
+            # every step it samples, so this is what it committed since its last call
+            num_new_committed=[len(sampled_token_ids[i]) for i in active])
         for i, chain in zip(active, proposal_to_lists(drafter.propose(inp))):
             room = self.max_model_len - int(num_tokens_no_spec[i])
             drafts[i] = chain[:min(self.num_draft_tokens, room)]

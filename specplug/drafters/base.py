@@ -39,8 +39,10 @@ class Drafter(ABC):
     """Proposes draft tokens for a batch of rows; keeps whatever per-row state it wants.
 
     A drafter reconciles its state with `DraftInput.token_ids` on every call (e.g. crops its KV
-    cache to the longest prefix it shares with the committed tokens), so engines never tell it
-    what was accepted: rollback falls out of the committed tokens themselves.
+    cache to what is still a prefix of the committed tokens), so engines never tell it what was
+    accepted: rollback falls out of the committed tokens themselves.  Engines that count the
+    tokens committed since a row's last call (`num_new_committed`) let it look at those alone
+    (row_slots.surviving_prefix), so a step costs O(new tokens), not O(context).
     """
     needs: DrafterNeeds = DrafterNeeds()
 

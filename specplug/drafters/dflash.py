@@ -34,6 +34,7 @@ from ..types import DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .decoder_layer import DecoderLayer, RMSNorm
 from .diffusion_model import Shape, expected_layer_keys, keep_and_join, load_weights
+from .row_slots import surviving_prefix
 from .speculators_format import native_config
 
 DFLASH_ARCHITECTURES = ("DFlashDraftModel",)
@@ -131,23 +132,22 @@ class DFlashDrafter(Drafter):
         for rid in row_ids:
             self.rows.pop(rid, None)
 
-    def _reconcile(self, rid: int, tokens: list[int], feats, start: int | None) -> _RowContext:
-        """Keep cached entries whose token still matches the committed one and that the new
-        features do not cover; then add the new features."""
+    def _reconcile(self, rid: int, ids: torch.Tensor, num_new: int | None, feats,
+                   start: int | None) -> _RowContext:
+        """ids [n] committed tokens (CPU).  Keep cached entries (positions 0, 1, ...) whose token
+        is still the committed one and that the new features do not cover; then add the new
+        features."""
         st = self.rows.setdefault(rid, _RowContext())
-        limit = start if feats is not None else len(tokens)
-        keep = 0
-        for tok, p in zip(st.tokens, st.pos):
-            if p >= limit or p >= len(tokens) - 1 or tokens[p] != tok:
-                break
-            keep += 1
-        st.crop(keep)
+        n_ids = int(ids.shape[0])
+        limit = start if feats is not None else n_ids
+        common, _ = surviving_prefix(st.tokens, ids, num_new)
+        st.crop(min(common, limit, n_ids - 1))
         if feats is not None and feats.shape[0]:
-            n = min(feats.shape[0], len(tokens) - 1 - start)
+            n = min(feats.shape[0], n_ids - 1 - start)
             pos = list(range(start, start + n))
             dtype = self.head.fc.weight.dtype
             kv = self.head.context_kv(feats[None, :n].to(dtype), torch.tensor([pos], device=self.device))
-            st.append(kv, pos, tokens[start:start + n])
+            st.append(kv, pos, ids[start:start + n].tolist())
         return st
 
     @torch.inference_mode()
@@ -156,16 +156,17 @@ class DFlashDrafter(Drafter):
         block_len = min(inp.num_draft_tokens, self.cfg.block_size - 1) + 1
         if block_len < 2:
             return DraftProposal.empty(batch, self.device)
-        tokens = [t.tolist() for t in inp.token_ids]
         states = [self._reconcile(rid, toks,
+                                  inp.num_new_committed[r] if inp.num_new_committed else None,
                                   inp.hidden_states[r] if inp.hidden_states else None,
                                   inp.hidden_start[r] if inp.hidden_start else None)
-                  for r, (rid, toks) in enumerate(zip(inp.row_ids, tokens))]
+                  for r, (rid, toks) in enumerate(zip(inp.row_ids, inp.token_ids))]
         ctx_kv, ctx_valid = self._stack_context(states)
         dev = self.device
         ids = torch.full((batch, block_len), self.cfg.mask_token_id, dtype=torch.long, device=dev)
-        ids[:, 0] = torch.tensor([t[-1] for t in tokens], device=dev)
-        pos = (torch.tensor([len(t) - 1 for t in tokens], device=dev)[:, None]
+        # each row's last committed token and its position: host values, copied over once
+        ids[:, 0] = torch.stack([t[-1] for t in inp.token_ids]).to(device=dev, dtype=torch.long)
+        pos = (torch.tensor([len(t) - 1 for t in inp.token_ids], device=dev)[:, None]
                + torch.arange(block_len, device=dev))
         dtype = self.head.fc.weight.dtype
         noise = self.embed(ids).to(dtype) * self.cfg.embed_scale

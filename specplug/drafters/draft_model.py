@@ -1,7 +1,8 @@
 """Classic draft model: a small causal LM drafts gamma tokens autoregressively.
 
-Its KV cache is a SlotCache keyed by request.  Each call crops a row's cache to the longest prefix
-it shares with the committed tokens, feeds the rest, then drafts.  A draft with another
+Its KV cache is a SlotCache keyed by request.  Each call crops a row's cache to what is still a
+prefix of the committed tokens (row_slots.surviving_prefix: from the newly committed tokens
+alone when the engine counts them), feeds the rest, then drafts.  A draft with another
 tokenizer sees the context re-tokenised through text and its drafts are mapped back the same way
 (deterministic drafts, verified as point masses); a draft whose vocabulary is a superset/subset of
 the target's under the same tokenizer is mapped by id.
@@ -15,7 +16,7 @@ from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
-from .row_slots import RowSlots, common_prefix
+from .row_slots import RowSlots, common_prefix, surviving_prefix
 
 
 class DraftModelDrafter(Drafter):
@@ -35,36 +36,41 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:
-        gamma = inp.num_draft_tokens
-        contexts = [t.tolist() for t in inp.token_ids]
-        if self.bridge:
-            contexts = [self.bridge.to_draft(c) for c in contexts]
+        gamma, batch = inp.num_draft_tokens, len(inp.row_ids)
         for rid in self.slots.align(inp.row_ids):
             self.cached_tokens[rid] = []
-        # 1. roll back to the common prefix, then feed what the cache lacks
+        # 1. roll back to what is still a prefix of the committed tokens, feed what the cache lacks
+        bridged = [self.bridge.to_draft(t.tolist()) for t in inp.token_ids] if self.bridge else None
         feeds = []
-        for i, (rid, ctx) in enumerate(zip(inp.row_ids, contexts)):
+        for i, (rid, ids) in enumerate(zip(inp.row_ids, inp.token_ids)):
             have = self.cached_tokens[rid]
-            common = common_prefix(have, ctx)
-            common = min(common, len(ctx) - 1)  # always feed >= 1 token to get fresh logits
+            if bridged:  # the whole context re-tokenised in the draft's vocabulary: compared whole
+                common = common_prefix(have, bridged[i])
+                rest = bridged[i][common:]
+            else:
+                num_new = inp.num_new_committed[i] if inp.num_new_committed else None
+                common, rest = surviving_prefix(have, ids, num_new)
+            if not rest:  # all cached: re-feed the last committed token for fresh logits
+                common -= 1
+                rest = have[common:common + 1]
             self.cache.truncate(i, common)
-            self.cached_tokens[rid] = ctx[:common]
-            feeds.append(ctx[common:])
+            del have[common:]
+            feeds.append(rest)
         logits = self._feed(inp.row_ids, feeds)
-        drafts = torch.full((len(contexts), gamma), PAD, dtype=torch.long, device=self.device)
+        drafts = torch.full((batch, gamma), PAD, dtype=torch.long, device=self.device)
         probs = None
         sampled = not inp.sampling.greedy and self.bridge is None
         if sampled:
-            probs = torch.zeros(len(contexts), gamma, self.target_vocab, dtype=torch.float64,
+            probs = torch.zeros(batch, gamma, self.target_vocab, dtype=torch.float64,
                                 device=self.device)
-        gens = inp.generators or [None] * len(contexts)
+        gens = inp.generators or [None] * batch
         for step in range(gamma):
             if not self.bridge:
                 logits = _fit_vocab(logits, self.target_vocab)
             if sampled:
                 p = probs_from_logits(logits, inp.sampling)
                 probs[:, step] = p
-                toks = [sample(p[r], gens[r]) for r in range(len(contexts))]
+                toks = [sample(p[r], gens[r]) for r in range(batch)]
             else:
                 # the host keeps each row's cached tokens (rollback by common prefix)
                 toks = logits.argmax(-1).tolist()
@@ -72,7 +78,7 @@ class DraftModelDrafter(Drafter):
             if step + 1 < gamma:
                 logits = self._feed(inp.row_ids, [[t] for t in toks])
         if self.bridge:
-            return self._bridge_back(contexts, drafts, gamma)
+            return self._bridge_back(bridged, drafts, gamma)
         return DraftProposal.chain(drafts, probs)
 
     def _feed(self, row_ids: list[int], feeds: list[list[int]]) -> torch.Tensor:

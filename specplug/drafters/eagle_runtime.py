@@ -6,8 +6,9 @@ A head is any module with
 where the entry for committed token x_j reads the target feature of position j - 1
 (`from_target` True) and a draft entry reads the head's own previous output (False).
 
-Per call, each row's cache is reconciled with the committed tokens: entries survive while their
-tokens agree with the committed prefix (a feature at j - 1 depends on x_0..x_{j-1} only), the
+Per call, each row's cache is reconciled with the committed tokens (row_slots.surviving_prefix):
+entries survive while their tokens agree with the committed prefix (a feature at j - 1 depends
+on x_0..x_{j-1} only), the
 rest are dropped and rebuilt from the features the engine hands over for positions
 [hidden_start, num_committed - 1).  Draft entries are cropped when the call ends, so the cache
 only ever holds committed entries between calls.
@@ -24,7 +25,7 @@ import torch
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
-from .row_slots import RowSlots, common_prefix
+from .row_slots import RowSlots, surviving_prefix
 from .head_kv import HeadKV
 from .tree import TreeSettings, expand_tree
 
@@ -82,14 +83,19 @@ class EagleDrafter(Drafter):
         b = len(inp.row_ids)
         feeds: list[tuple[list[int], torch.Tensor | None, int]] = []  # (tokens, feats, first pos)
         for r, (rid, ids) in enumerate(zip(inp.row_ids, inp.token_ids)):
-            ctx, have = ids.tolist(), self.context[rid]
-            n = len(ctx)
-            keep = max(common_prefix(have, ctx) - 1, 0)  # entries still valid (x_1..x_keep)
+            have, n = self.context[rid], int(ids.shape[0])
+            num_new = inp.num_new_committed[r] if inp.num_new_committed else None
+            common, rest = surviving_prefix(have, ids, num_new)  # rest: ids[common:]
+            keep = max(common - 1, 0)  # entries still valid (x_1..x_keep)
             self.kv.truncate(r, keep + 1)
             if keep < len(have) - 1:
                 self.last.pop(rid, None)
-            self.context[rid] = ctx[:keep + 1]
-            want = n - 1 - keep  # entries to (re)build: x_{keep+1} .. x_{n-1}
+            if common:
+                del have[keep + 1:]  # x_0..x_keep
+            else:
+                have[:] = rest[:1]
+            new = rest[keep + 1 - common:]  # x_{keep+1} .. x_{n-1}
+            want = n - 1 - keep  # entries to (re)build
             if want == 0:
                 feeds.append(([], None, 0))
                 continue
@@ -100,8 +106,8 @@ class EagleDrafter(Drafter):
                 raise RuntimeError(
                     f"eagle drafter, row {rid}: needs target features for positions "
                     f"[{keep}, {n - 1}) but got [{start}, {start + have_feats})")
-            feeds.append((ctx[keep + 1:n], given[keep - start:n - 1 - start], keep + 1))
-            self.context[rid] = ctx
+            feeds.append((new, given[keep - start:n - 1 - start], keep + 1))
+            have += new
         width = max(len(f[0]) for f in feeds)
         if width:
             self._feed(feeds, width, inp.row_ids)

@@ -1,10 +1,13 @@
-"""Which request occupies which row of a drafter's batched cache.
+"""Which request occupies which row of a drafter's batched cache, and how much of a row's cached
+state survives the tokens committed since its last call.
 
 Engines hand drafters a batch whose membership and order can change every step (rows finish,
 new requests join).  A drafter's cache (anything with select_rows(list) and add_rows(n)) is kept
 in the engine's order by `align`, so tensors line up with DraftInput rows.
 """
 from __future__ import annotations
+
+import torch
 
 
 class RowSlots:
@@ -43,3 +46,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def surviving_prefix(have: list[int], ids: torch.Tensor, num_new: int | None) -> tuple[int, list[int]]:
+    """have: the tokens a row's drafter state was built from, in order (committed ones, then
+    maybe its own drafts); ids [n]: the row's committed tokens (CPU); num_new: tokens committed
+    since the row's last call (DraftInput.num_new_committed), or None.
+
+    Returns (k, ids[k:] as a list): have[:k] is still a prefix of the committed tokens, and the
+    state needs ids[k:] fed.  Committed tokens never change, so with num_new only the tail from
+    n - num_new is compared and copied to the host: O(new + drafted), not O(context).  Without
+    it, or when it does not fit what the row held (then the engine's count is not trusted), the
+    whole context is compared."""
+    n = int(ids.shape[0])
+    start = n - num_new if num_new is not None else -1
+    # the state was built from committed tokens (and maybe drafts after them) at its last
+    # call, when `start` were committed: a prefix of those is still valid as it is, and its last
+    # token must still be there (one element read, the guard against a miscounting engine)
+    held = min(start, len(have))
+    fits = start >= 0 and (held == 0 or have[held - 1] == int(ids[held - 1]))
+    if not fits:
+        ctx = ids.tolist()
+        k = common_prefix(have, ctx)
+        return k, ctx[k:]
+    tail = ids[held:].tolist()  # the new tokens, and any committed ones the state lacks
+    k = held + common_prefix(have[held:], tail)
+    return k, tail[k - held:]

@@ -211,8 +211,9 @@ class EmbeddedEngine:
         inp = DraftInput(
             row_ids=[r.row_id for r in some],
             # committed tokens are host bookkeeping (as in vLLM and SGLang), so they stay on cpu
-            token_ids=[torch.tensor(r.tokens, dtype=torch.long, device="cpu") for r in some],
+            token_ids=[r.committed_ids() for r in some],
             num_draft_tokens=max(limits[i] for i in chosen), sampling=self.sampling,
+            num_new_committed=[r.new_since_last_draft() for r in some],
             hidden_states=feats, hidden_start=starts if feats is not None else None,
             generators=[r.generator for r in some])
         proposal = _scatter_rows(self.drafter.propose(inp), chosen, len(rows))

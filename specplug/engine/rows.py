@@ -39,6 +39,32 @@ class Row:
     hidden_start: int = 0  # position of pending_hidden's first feature
     accept_lengths: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    drafted_upto: int = 0  # committed tokens at the row's last draft call
+    # the committed tokens as a CPU tensor, grown in place: handing them to a drafter copies
+    # only the tokens committed since the last call
+    _ids: torch.Tensor | None = field(default=None, repr=False)
+    _ids_filled: int = 0
+
+    def committed_ids(self) -> torch.Tensor:
+        """[num_committed] int64 on the CPU: a view of this row's buffer (O(new) per call)."""
+        n = len(self.tokens)
+        if self._ids is None or self._ids.shape[0] < n:
+            room = max(n, len(self.req.prompt_ids) + self.req.max_new_tokens + 1)
+            grown = torch.empty(room, dtype=torch.long, device="cpu")
+            if self._ids is not None:
+                grown[:self._ids_filled] = self._ids[:self._ids_filled]
+            self._ids = grown
+        if self._ids_filled < n:
+            self._ids[self._ids_filled:n] = torch.tensor(self.tokens[self._ids_filled:n],
+                                                         dtype=torch.long, device="cpu")
+            self._ids_filled = n
+        return self._ids[:n]
+
+    def new_since_last_draft(self) -> int:
+        """Tokens committed since the row's last draft call (all of them before its first);
+        marks this call as the last."""
+        n, self.drafted_upto = len(self.tokens) - self.drafted_upto, len(self.tokens)
+        return n
 
     @property
     def num_new(self) -> int:
