@@ -44,6 +44,6 @@ else
 fi
 # every editable install writes the repo's specplug.egg-info: one at a time (make test runs
 # this beside the main venv's install)
-flock "$REPO/.editable-install.lock" "${PIP[@]}" --no-deps -e "$REPO"
+(flock 9 && "${PIP[@]}" --no-deps -e "$REPO") 9> "$REPO/.editable-install.lock"
 "$VENV/bin/python" -c "import sglang, specplug; print('sglang', sglang.__version__, 'ready in $VENV')"
 echo "$STAMP" > "$MARKER"

@@ -36,7 +36,7 @@ else
 fi
 # every editable install writes the repo's specplug.egg-info: one at a time (make test runs
 # this beside the main venv's install)
-flock "$REPO/.editable-install.lock" "${PIP[@]}" --no-deps -e "$REPO"
+(flock 9 && "${PIP[@]}" --no-deps -e "$REPO") 9> "$REPO/.editable-install.lock"
 # Whatever specplug needs that vLLM did not already bring (never upgrading vLLM's pins).
 MISSING="$("$VENV/bin/python" - <<'PY'
 from importlib.metadata import PackageNotFoundError, requires, version
