@@ -35,7 +35,7 @@ if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$STAMP" ]]; then
 fi
 
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [[ "$LOCK" == none ]]; then
     "${PIP[@]}" "${PINS[@]}"
     "${PIP[@]}" --no-deps "$SGLANG_PIN"

@@ -25,7 +25,7 @@ pip_quiet() {
 }
 
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-PIP=(pip_quiet install -q --disable-pip-version-check --no-compile)
+PIP=(pip_quiet install -q --disable-pip-version-check)
 if [[ "$LOCK" == none ]]; then
     "${PIP[@]}" "$TORCH_PIN" "$VLLM_PIN"
     # The resolved torchvision is a CUDA build that breaks imports; triton is unused on CPU.

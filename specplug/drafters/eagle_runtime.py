@@ -8,9 +8,8 @@ where the entry for committed token x_j reads the target feature of position j -
 
 Per call, each row's cache is reconciled with the committed tokens (row_slots.surviving_prefix):
 entries survive while their tokens agree with the committed prefix (a feature at j - 1 depends
-on x_0..x_{j-1} only), the
-rest are dropped and rebuilt from the features the engine hands over for positions
-[hidden_start, num_committed - 1).  Draft entries are cropped when the call ends, so the cache
+on x_0..x_{j-1} only), the rest are dropped and rebuilt from the features the engine hands over
+for positions [hidden_start, num_committed - 1).  Draft entries are cropped when the call ends, so the cache
 only ever holds committed entries between calls.
 
 Dynamic draft length (option min_confidence, chains only): a row stops drafting at the first
