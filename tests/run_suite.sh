@@ -19,8 +19,8 @@ SETUP=("${@:2}")
 LOGS="$(mktemp -d)"
 trap 'rm -rf "$LOGS"' EXIT
 
-# measured alone (s): tests/core 270 + tests/slow 156, the rest 296: group B also takes
-# tests/core/test_cli.py (~56, mostly waiting on subprocesses)
+# measured alone (s): tests/core + tests/slow 426, the rest 296: group B also takes
+# tests/core/test_cli.py (its tests' durations add up to ~56, mostly waiting on subprocesses)
 GROUP_A=(tests/slow)
 GROUP_B=(tests --ignore=tests/slow)
 for f in tests/core/test_*.py; do

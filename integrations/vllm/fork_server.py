@@ -50,6 +50,7 @@ def _run_child(req: dict) -> int:
     os.chdir(req["cwd"])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
     for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, fd)
@@ -92,7 +93,6 @@ def serve() -> int:
     if not can_fork:
         return 0
     children: dict[int, str] = {}  # pid -> job id
-    pids: dict[str, int] = {}
     buf, stdin_open = b"", True
     while stdin_open or children:
         if stdin_open and select.select([0], [], [], 0.05)[0]:
@@ -103,23 +103,25 @@ def serve() -> int:
                 line, buf = buf.split(b"\n", 1)
                 req = json.loads(line)
                 if "kill" in req:
-                    if req["kill"] in pids:
-                        _kill_group(pids[req["kill"]])
+                    for pid in [p for p, job in children.items() if job == req["kill"]]:
+                        _kill_group(pid)
                     continue
                 pid = os.fork()
-                if pid == 0:
+                if pid == 0:  # the child never returns into this loop, whatever happens
                     os.close(proto)
-                    os._exit(_run_child(req))
-                children[pid], pids[req["id"]] = req["id"], pid
+                    code = 1
+                    try:
+                        code = _run_child(req)
+                    finally:
+                        os._exit(code)
+                children[pid] = req["id"]
         elif not stdin_open:
             select.select([], [], [], 0.05)
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            job = children.pop(pid)
-            pids.pop(job, None)
-            send({"id": job, "rc": os.waitstatus_to_exitcode(status)})
+            send({"id": children.pop(pid), "rc": os.waitstatus_to_exitcode(status)})
     return 0
 
 

@@ -163,13 +163,16 @@ class _ForkServer:
             self._send({"kill": rid})
             with self.cond:
                 self.cond.wait_for(lambda: rid in self.ended or not self.alive, 30)
-            raise subprocess.TimeoutExpired(args, timeout)
-        texts = []
-        for path in (out, err):
-            with open(path, errors="replace") as f:
-                texts.append(f.read())
-            os.remove(path)
-        return subprocess.CompletedProcess(args, self.ended.pop(rid), *texts)
+        texts = ["", ""]  # stdout, stderr: read, and removed either way
+        for i, path in enumerate((out, err)):
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    texts[i] = f.read()
+                os.remove(path)
+        rc = self.ended.pop(rid, None)
+        if not done:
+            raise subprocess.TimeoutExpired(args, timeout, *texts)
+        return subprocess.CompletedProcess(args, rc, *texts)
 
     def close(self) -> None:
         try:

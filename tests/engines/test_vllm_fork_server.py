@@ -64,3 +64,11 @@ def test_a_run_past_its_timeout_is_killed(server, tmp_path):
         server.run([str(script)], str(tmp_path), timeout=3)
     pid = int((tmp_path / "pid").read_text())
     assert not os.path.exists(f"/proc/{pid}"), "the child outlived its timeout"
+
+
+def test_a_child_that_cannot_start_fails_alone(server, tmp_path):
+    """A run whose cwd does not exist fails with status 1; the server keeps serving."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    assert server.run([str(script), "0"], str(tmp_path / "missing"), 60).returncode == 1
+    assert server.run([str(script), "0"], str(tmp_path), 60).returncode == 0
