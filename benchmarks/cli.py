@@ -14,7 +14,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specplug bench",
         description="Benchmark a drafter against the same engine's plain run and transformers' "
-                    "generate() anchors, on the same prompts in one process. "
+                    "generate() anchors on the same prompts, arms alternating block by block, "
+                    "repeated (--repeats). "
                     "`specplug bench report DIR` rebuilds the table and plots from saved JSON.")
     p.add_argument("--suite", required=True,
                    help="mtbench, humaneval, sharegpt, or a .txt (one prompt per line) / .jsonl file")
@@ -43,6 +44,10 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="off", choices=("on", "off", "both"),
                    help="embedded drafter arms without the automatic speculation budget (gamma "
                         "every step), with it (label suffix /budget), or both")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="passes over the prompts; speedups are reported as min/median/max")
+    p.add_argument("--block", type=int, default=0,
+                   help="requests per block: arms take turns every block (default: batch size)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, per_category=args.per_category, turns=args.turns, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,
             chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,
-            output=args.output, name=args.name, budget=args.budget)
+            output=args.output, name=args.name, budget=args.budget, repeats=args.repeats,
+            block=args.block)
         result = run_bench(cfg, progress=not args.no_progress)
     except (DatasetError, ModelLoadError, EngineUnavailable, ValueError, OSError) as e:
         print(f"specplug bench: error: {e}", file=sys.stderr)

@@ -3,16 +3,18 @@ run on the same requests in the same process.
 
   embedded  specplug's EmbeddedEngine: baseline = no drafter, spec = the drafter asked for
   hf        transformers generate(): plain (baseline), prompt lookup, assisted (with --drafter)
-  vllm      real vLLM through specplug.integrations.vllm (extra `vllm`): one engine per arm and
-            phase, each in a fresh process of a Python that has vLLM (vLLM cannot start a second
-            engine in one process once numba is loaded)
-  sglang    specplug.integrations.sglang.generate.run_sglang (extra `sglang`)
+  vllm      real vLLM through specplug.integrations.vllm (extra `vllm`): one engine session per
+            arm (specplug/jobfile.py), each a process of a Python that has vLLM (vLLM cannot
+            start a second engine in one process once numba is loaded)
+  sglang    real SGLang: one engine session per arm, in the SGLang venv's Python (extra `sglang`)
 
-Other external engines plug in by providing a module function
+Every arm takes one block of requests at a time, and engine processes live for the whole run, so
+the runner can alternate arms block by block.  Other external engines plug in by providing a
+module function
   run_<engine>(target=PATH, requests=list[Request], drafter=DrafterSpec | None,
                num_draft_tokens=int, sampling=SamplingParams, batch_size=int)
       -> (list[RequestOutput], SpecStats)
-which the switch calls once with drafter=None (their own baseline) and once with the drafter.
+which the switch calls per block with drafter=None (their own baseline) and with the drafter.
 """
 from __future__ import annotations
 
@@ -45,10 +47,9 @@ class Arm:
     role: str  # "baseline" | "spec" | "anchor"
     run: RunFn = field(repr=False)
     settings: dict = field(default_factory=dict)
-    # in-process arms take the requests a chunk at a time, interleaved with the other arms so
-    # load on a shared machine hits every arm alike; external engines take a phase at once
-    # (one engine start per call)
-    whole_phase: bool = False
+    close: Callable[[], None] = field(default=lambda: None, repr=False)
+    # what the engine process reports once started (versions, threads, CPU stand-ins)
+    environment: Callable[[], dict] = field(default=lambda: {}, repr=False)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BenchTarget:
     batch_size: int
     compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more embedded arms
     budget: str = "off"  # embedded drafter arms: with the speculation budget, without, or both
+    longest: int = 4096  # the most prompt + new tokens a request may need (engine sessions)
 
 
 def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
@@ -73,6 +75,8 @@ def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
     if engine == "vllm":
         return _vllm_arms(t)
     if engine == "sglang":
+        return _sglang_arms(t)
+    if engine in _EXTRAS:
         return _external_arms(engine, t)
     raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
@@ -123,15 +127,21 @@ def _hf_arms(t: BenchTarget) -> list[Arm]:
     return arms
 
 
-_EXTRAS = {"sglang": ("specplug.integrations.sglang.generate", "run_sglang")}
+# the module each session engine runs as `python -m MODULE --session FD` (specplug/jobfile.py)
+SESSION_MODULES = {"vllm": "specplug.integrations.vllm.generate",
+                   "sglang": "specplug.integrations.sglang.generate"}
+# engines reached through a module's run_<engine> function (see the module docstring)
+_EXTRAS: dict[str, tuple[str, str]] = {}
 
 
 def check_engine(engine: str) -> None:
     """Fail before any model is loaded when an engine cannot run here."""
-    if engine not in ENGINES:
+    if engine not in ENGINES and engine not in _EXTRAS:
         raise EngineUnavailable(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     if engine == "vllm":
         _vllm_python()
+    elif engine == "sglang":
+        _sglang_python()
     elif engine in _EXTRAS:
         _external_fn(engine)
 
@@ -154,66 +164,140 @@ def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
             outs, got = fn(target=t.path, requests=reqs, drafter=drafter,
                            num_draft_tokens=t.gamma, sampling=t.sampling,
                            batch_size=t.batch_size)
-            _merge(stats, got)
+            stats.merge(got)
             return outs
         return run
 
     arms = [Arm(f"{engine}/none", engine, "none", "baseline", runner(None),
-                {"batch_size": t.batch_size}, whole_phase=True)]
+                {"batch_size": t.batch_size})]
     if t.drafter is not None:
         arms.append(Arm(f"{engine}/{t.drafter.method}", engine, t.drafter.method, "spec",
-                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma},
-                        whole_phase=True))
+                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma}))
     return arms
+
+
+def _engine_python(engine: str) -> str:
+    """The Python that runs vllm / sglang: this one when it imports the engine, else the
+    engine's venv (integrations/<engine>/install_cpu.sh)."""
+    import importlib.util
+    import sys
+    if importlib.util.find_spec(engine) is not None:
+        return sys.executable
+    try:
+        if engine == "vllm":
+            from specplug.integrations.vllm.subprocess_job import vllm_python as venv_python
+        else:
+            from specplug.integrations.sglang.generate import sglang_python as venv_python
+        return venv_python()
+    except (ImportError, RuntimeError) as e:
+        raise EngineUnavailable(f"--engine {engine} needs the '{engine}' extra (pip install "
+                                f"'specplug[{engine}]') or a venv with it: {e}") from None
 
 
 def _vllm_python() -> str:
-    """The Python that runs vLLM: this one when it imports vllm, else the vLLM venv's."""
-    import importlib.util
-    import sys
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    try:
-        from specplug.integrations.vllm.subprocess_job import vllm_python
-        return vllm_python()
-    except (ImportError, RuntimeError) as e:
-        raise EngineUnavailable(f"--engine vllm needs the 'vllm' extra (pip install "
-                                f"'specplug[vllm]') or a vLLM venv: {e}") from None
+    return _engine_python("vllm")
+
+
+def _sglang_python() -> str:
+    return _engine_python("sglang")
+
+
+class _SessionRun:
+    """An arm's run function over one engine session (specplug/jobfile.py), started on first
+    use: the engine process stays up for every block of the run."""
+
+    def __init__(self, python: str, module: str, env: dict, open_msg: dict, to_batch, from_result,
+                 log_path: str):
+        self.args = (python, module, env, log_path)
+        self.open_msg, self.to_batch, self.from_result = open_msg, to_batch, from_result
+        self.client = None
+        self.env: dict = {}
+
+    def __call__(self, reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
+        from specplug.jobfile import SessionClient
+        if self.client is None:
+            self.client = SessionClient(*self.args)
+            self.env = self.client.call({"open": self.open_msg}, timeout=1800)["environment"]
+        return self.from_result(self.client.call({"run": self.to_batch(reqs)}), reqs, stats)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def _session_arms(engine: str, t: BenchTarget, python: str, module: str, env_for, open_for,
+                  to_batch, from_result) -> list[Arm]:
+    """A plain arm and (with a drafter) a speculative arm, each its own engine session."""
+    import tempfile
+    logs = tempfile.mkdtemp(prefix=f"specplug-bench-{engine}-")
+    arms = []
+    for drafter in [None] + ([t.drafter] if t.drafter is not None else []):
+        method = drafter.method if drafter else "none"
+        run = _SessionRun(python, module, env_for(drafter), open_for(drafter), to_batch,
+                          from_result, f"{logs}/{method}.log")
+        settings = {"batch_size": t.batch_size, "python": python}
+        if drafter is not None:
+            settings.update(gamma=t.gamma, drafter_path=drafter.path,
+                            options=dict(drafter.options))
+        arms.append(Arm(f"{engine}/{method}", engine, method,
+                        "spec" if drafter else "baseline", run, settings, close=run.close,
+                        environment=lambda run=run: run.env))
+    return arms
 
 
 def _vllm_arms(t: BenchTarget) -> list[Arm]:
+    from specplug.integrations.vllm.subprocess_job import vllm_env
+    dtype = str(t.model.dtype).replace("torch.", "")
+
+    def open_for(drafter: DrafterSpec | None) -> dict:
+        job = {"target": t.path, "longest": t.longest,
+               "llm_kwargs": {"dtype": dtype, "max_num_seqs": t.batch_size}}
+        if drafter is not None:
+            job["specplug"] = {"method": drafter.method, "path": drafter.path,
+                               "options": dict(drafter.options), "num_draft_tokens": t.gamma}
+        return job
+
+    def to_batch(reqs: list[Request]) -> dict:
+        return {"prompt_ids": [r.prompt_ids for r in reqs],
+                "max_new_tokens": max(r.max_new_tokens for r in reqs),
+                "seeds": [r.seed for r in reqs], "temperature": t.sampling.temperature}
+
+    return _session_arms("vllm", t, _vllm_python(), SESSION_MODULES["vllm"],
+                         lambda drafter: vllm_env(False), open_for, to_batch,
+                         lambda got, reqs, stats: _from_job(got, reqs, t.tokenizer, stats))
+
+
+def _sglang_arms(t: BenchTarget) -> list[Arm]:
     import os
-    import sys
-    import tempfile
 
-    from specplug.integrations.vllm import subprocess_job
-    python = _vllm_python()
-    if python == sys.executable:  # vLLM installed here: subprocess_job runs it with this Python
-        os.environ.setdefault("SPECPLUG_VLLM_PYTHON", python)
-    workdir = tempfile.mkdtemp(prefix="specplug-bench-vllm-")
-    counter = iter(range(1 << 30))
+    from specplug.integrations.sglang import generate as sg
+    from specplug.integrations.sglang.cpu import cpu_env, on_cpu
 
-    def runner(drafter: DrafterSpec | None) -> RunFn:
-        def run(reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
-            job = {"target": t.path, "prompt_ids": [r.prompt_ids for r in reqs],
-                   "max_new_tokens": max(r.max_new_tokens for r in reqs),
-                   "temperature": t.sampling.temperature, "seed": reqs[0].seed, "warmup": True,
-                   "llm_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
-                                  "max_num_seqs": t.batch_size}}
-            if drafter is not None:
-                job["specplug"] = {"method": drafter.method, "path": drafter.path,
-                                   "options": dict(drafter.options), "num_draft_tokens": t.gamma}
-            got = subprocess_job.run_job(job, workdir, f"arm{next(counter)}", timeout=3600)
-            return _from_job(got, reqs, t.tokenizer, stats)
-        return run
+    def env_for(drafter: DrafterSpec | None) -> dict:
+        options = sg.drafter_options_for(drafter and drafter.method, drafter and drafter.path,
+                                         drafter and drafter.options)
+        env = dict(os.environ, **sg.drafter_env(options))
+        return cpu_env(env) if on_cpu() else env
 
-    arms = [Arm("vllm/none", "vllm", "none", "baseline", runner(None),
-                {"batch_size": t.batch_size, "python": python}, whole_phase=True)]
-    if t.drafter is not None:
-        arms.append(Arm(f"vllm/{t.drafter.method}", "vllm", t.drafter.method, "spec",
-                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma},
-                        whole_phase=True))
-    return arms
+    def open_for(drafter: DrafterSpec | None) -> dict:
+        spec = sg.speculative_kwargs(drafter and drafter.method, drafter and drafter.path, t.gamma)
+        return {"target": t.path, "longest": t.longest, "spec": spec,
+                "engine_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
+                                  "max_running_requests": t.batch_size}}
+
+    def to_batch(reqs: list[Request]) -> dict:
+        return {"requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
+                              "stop": list(r.stop), "prompt": r.prompt} for r in reqs],
+                "temperature": t.sampling.temperature, "top_p": t.sampling.top_p,
+                "top_k": t.sampling.top_k}
+
+    def from_result(got: dict, reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
+        stats.merge(SpecStats(**got["stats"]))
+        return [RequestOutput(**o) for o in got["outputs"]]
+
+    return _session_arms("sglang", t, _sglang_python(), SESSION_MODULES["sglang"],
+                         env_for, open_for, to_batch, from_result)
 
 
 def _from_job(got: dict, reqs: list[Request], tokenizer, stats: SpecStats) -> list[RequestOutput]:
@@ -231,18 +315,5 @@ def _from_job(got: dict, reqs: list[Request], tokenizer, stats: SpecStats) -> li
                     num_accepted_tokens=s["num_accepted_tokens"],
                     accept_lengths=[a for o in outs for a in o.accept_lengths],
                     timing_ms=dict(s["timing_ms"]))
-    _merge(stats, one)
+    stats.merge(one)
     return outs
-
-
-def _merge(into: SpecStats, other: SpecStats) -> None:
-    """Add one call's stats into an arm's running total."""
-    into.num_prompts += other.num_prompts
-    into.total_new_tokens += other.total_new_tokens
-    into.wall_time_s += other.wall_time_s
-    into.num_drafts += other.num_drafts
-    into.num_draft_tokens += other.num_draft_tokens
-    into.num_accepted_tokens += other.num_accepted_tokens
-    into.accept_lengths += other.accept_lengths
-    for k, v in other.timing_ms.items():
-        into.timing_ms[k] = into.timing_ms.get(k, 0.0) + v

@@ -70,8 +70,34 @@ def environment() -> dict:
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                     "cpu_count": os.cpu_count()},
         "device": {"type": "cuda" if torch.cuda.is_available() else "cpu",
-                   "cpu": _cpu_name(), "platform": platform.platform()},
+                   "cpu": _cpu_name(), "cpu_family_model": _cpu_field(("cpu family", "model")),
+                   "cpu_vector_flags": _vector_flags(), "platform": platform.platform()},
     }
+
+
+def _cpu_field(keys: tuple[str, ...]) -> str:
+    """'23/1' for cpu family 23, model 1: "AMD EPYC" alone names several generations."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in keys and key.strip() not in found:
+                    found[key.strip()] = value.strip()
+    except OSError:
+        return "unknown"
+    return "/".join(found.get(k, "?") for k in keys)
+
+
+def _vector_flags() -> list[str]:
+    """The vector extensions CPU matmuls depend on (bf16 runs several times slower without
+    avx512_bf16 / amx_bf16, so numbers from different hosts compare only with these alike)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def _cpu_name() -> str:

@@ -61,9 +61,14 @@ def _throughput(run: dict, path: str) -> str:
     left.bar(labels, [a["summary"]["tokens_per_second"] for a in arms], color="tab:blue")
     left.set_ylabel("tokens / s")
     left.set_title("throughput")
-    right.bar(labels, [a["speedup"] or 0.0 for a in arms], color="tab:green")
+    # the bar is the median over repetitions, the whisker its min..max
+    mids = [a["speedup"] or 0.0 for a in arms]
+    spreads = [a.get("speedup_spread") or {} for a in arms]
+    err = [[m - sp.get("min", m) for m, sp in zip(mids, spreads)],
+           [sp.get("max", m) - m for m, sp in zip(mids, spreads)]]
+    right.bar(labels, mids, color="tab:green", yerr=err, capsize=4)
     right.axhline(1.0, color="black", linewidth=0.8)
-    right.set_ylabel("speedup vs the same engine's plain run")
+    right.set_ylabel("speedup vs plain (median, min..max)")
     right.set_title("speedup")
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=30)

@@ -39,6 +39,23 @@ def _fmt(x, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if x is None else f"{x:{spec}}{suffix}"
 
 
+def spread_text(x: float | None, spread: dict | None) -> str:
+    """'1.213× (1.180–1.251, 3 reps)': the median with its range; runs from before repetitions
+    (no spread recorded) say '(1 run)'."""
+    if x is None:
+        return "–"
+    if not spread:
+        return f"{x:.3f}× (1 run)"
+    n = len(spread.get("per_rep", []))
+    return f"{spread['median']:.3f}× ({spread['min']:.3f}–{spread['max']:.3f}, {n} reps)"
+
+
+def _prompts(run: dict, summary: dict) -> str:
+    """Prompts per pass, and '×N' when the summary pools N repetitions."""
+    reps = run["config"].get("repeats", 1)
+    return str(summary["num_prompts"] // reps) + (f" ×{reps}" if reps > 1 else "")
+
+
 def results_table(runs: list[dict]) -> str:
     """Markdown: one row per arm of every run; ratios come from arms of the same run."""
     head = ("| run | arm | prompts | new tokens | tok/s | speedup vs plain | ÷ HF same drafter "
@@ -52,14 +69,25 @@ def results_table(runs: list[dict]) -> str:
             same = arm.get("matches_baseline")
             hf = arm.get("speedup_vs_hf_equivalent")
             lines.append("| " + " | ".join([
-                run["name"], arm["label"], str(s["num_prompts"]), str(s["total_new_tokens"]),
-                _fmt(s["tokens_per_second"]), _fmt(arm["speedup"], ".3f", "×"),
-                f"{_fmt(hf, '.3f', '×')} ({arm['hf_equivalent']})" if hf is not None else "–",
+                run["name"], arm["label"], _prompts(run, s), str(s["total_new_tokens"]),
+                _fmt(s["tokens_per_second"]), spread_text(arm["speedup"], arm.get("speedup_spread")),
+                f"{spread_text(hf, arm.get('speedup_vs_hf_equivalent_spread'))} "
+                f"({arm['hf_equivalent']})" if hf is not None else "–",
                 _fmt(s["mean_accept_length"], ".3f") if drafting else "–",
                 _fmt(s["acceptance_rate"], ".3f") if drafting else "–",
                 _fmt(lev["speedup_bound"], ".2f", "×") if lev else "–",
-                "–" if same is None else f"{same}/{s['num_prompts']}"]) + " |")
+                "–" if same is None else f"{same}/{len(arm['requests'])}"]) + " |")
     return "\n".join(lines)
+
+
+def _cpu_detail(device: dict) -> str:
+    """', family/model 23/1, avx2' where the run recorded them (older runs did not)."""
+    if "cpu_family_model" not in device:
+        return ""
+    flags = device.get("cpu_vector_flags", [])
+    best = [f for f in flags if "512" in f or f.startswith("amx")]
+    return (f", family/model {device['cpu_family_model']}, "
+            + ("no AVX-512" if not best else "+".join(f for f in best if f.endswith("bf16")) or "AVX-512"))
 
 
 def environment_lines(runs: list[dict]) -> str:
@@ -67,13 +95,20 @@ def environment_lines(runs: list[dict]) -> str:
     for run in runs:
         env, cfg = run["environment"], run["config"]
         v = env["versions"]
+        passes = (f"{cfg['repeats']} repetition(s), arms alternating in blocks of "
+                  f"{cfg.get('block') or cfg['batch_size']}" if "repeats" in cfg else "one pass")
+        engines = "".join(f"; {label}: " + ", ".join(f"{k} {ver}" for k, ver in
+                                                      sorted(e.get("versions", {}).items()))
+                          + (" on specplug's CPU stand-ins" if e.get("cpu_standins") else "")
+                          for label, e in sorted(env.get("engines", {}).items()))
         out.append(
             f"- `{run['name']}`: suite {cfg['suite']}, turns {cfg['turns']}, max_new_tokens "
             f"{cfg['max_new_tokens']}, batch {cfg['batch_size']}, gamma {cfg['gamma']}, "
-            f"temperature {cfg['temperature']}, target `{os.path.basename(cfg['target'].rstrip('/'))}`;"
-            f" {env['device']['cpu']} ({env['device']['type']}), torch threads "
+            f"{cfg.get('dtype', 'float32')}, temperature {cfg['temperature']}, "
+            f"{passes}, target `{os.path.basename(cfg['target'].rstrip('/'))}`;"
+            f" {env['device']['cpu']} ({env['device']['type']}{_cpu_detail(env['device'])}), torch threads "
             f"{env['threads']['torch']}; torch {v['torch']}, transformers {v['transformers']}"
-            f"; created {run['created']}")
+            f"{engines}; created {run['created']}")
     return "\n".join(out)
 
 

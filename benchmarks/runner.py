@@ -1,6 +1,10 @@
-"""One benchmark run: every arm (plain baseline, speculative, HF anchors) on the same prompts in
-the same process, then one JSON with the stats schema plus speedups, tau per category and the
-Leviathan bound."""
+"""One benchmark run: every arm (plain baseline, speculative, HF anchors) on the same prompts,
+alternating block by block, repeated `repeats` times; then one JSON with the stats schema plus
+speedups (median and spread over the repetitions), tau per category and the Leviathan bound.
+
+Why this shape: on a shared machine load drifts over minutes.  Arms that take turns every block
+(in an order that rotates) see the same drift, and each repetition gives one speedup per arm, so
+the spread of those speedups says how far a single number can be trusted."""
 from __future__ import annotations
 
 import json
@@ -47,6 +51,8 @@ class BenchConfig:
     # more embedded drafter arms in the same run: (label, spec), label unique among them
     compare: list = field(default_factory=list)
     budget: str = "off"  # embedded drafter arms with the speculation budget: on | off | both
+    repeats: int = 3  # passes over the prompts; speedups are reported as min/median/max of them
+    block: int = 0  # requests per block (arms take turns every block); 0 = batch_size
 
     def run_name(self) -> str:
         if self.name:
@@ -59,8 +65,9 @@ class BenchConfig:
 @dataclass
 class _ArmState:
     arm: Arm
-    stats: SpecStats = field(default_factory=SpecStats)
-    requests: list[dict] = field(default_factory=list)  # JSON records, in run order
+    stats: SpecStats = field(default_factory=SpecStats)  # every repetition pooled
+    rep_stats: list[SpecStats] = field(default_factory=list)  # one per repetition
+    requests: list[dict] = field(default_factory=list)  # JSON records of the first repetition
     outputs: list = field(default_factory=list)  # RequestOutput, same order
 
 
@@ -73,7 +80,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     if cfg.turns not in (1, 2):
         raise ValueError(f"--turns must be 1 or 2, got {cfg.turns}")
     for name, v in (("--max-new-tokens", cfg.max_new_tokens), ("--batch-size", cfg.batch_size),
-                    ("--gamma", cfg.gamma)):
+                    ("--gamma", cfg.gamma), ("--repeats", cfg.repeats)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     items = load_prompts(cfg.suite, cfg.num_prompts, cfg.per_category)
@@ -84,63 +91,99 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     labels = [cfg.method] + [label for label, _ in cfg.compare]
     if len(set(labels)) != len(labels):
         raise ValueError(f"arm labels must differ, got {labels}: name them LABEL:METHOD")
+    if cfg.block < 0:
+        raise ValueError(f"--block must be >= 0, got {cfg.block}")
     if cfg.compare and cfg.engine != "embedded":
         raise ValueError("--compare adds embedded arms: use it with --engine embedded")
     hf_logging.disable_progress_bar()  # the bench has its own bar
     model = load_causal_lm(cfg.target, dtype=getattr(torch, cfg.dtype))
     tokenizer = load_tokenizer(cfg.target)
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, cfg.drafter, cfg.options)
+    # engines round their context up (to 64 in our vLLM and SGLang sessions) and add room for
+    # gamma drafts: prompt + new tokens must leave that much headroom below the model's limit
+    limit = context_limit(model.config) - 64 - cfg.gamma - 1
     target = BenchTarget(cfg.target, model, tokenizer, drafter, cfg.gamma,
                          SamplingParams(temperature=cfg.temperature), cfg.batch_size,
-                         list(cfg.compare), cfg.budget)
+                         list(cfg.compare), cfg.budget, longest=limit)
     engines = [cfg.engine] + (["hf"] if cfg.anchors and cfg.engine != "hf" else [])
     states = [_ArmState(a) for e in engines for a in build_arms(e, target)]
     use_chat = cfg.chat_template and has_chat_template(tokenizer)
-
-    _warm_up(states, tokenizer)
-    bar = _progress(sum(min(cfg.turns, len(i.turns)) for i in items) * len(states), progress)
-    skipped: list[str] = []
-    answers: dict[str, list[str]] = {i.id: [] for i in items}
-    limit = context_limit(model.config)
-    for turn in range(cfg.turns):
-        batch = [i for i in items if turn < len(i.turns) and i.id not in skipped]
-        reqs = []
-        for k, item in enumerate(batch):
-            text = render(tokenizer, item, turn, answers[item.id], use_chat)
-            ids = encode(tokenizer, text, use_chat and item.chat)
-            if len(ids) + cfg.max_new_tokens + cfg.gamma + 1 > limit:
-                skipped.append(item.id)  # too long for the model's context: left out of every arm
-                continue
-            reqs.append((item, Request(ids, cfg.max_new_tokens, seed=cfg.seed + k, prompt=text)))
-        baseline_out = _run_phase(states, reqs, turn, cfg.batch_size, bar)
-        for item, out in baseline_out:
-            answers[item.id].append(out.output_text)
-    if bar is not None:
-        bar.close()
-    result = _assemble(cfg, states, items, skipped, use_chat)
+    try:
+        skipped = _run_all(cfg, states, items, tokenizer, use_chat, limit, progress)
+        result = _assemble(cfg, states, items, skipped, use_chat)
+    finally:
+        for st in states:
+            st.arm.close()
     for st in states:
         log(st.stats.summary_line(st.arm.label))
     return result
 
 
-def _run_phase(states: list[_ArmState], reqs, turn: int, batch_size: int, bar):
-    """Run every arm on reqs; returns the first arm's (the main baseline's) outputs."""
-    chunks = [reqs[i:i + batch_size] for i in range(0, len(reqs), batch_size)]
-    in_process = [s for s in states if not s.arm.whole_phase]
-    for chunk in chunks:
-        for st in in_process:
-            outs = st.arm.run([r for _, r in chunk], st.stats)
-            _keep(st, chunk, outs, turn)
+def _run_all(cfg: BenchConfig, states: list[_ArmState], items: list[PromptItem], tokenizer,
+             use_chat: bool, limit: int, progress: bool) -> list[str]:
+    """Every repetition of every turn; returns the ids left out as too long for the model."""
+    bar = _progress(sum(min(cfg.turns, len(i.turns)) for i in items) * len(states) * cfg.repeats,
+                    progress)
+    skipped: list[str] = []
+    answers: dict[str, list[str]] = {i.id: [] for i in items}
+    turn_reqs: list[list] = []  # built in the first repetition, reused by the others
+    block = cfg.block or cfg.batch_size
+    for rep in range(cfg.repeats):
+        rep_stats = [SpecStats() for _ in states]
+        for turn in range(cfg.turns):
+            if rep == 0:
+                turn_reqs.append(_turn_requests(cfg, items, turn, answers, skipped, tokenizer,
+                                                use_chat, limit))
+            reqs = turn_reqs[turn]
+            if rep == 0 and turn == 0 and reqs:
+                _warm_up(states, reqs[:block])
+            main_outs = _run_turn(states, rep_stats, reqs, turn, block, cfg.batch_size,
+                                  keep=rep == 0, bar=bar)
+            if rep == 0:
+                for (item, _), out in zip(reqs, main_outs):
+                    answers[item.id].append(out.output_text)
+        for st, one in zip(states, rep_stats):
+            st.rep_stats.append(one)
+            st.stats.merge(one)
+    if bar is not None:
+        bar.close()
+    return skipped
+
+
+def _turn_requests(cfg: BenchConfig, items, turn: int, answers, skipped: list[str], tokenizer,
+                   use_chat: bool, limit: int) -> list:
+    batch = [i for i in items if turn < len(i.turns) and i.id not in skipped]
+    reqs = []
+    for k, item in enumerate(batch):
+        text = render(tokenizer, item, turn, answers[item.id], use_chat)
+        ids = encode(tokenizer, text, use_chat and item.chat)
+        if len(ids) + cfg.max_new_tokens > limit:
+            skipped.append(item.id)  # too long for the model's context: left out of every arm
+            continue
+        reqs.append((item, Request(ids, cfg.max_new_tokens, seed=cfg.seed + k, prompt=text)))
+    return reqs
+
+
+def _run_turn(states: list[_ArmState], rep_stats: list[SpecStats], reqs, turn: int, block: int,
+              batch_size: int, keep: bool, bar):
+    """Every arm on reqs, one block at a time, the arms' order rotating by one each block;
+    returns the first arm's (the main baseline's) outputs."""
+    main_outs = []
+    for b, start in enumerate(range(0, len(reqs), block)):
+        chunk = reqs[start:start + block]
+        order = list(range(len(states)))
+        order = order[b % len(order):] + order[:b % len(order)]
+        for i in order:
+            st = states[i]
+            outs = st.arm.run([r for _, r in chunk], rep_stats[i])
+            if i == 0:
+                main_outs += outs
+            if keep:
+                _keep(st, chunk, outs, turn)
             if bar is not None:
                 bar.set_postfix_str(st.arm.label)
                 bar.update(len(chunk))
-    for st in (s for s in states if s.arm.whole_phase):
-        outs = st.arm.run([r for _, r in reqs], st.stats)
-        _keep(st, reqs, outs, turn)
-        if bar is not None:
-            bar.update(len(reqs))
-    main_outs = states[0].outputs[len(states[0].outputs) - len(reqs):]
-    return list(zip([item for item, _ in reqs], main_outs))
+    return main_outs
 
 
 def _keep(st: _ArmState, chunk, outs, turn: int) -> None:
@@ -153,12 +196,13 @@ def _keep(st: _ArmState, chunk, outs, turn: int) -> None:
             "accept_lengths": out.accept_lengths, "finish_reason": out.finish_reason})
 
 
-def _warm_up(states: list[_ArmState], tokenizer) -> None:
-    """One short request per in-process arm first, so no arm pays one-off start-up costs."""
-    ids = tokenizer("Hello, how are you today?")["input_ids"] or [0]
+def _warm_up(states: list[_ArmState], first_block: list) -> None:
+    """Every arm runs the first block once, 8 new tokens each, untimed: engine start-up, lazy
+    allocation and first-call costs fall on no measured block."""
+    reqs = [Request(list(r.prompt_ids), min(8, r.max_new_tokens), seed=r.seed)
+            for _, r in first_block]
     for st in states:
-        if not st.arm.whole_phase:
-            st.arm.run([Request(list(ids), 8, seed=0)], SpecStats())
+        st.arm.run(reqs, SpecStats())
 
 
 def _progress(total: int, enabled: bool):
@@ -175,15 +219,22 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
     for st in states:
         summary = st.stats.summary()
         base = baselines.get(st.arm.engine)
+        spread = _speedups(st, base)
         entry = {"label": st.arm.label, "engine": st.arm.engine, "method": st.arm.method,
                  "role": st.arm.role, "settings": st.arm.settings, "summary": summary,
+                 "tokens_per_second_per_rep": [round(r.tokens_per_second, 3)
+                                               for r in st.rep_stats],
                  "tau_per_category": metrics.tau_per_category(st.requests),
-                 "speedup": _ratio(summary, base.stats.summary() if base else None),
+                 "speedup": spread["median"] if spread else None, "speedup_spread": spread,
                  "requests": st.requests}
+        if st.arm.environment():
+            entry["engine_environment"] = st.arm.environment()
         hf = by_label.get(HF_EQUIVALENT.get(st.arm.method, ""))
         if st.arm.engine != "hf" and hf is not None:
             entry["hf_equivalent"] = hf.arm.label
-            entry["speedup_vs_hf_equivalent"] = _ratio(summary, hf.stats.summary())
+            hf_spread = _speedups(st, hf)
+            entry["speedup_vs_hf_equivalent"] = hf_spread["median"] if hf_spread else None
+            entry["speedup_vs_hf_equivalent_spread"] = hf_spread
         if base is not None and st is not base:
             entry["matches_baseline"] = sum(
                 a["output_token_ids"] == b["output_token_ids"]
@@ -197,20 +248,35 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
     config = asdict(cfg)
     config.update({"engines": sorted({s.arm.engine for s in states}), "chat_template_used": use_chat,
                    "num_items": len(items), "skipped_too_long": skipped})
+    environment = metrics.environment()
+    engine_envs = {a["label"]: a["engine_environment"] for a in arms if "engine_environment" in a}
+    if engine_envs:
+        environment["engines"] = engine_envs
+    environment["cpu_standins"] = any(e.get("cpu_standins") for e in engine_envs.values())
     return {
         "schema": SCHEMA, "name": cfg.run_name(), "headline": head["label"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "summary": head["summary"], "requests": head["requests"],
-        "speedup": head["speedup"], "tau_per_category": head["tau_per_category"],
+        "speedup": head["speedup"], "speedup_spread": head["speedup_spread"],
+        "tau_per_category": head["tau_per_category"],
         "leviathan": head.get("leviathan"),
-        "config": config, "environment": metrics.environment(), "arms": arms,
+        "config": config, "environment": environment, "arms": arms,
     }
 
 
-def _ratio(summary: dict, base: dict | None) -> float | None:
-    if not base or not base["tokens_per_second"]:
+def _speedups(st: _ArmState, base: _ArmState | None) -> dict | None:
+    """min/median/max over repetitions of tokens/s(arm) / tokens/s(base) in the same repetition."""
+    if base is None:
         return None
-    return round(summary["tokens_per_second"] / base["tokens_per_second"], 4)
+    per_rep = [a.tokens_per_second / b.tokens_per_second
+               for a, b in zip(st.rep_stats, base.rep_stats) if b.tokens_per_second]
+    if not per_rep:
+        return None
+    ordered = sorted(per_rep)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"min": round(ordered[0], 4), "median": round(median, 4), "max": round(ordered[-1], 4),
+            "per_rep": [round(x, 4) for x in per_rep]}
 
 
 def write_json(result: dict, out_dir: str) -> str:

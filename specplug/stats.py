@@ -40,6 +40,20 @@ class SpecStats:
         self.num_accepted_tokens += num_accepted
         self.accept_lengths.append(num_accepted + 1)
 
+    def merge(self, other: "SpecStats") -> None:
+        """Add another run's stats (one block of a benchmark arm, one engine call) into these."""
+        self.num_prompts += other.num_prompts
+        self.total_new_tokens += other.total_new_tokens
+        self.wall_time_s += other.wall_time_s
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        self.accept_lengths += other.accept_lengths
+        self.budgets += other.budgets
+        for k, v in other.timing_ms.items():
+            self.timing_ms[k] = self.timing_ms.get(k, 0.0) + v
+        self.counts_unavailable = self.counts_unavailable or other.counts_unavailable
+
     @property
     def mean_accept_length(self) -> float:
         """tau: accepted + bonus tokens per verify step (vLLM and SGLang count it so)."""

@@ -12,6 +12,7 @@ reports counts, not their order, so a request's `accept_lengths` come sorted by 
 When this Python has no SGLang, the batch runs in a fresh process of the SGLang venv's Python
 (SPECPLUG_SGLANG_PYTHON, else <repo>/.venv-sglang/bin/python; integrations/sglang/install_cpu.sh
 builds it):  python -m specplug.integrations.sglang.generate JOB.json RESULT.json
+(or --session FD: one engine kept across batches, see specplug/jobfile.py).
 """
 from __future__ import annotations
 
@@ -74,30 +75,47 @@ def drafter_env(options: dict | None) -> dict:
     return {OPTIONS_ENV: json.dumps(options)} if options else {}
 
 
+class SglangSession:
+    """One sglang.Engine on `target` in this process, kept for any number of batches.
+    longest: the most prompt + new tokens any request will need (sets context_length)."""
+
+    def __init__(self, target: str, longest: int, spec: dict, engine_kwargs: dict | None = None):
+        import sglang
+        kwargs = dict(model_path=target, dtype="float32", log_level="error",
+                      context_length=_round_up(
+                          longest + spec.get("speculative_num_draft_tokens", 1) + 8, 64))
+        kwargs.update(device_kwargs(), **spec, **(engine_kwargs or {}))
+        self.engine = sglang.Engine(**kwargs)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams, ignore_eos: bool = False,
+                 max_tokens: int | None = None) -> tuple[list[RequestOutput], SpecStats]:
+        """requests as one batch; max_tokens caps every request (warm-up runs)."""
+        start = time.perf_counter()
+        results = self.engine.generate(
+            input_ids=[r.prompt_ids for r in requests],
+            sampling_params=[_params(r, sampling, ignore_eos,
+                                     min(r.max_new_tokens, max_tokens or r.max_new_tokens))
+                             for r in requests])
+        wall = time.perf_counter() - start
+        outputs = [to_output(r, res) for r, res in zip(requests, results)]
+        return outputs, stats_of(outputs, results, wall)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
 def run_engine(target: str, requests: list[Request], spec: dict, sampling: SamplingParams,
                ignore_eos: bool = False, engine_kwargs: dict | None = None, warmup: bool = False,
                ) -> tuple[list[RequestOutput], SpecStats]:
     """Start one sglang.Engine on `target` in this process, run `requests` as one batch."""
-    import sglang
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    kwargs = dict(model_path=target, dtype="float32", log_level="error",
-                  context_length=_round_up(longest + spec.get("speculative_num_draft_tokens", 1)
-                                           + 8, 64))
-    kwargs.update(device_kwargs(), **spec, **(engine_kwargs or {}))
-    engine = sglang.Engine(**kwargs)
+    session = SglangSession(target, longest, spec, engine_kwargs)
     try:
         if warmup:
-            engine.generate(input_ids=[requests[0].prompt_ids],
-                            sampling_params=_params(requests[0], sampling, ignore_eos, 8))
-        start = time.perf_counter()
-        results = engine.generate(input_ids=[r.prompt_ids for r in requests],
-                                  sampling_params=[_params(r, sampling, ignore_eos)
-                                                   for r in requests])
-        wall = time.perf_counter() - start
+            session.generate(requests[:1], sampling, ignore_eos, max_tokens=8)
+        return session.generate(requests, sampling, ignore_eos)
     finally:
-        engine.shutdown()
-    outputs = [to_output(r, res) for r, res in zip(requests, results)]
-    return outputs, stats_of(outputs, results, wall)
+        session.close()
 
 
 def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] | None = None,
@@ -221,6 +239,21 @@ def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None =
             return json.load(f)
 
 
+def _requests_of(job: dict) -> list[Request]:
+    return [Request(list(r["prompt_ids"]), int(r["max_new_tokens"]), tuple(r.get("stop", ())),
+                    None, r.get("prompt", "")) for r in job["requests"]]
+
+
+def _sampling_of(job: dict) -> SamplingParams:
+    return SamplingParams(float(job.get("temperature", 0.0)), int(job.get("top_k", 0)),
+                          float(job.get("top_p", 1.0)))
+
+
+def _result(outputs: list[RequestOutput], stats: SpecStats) -> dict:
+    return {"outputs": [o.__dict__ for o in outputs], "stats": dict(stats.__dict__),
+            "summary": stats.summary()}
+
+
 def run_job(job: dict) -> dict:
     """One JSON job: {"target", "spec", "requests": [{"prompt_ids", "max_new_tokens", ...}],
     "temperature", "top_p", "top_k", "ignore_eos", "engine_kwargs", "warmup"};
@@ -228,15 +261,34 @@ def run_job(job: dict) -> dict:
     paid once), -> {"results": {name: result, or {"error": "Type: message"} if it raised}}."""
     if "jobs" in job:
         return {"results": {name: _result_or_error(sub) for name, sub in job["jobs"].items()}}
-    requests = [Request(list(r["prompt_ids"]), int(r["max_new_tokens"]), tuple(r.get("stop", ())),
-                        None, r.get("prompt", "")) for r in job["requests"]]
-    sampling = SamplingParams(float(job.get("temperature", 0.0)), int(job.get("top_k", 0)),
-                              float(job.get("top_p", 1.0)))
-    outputs, stats = run_engine(job["target"], requests, job.get("spec") or {}, sampling,
-                                bool(job.get("ignore_eos", False)), job.get("engine_kwargs"),
-                                bool(job.get("warmup", False)))
-    plain = {k: v for k, v in stats.__dict__.items()}
-    return {"outputs": [o.__dict__ for o in outputs], "stats": plain, "summary": stats.summary()}
+    outputs, stats = run_engine(job["target"], _requests_of(job), job.get("spec") or {},
+                                _sampling_of(job), bool(job.get("ignore_eos", False)),
+                                job.get("engine_kwargs"), bool(job.get("warmup", False)))
+    return _result(outputs, stats)
+
+
+class _JobSession:
+    """`--session` (specplug/jobfile.py): open = {"target", "spec", "engine_kwargs", "longest"};
+    run = {"requests", "temperature", "top_p", "top_k", "ignore_eos", "max_tokens"}."""
+
+    def __init__(self, job: dict):
+        self.session = SglangSession(job["target"], int(job["longest"]), job.get("spec") or {},
+                                     job.get("engine_kwargs"))
+
+    def environment(self) -> dict:
+        import sglang
+        import torch
+        return {"versions": {"sglang": sglang.__version__, "torch": torch.__version__},
+                "threads": {"torch": torch.get_num_threads()},
+                "cpu_standins": standins_active()}
+
+    def run(self, batch: dict) -> dict:
+        return _result(*self.session.generate(_requests_of(batch), _sampling_of(batch),
+                                              bool(batch.get("ignore_eos", False)),
+                                              batch.get("max_tokens")))
+
+    def close(self) -> None:
+        self.session.close()
 
 
 def _result_or_error(job: dict) -> dict:
@@ -247,7 +299,8 @@ def _result_or_error(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job_files(argv, "specplug.integrations.sglang.generate", run_job)
+    return run_job_files(argv, "specplug.integrations.sglang.generate", run_job,
+                         open_session=_JobSession)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ follow the drafted steps in a request's `accept_lengths`.
 
 Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
     python -m specplug.integrations.vllm.generate JOB.json RESULT.json
+    python -m specplug.integrations.vllm.generate --session FD     (specplug/jobfile.py)
 JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug"
       ({"method", "path", "options", "num_draft_tokens", "via_plugin"}),
       "temperature", "seed" (every request) | "seeds" (one per request), "ignore_eos",
@@ -56,6 +57,50 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
              "num_speculative_tokens": num_draft_tokens}, {CONFIG_KEY: block})
 
 
+class VllmSession:
+    """One vLLM engine on `target`, kept for any number of batches.  longest: the most prompt +
+    new tokens any request will need (sets max_model_len)."""
+
+    def __init__(self, target: str, longest: int, speculative_config: dict | None = None,
+                 additional_config: dict | None = None, llm_kwargs: dict | None = None):
+        from vllm import LLM
+
+        gamma = (speculative_config or {}).get("num_speculative_tokens", 0)
+        kwargs = dict(DEFAULT_LLM_KWARGS, max_model_len=_round_up(longest + gamma + 1, 64),
+                      disable_log_stats=False)
+        if speculative_config:
+            kwargs.update(speculative_config=speculative_config,
+                          per_request_spec_decode_metrics="detailed")
+        if additional_config:
+            kwargs["additional_config"] = additional_config
+            method = (additional_config.get(CONFIG_KEY) or {}).get("method")
+            if method and family_of(method).reads_hidden_states:
+                # every prompt position needs its features: the prompt must run through the target
+                kwargs["enable_prefix_caching"] = False
+        kwargs.update(llm_kwargs or {})
+        self.llm = LLM(model=target, **kwargs)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams = SamplingParams(),
+                 ignore_eos: bool = False, max_tokens: int | None = None,
+                 ) -> tuple[list[RequestOutput], SpecStats]:
+        """requests as one batch; max_tokens caps every request (warm-up runs)."""
+        from vllm import SamplingParams as VllmSampling
+
+        params = [VllmSampling(temperature=sampling.temperature, top_k=sampling.top_k,
+                               top_p=sampling.top_p, seed=r.seed,
+                               max_tokens=min(r.max_new_tokens, max_tokens or r.max_new_tokens),
+                               stop=list(r.stop) or None, ignore_eos=ignore_eos)
+                  for r in requests]
+        before = _spec_counters(self.llm.get_metrics())
+        start = time.perf_counter()
+        results = self.llm.generate([{"prompt_token_ids": r.prompt_ids} for r in requests],
+                                    params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        after = _spec_counters(self.llm.get_metrics())
+        outputs = [_to_output(req, res) for req, res in zip(requests, results)]
+        return outputs, _stats(outputs, {k: after[k] - before[k] for k in after}, wall)
+
+
 def run_vllm_requests(target: str, requests: list[Request], speculative_config: dict | None = None,
                       additional_config: dict | None = None,
                       sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False,
@@ -64,44 +109,15 @@ def run_vllm_requests(target: str, requests: list[Request], speculative_config: 
     """Start one vLLM engine on `target`, run `requests` as one batch, read vLLM's counters.
     warmup: run the whole batch once, 8 tokens each, untimed; repeats: time the batch this many
     times and report the median wall time (outputs and counters are from the last run)."""
-    from vllm import LLM
-    from vllm import SamplingParams as VllmSampling
-
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    gamma = (speculative_config or {}).get("num_speculative_tokens", 0)
-    kwargs = dict(DEFAULT_LLM_KWARGS, max_model_len=_round_up(longest + gamma + 1, 64),
-                  disable_log_stats=False)
-    if speculative_config:
-        kwargs.update(speculative_config=speculative_config,
-                      per_request_spec_decode_metrics="detailed")
-    if additional_config:
-        kwargs["additional_config"] = additional_config
-        method = (additional_config.get(CONFIG_KEY) or {}).get("method")
-        if method and family_of(method).reads_hidden_states:
-            # every prompt position needs its features: the prompt must run through the target
-            kwargs["enable_prefix_caching"] = False
-    kwargs.update(llm_kwargs or {})
-    llm = LLM(model=target, **kwargs)
-
-    def params(req: Request, max_tokens: int):
-        return VllmSampling(temperature=sampling.temperature, top_k=sampling.top_k,
-                            top_p=sampling.top_p, seed=req.seed, max_tokens=max_tokens,
-                            stop=list(req.stop) or None, ignore_eos=ignore_eos)
-
-    prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+    session = VllmSession(target, longest, speculative_config, additional_config, llm_kwargs)
     if warmup:  # first-call costs (allocation, lazy init at every batch row) stay untimed
-        llm.generate(prompts, [params(r, 8) for r in requests], use_tqdm=False)
-    walls = []
-    for _ in range(max(1, repeats)):
-        before = _spec_counters(llm.get_metrics())
-        start = time.perf_counter()
-        results = llm.generate(prompts, [params(r, r.max_new_tokens) for r in requests],
-                               use_tqdm=False)
-        walls.append(time.perf_counter() - start)
-        after = _spec_counters(llm.get_metrics())
-    wall = sorted(walls)[len(walls) // 2]
-    outputs = [_to_output(req, res) for req, res in zip(requests, results)]
-    return outputs, _stats(outputs, {k: after[k] - before[k] for k in after}, wall)
+        session.generate(requests, sampling, ignore_eos, max_tokens=8)
+    runs = [session.generate(requests, sampling, ignore_eos) for _ in range(max(1, repeats))]
+    outputs, stats = runs[-1]
+    stats.wall_time_s = sorted(s.wall_time_s for _, s in runs)[len(runs) // 2]
+    stats.timing_ms["other"] = stats.wall_time_s * 1e3
+    return outputs, stats
 
 
 def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
@@ -164,23 +180,61 @@ def _round_up(n: int, k: int) -> int:
 
 
 # -- subprocess entry -------------------------------------------------------------------------
-def run_job(job: dict) -> dict:
-    """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts."""
+def _requests_of(job: dict) -> list[Request]:
     seeds = job.get("seeds") or [job.get("seed")] * len(job["prompt_ids"])
-    reqs = [Request(list(p), int(job["max_new_tokens"]), seed=s)
+    return [Request(list(p), int(job["max_new_tokens"]), seed=s)
             for p, s in zip(job["prompt_ids"], seeds)]
+
+
+def _engine_settings(job: dict) -> tuple[dict | None, dict]:
     spec, extra = job.get("speculative_config"), {}
     if "specplug" in job:
         s = job["specplug"]
         spec, extra = speculative_settings(s["method"], s.get("path"), s.get("options"),
                                            int(s["num_draft_tokens"]), bool(s.get("via_plugin")))
+    return spec, extra
+
+
+def _result(outputs: list[RequestOutput], stats: SpecStats) -> dict:
+    return {"summary": stats.summary(),
+            "requests": [{"output_token_ids": o.output_token_ids, "accept_lengths": o.accept_lengths,
+                          "finish_reason": o.finish_reason} for o in outputs]}
+
+
+def run_job(job: dict) -> dict:
+    """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts."""
+    reqs = _requests_of(job)
+    spec, extra = _engine_settings(job)
     outputs, stats = run_vllm_requests(
         job["target"], reqs, spec, extra, SamplingParams(float(job.get("temperature", 0.0))),
         ignore_eos=bool(job.get("ignore_eos", False)), llm_kwargs=job.get("llm_kwargs"),
         warmup=bool(job.get("warmup", False)), repeats=int(job.get("repeats", 1)))
-    return {"summary": stats.summary(),
-            "requests": [{"output_token_ids": o.output_token_ids, "accept_lengths": o.accept_lengths,
-                          "finish_reason": o.finish_reason} for o in outputs]}
+    return _result(outputs, stats)
+
+
+class _JobSession:
+    """`--session`: open = a job without prompts plus "longest"; run = {"prompt_ids",
+    "max_new_tokens", "seeds" | "seed", "temperature", "ignore_eos", "max_tokens"}."""
+
+    def __init__(self, job: dict):
+        spec, extra = _engine_settings(job)
+        self.session = VllmSession(job["target"], int(job["longest"]), spec, extra,
+                                   job.get("llm_kwargs"))
+
+    def environment(self) -> dict:
+        import torch
+        import vllm
+        return {"versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+                "threads": {"torch": torch.get_num_threads()}}
+
+    def run(self, batch: dict) -> dict:
+        outputs, stats = self.session.generate(
+            _requests_of(batch), SamplingParams(float(batch.get("temperature", 0.0))),
+            bool(batch.get("ignore_eos", False)), batch.get("max_tokens"))
+        return _result(outputs, stats)
+
+    def close(self) -> None:
+        del self.session
 
 
 def _freeze_vllm_import() -> None:
@@ -193,7 +247,8 @@ def _freeze_vllm_import() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job_files(argv, "specplug.integrations.vllm.generate", run_job, _freeze_vllm_import)
+    return run_job_files(argv, "specplug.integrations.vllm.generate", run_job, _freeze_vllm_import,
+                         _JobSession)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def draft_run(tiny_models, tmp_path_factory):
     argv = ["--suite", _prompt_file(tmp), "--target", tiny_models["target"],
             "--drafter", tiny_models["draft"], "--turns", "2", "--max-new-tokens", "16",
             "--batch-size", "2", "--gamma", "3", "--dtype", "float64", "--output", str(out),
-            "--no-progress", "--name", "tiny_draft"]
+            "--no-progress", "--name", "tiny_draft", "--repeats", "2"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(argv)
@@ -57,14 +57,21 @@ def test_run_writes_the_stats_schema_with_the_baseline_in_the_same_run(draft_run
         assert [(r["id"], r["turn"]) for r in arm["requests"]] == \
                [(r["id"], r["turn"]) for r in base["requests"]]
         assert [r["prompt"] for r in arm["requests"]] == [r["prompt"] for r in base["requests"]]
-        assert arm["summary"]["num_prompts"] == 5
-    # the speedup is a ratio of two arms of this run
-    assert spec["speedup"] == pytest.approx(
-        spec["summary"]["tokens_per_second"] / base["summary"]["tokens_per_second"], rel=1e-3)
+        # the summary pools both repetitions; the request records are the first one's
+        assert arm["summary"]["num_prompts"] == 10 and len(arm["requests"]) == 5
+        assert len(arm["tokens_per_second_per_rep"]) == 2
+    spread = spec["speedup_spread"]
+    assert len(spread["per_rep"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert spec["speedup"] == spread["median"] and run["speedup_spread"] == spread
+    # each repetition's speedup is a ratio of two arms of that repetition
+    assert spread["per_rep"] == pytest.approx(
+        [a / b for a, b in zip(spec["tokens_per_second_per_rep"],
+                               base["tokens_per_second_per_rep"])], rel=1e-3)
     hf_assisted = run["arms"][4]
     assert spec["hf_equivalent"] == "hf/assisted"
-    assert spec["speedup_vs_hf_equivalent"] == pytest.approx(
-        spec["summary"]["tokens_per_second"] / hf_assisted["summary"]["tokens_per_second"], rel=1e-3)
+    assert spec["speedup_vs_hf_equivalent_spread"]["per_rep"] == pytest.approx(
+        [a / b for a, b in zip(spec["tokens_per_second_per_rep"],
+                               hf_assisted["tokens_per_second_per_rep"])], rel=1e-3)
     # greedy float64: every arm's tokens equal its engine's plain run, and the engines agree
     assert all(a.get("matches_baseline", 5) == 5 for a in run["arms"])
     assert [r["output_token_ids"] for r in base["requests"]] == \
@@ -142,37 +149,41 @@ def test_compare_adds_drafter_arms_to_the_same_run(tiny_models, tmp_path, capsys
 
 
 def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path, monkeypatch):
-    """A stand-in run_sglang built on the embedded engine: the switch calls it for the baseline
-    (drafter=None) and for the drafter, each with the whole phase."""
+    """A stand-in run_fake built on the embedded engine: the switch calls it block by block for
+    the baseline (drafter=None) and for the drafter, alternating."""
+    from specplug.benchmarks.runner import BenchConfig, run_bench
     from specplug.drafters.base import build_drafter
     from specplug.engine.embedded import EmbeddedEngine
     from specplug.models.loading import load_causal_lm, load_tokenizer, target_info
     import torch
     calls = []
 
-    def run_sglang(target, requests, drafter, num_draft_tokens, sampling, batch_size):
+    def run_fake(target, requests, drafter, num_draft_tokens, sampling, batch_size):
         calls.append((drafter.method if drafter else None, len(requests)))
         model = load_causal_lm(target, dtype=torch.float64)
         tok = load_tokenizer(target)
         d = build_drafter(drafter, target_info(model, tok)) if drafter else None
         return EmbeddedEngine(model, tok, d, num_draft_tokens, sampling).generate(requests, batch_size)
 
-    mod = types.ModuleType("fake_sglang_generate")
-    mod.run_sglang = run_sglang
-    monkeypatch.setitem(sys.modules, "fake_sglang_generate", mod)
-    monkeypatch.setitem(engines._EXTRAS, "sglang", ("fake_sglang_generate", "run_sglang"))
-    out = tmp_path / "r"
-    assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
-                 "--engine", "sglang", "--no-anchors", "--max-new-tokens", "10", "--dtype", "float64",
-                 "--output", str(out), "--no-progress", "--name", "ext"]) == 0
-    assert calls == [(None, 3), ("ngram", 3)]
-    run = json.loads((out / "ext.json").read_text())
-    assert [a["label"] for a in run["arms"]] == ["sglang/none", "sglang/ngram"]
+    mod = types.ModuleType("fake_engine_generate")
+    mod.run_fake = run_fake
+    monkeypatch.setitem(sys.modules, "fake_engine_generate", mod)
+    monkeypatch.setitem(engines._EXTRAS, "fake", ("fake_engine_generate", "run_fake"))
+    run = run_bench(BenchConfig(suite="mtbench", target=tiny_models["target"], engine="fake",
+                                anchors=False, num_prompts=3, max_new_tokens=10, dtype="float64",
+                                repeats=1, block=2), progress=False, log=lambda *a: None)
+    # warm-up block, then blocks of 2 and 1 with the arms' order rotating
+    assert calls == [(None, 2), ("ngram", 2), (None, 2), ("ngram", 2), ("ngram", 1), (None, 1)]
+    assert [a["label"] for a in run["arms"]] == ["fake/none", "fake/ngram"]
     assert run["arms"][1]["matches_baseline"] == 3 and run["summary"]["num_prompts"] == 3
 
 
 def test_errors_are_one_line_and_write_nothing(tiny_models, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(engines._EXTRAS, "sglang", ("specplug_missing_module.generate", "run_sglang"))
+    monkeypatch.setenv("SPECPLUG_SGLANG_PYTHON", str(tmp_path / "no-python"))
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sglang" else find_spec(name, *a))
     out = tmp_path / "none"
     base = ["--target", tiny_models["target"], "--output", str(out), "--no-progress",
             "--num-prompts", "1", "--max-new-tokens", "4"]

@@ -18,7 +18,7 @@ def results(tiny_models, tmp_path_factory):
         assert main(["--suite", "mtbench", "--num-prompts", "12", "--target", tiny_models["target"],
                      "--drafter", "ngram", "--max-new-tokens", "12", "--gamma", "3",
                      "--dtype", "float64", "--output", str(out), "--no-progress",
-                     "--name", "tiny_ngram"]) == 0
+                     "--name", "tiny_ngram", "--repeats", "2"]) == 0
     return out, printed.getvalue()
 
 
@@ -63,12 +63,17 @@ def test_table_numbers_come_from_the_json(results):
     spec = next(a for a in run["arms"] if a["label"] == "embedded/ngram")
     row = rows["embedded/ngram"]
     assert row[4] == f"{spec['summary']['tokens_per_second']:.2f}"
-    assert row[5] == f"{spec['speedup']:.3f}×"
-    assert row[6] == f"{spec['speedup_vs_hf_equivalent']:.3f}× (hf/prompt_lookup)"
+    sp, hf = spec["speedup_spread"], spec["speedup_vs_hf_equivalent_spread"]
+    assert row[2] == "12 ×2"
+    assert row[5] == f"{sp['median']:.3f}× ({sp['min']:.3f}–{sp['max']:.3f}, 2 reps)"
+    assert row[6] == f"{hf['median']:.3f}× ({hf['min']:.3f}–{hf['max']:.3f}, 2 reps) (hf/prompt_lookup)"
     assert row[7] == f"{spec['summary']['mean_accept_length']:.3f}"
     assert row[10].rstrip(" |") == "12/12"
     assert rows["hf/none"][6] == "–"  # a plain arm has no drafter to compare
     assert len(rows) == 4
+    # a run saved before repetitions existed reads as one run
+    old = dict(spec, speedup_spread=None)
+    assert report_mod.spread_text(old["speedup"], old["speedup_spread"]).endswith("× (1 run)")
 
 
 def test_report_errors_are_clear(tmp_path, capsys):

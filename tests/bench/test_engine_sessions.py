@@ -1,0 +1,131 @@
+"""Engine sessions (specplug/jobfile.py): one engine process per arm, alive for the whole run, so
+engine arms alternate block by block.  A fake engine module stands in for SGLang: it speaks the
+SGLang session's batch format over the embedded engine, and logs every open and run."""
+import contextlib
+import io
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from specplug.benchmarks import engines
+from specplug.benchmarks.cli import main
+from specplug.jobfile import SessionClient
+
+FAKE_ENGINE = textwrap.dedent('''
+    """Fake engine session: SGLang's batch format over the embedded engine."""
+    import os
+    import sys
+
+    import torch
+
+    from specplug.drafters.base import DrafterSpec, build_drafter
+    from specplug.engine.embedded import EmbeddedEngine
+    from specplug.engine.rows import Request
+    from specplug.jobfile import run_job_files
+    from specplug.models.loading import load_causal_lm, load_tokenizer, target_info
+    from specplug.types import SamplingParams
+
+    LOG = os.environ["FAKE_ENGINE_LOG"]
+
+
+    def note(text):
+        with open(LOG, "a") as f:
+            f.write(text + "\\n")
+
+
+    class Session:
+        def __init__(self, job):
+            algo = job["spec"].get("speculative_algorithm")
+            self.name = algo or "plain"
+            note(f"open {self.name} {os.getpid()}")
+            model = load_causal_lm(job["target"], dtype=torch.float64)
+            tok = load_tokenizer(job["target"])
+            drafter = build_drafter(DrafterSpec("ngram"), target_info(model, tok)) if algo else None
+            gamma = job["spec"].get("speculative_num_steps", 1)
+            self.engine = EmbeddedEngine(model, tok, drafter, gamma, SamplingParams())
+
+        def environment(self):
+            return {"versions": {"fake": "1"}, "pid": os.getpid(), "cpu_standins": True}
+
+        def run(self, batch):
+            if batch.get("crash"):
+                os._exit(3)
+            if batch.get("fail"):
+                raise ValueError("asked to fail")
+            note(f"run {self.name} {os.getpid()} {len(batch['requests'])}")
+            reqs = [Request(r["prompt_ids"], min(r["max_new_tokens"], batch.get("max_tokens") or
+                                                 r["max_new_tokens"])) for r in batch["requests"]]
+            outs, stats = self.engine.generate(reqs, len(reqs))
+            return {"outputs": [o.__dict__ for o in outs], "stats": dict(stats.__dict__)}
+
+        def close(self):
+            note(f"close {self.name}")
+
+
+    if __name__ == "__main__":
+        sys.exit(run_job_files(None, "fake_engine", None, open_session=Session))
+''')
+
+
+@pytest.fixture
+def fake_engine(tmp_path, monkeypatch):
+    (tmp_path / "fake_engine.py").write_text(FAKE_ENGINE)
+    log = tmp_path / "engine.log"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(log))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")  # no SGLang CPU stand-ins for the fake
+    monkeypatch.setitem(engines.SESSION_MODULES, "sglang", "fake_engine")
+    monkeypatch.setattr(engines, "_sglang_python", lambda: sys.executable)
+    return log
+
+
+def test_session_serves_many_batches_and_reports_failures(fake_engine, tiny_models, tmp_path):
+    client = SessionClient(sys.executable, "fake_engine", dict(os.environ), str(tmp_path / "s.log"))
+    try:
+        ready = client.call({"open": {"target": tiny_models["target"], "spec": {}}}, timeout=300)
+        assert ready["ready"] and ready["environment"]["pid"] == client.proc.pid
+        batch = {"requests": [{"prompt_ids": [1, 2, 3], "max_new_tokens": 4}]}
+        first = client.call({"run": batch})
+        assert client.call({"run": batch})["outputs"] == first["outputs"]
+        # an exception is answered, and the engine keeps serving
+        with pytest.raises(RuntimeError, match="ValueError: asked to fail"):
+            client.call({"run": dict(batch, fail=True)})
+        assert client.call({"run": batch})["outputs"] == first["outputs"]
+        # a dead engine is reported with its log, not waited for
+        with pytest.raises(RuntimeError, match="engine session died"):
+            client.call({"run": dict(batch, crash=True)}, timeout=60)
+    finally:
+        client.close()
+    log = fake_engine.read_text().splitlines()
+    assert log[0] == f"open plain {client.proc.pid}" and len(log) == 4  # open + 3 runs
+
+
+def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_path):
+    out = tmp_path / "r"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
+                     "--engine", "sglang", "--no-anchors", "--max-new-tokens", "8",
+                     "--dtype", "float64", "--repeats", "2", "--output", str(out),
+                     "--no-progress", "--name", "sess"]) == 0
+    log = [ln.split() for ln in fake_engine.read_text().splitlines()]
+    opens = [ln for ln in log if ln[0] == "open"]
+    # one engine per arm for the whole run: warm-up + 3 blocks x 2 repetitions on each
+    assert sorted(o[1] for o in opens) == ["SPECPLUG_NGRAM", "plain"] or len(opens) == 2
+    pids = {o[1]: o[2] for o in opens}
+    runs = [ln for ln in log if ln[0] == "run"]
+    assert len(runs) == 2 * (1 + 3 * 2)
+    assert all(r[2] == pids[r[1]] for r in runs)
+    # the arms take turns block by block, the first arm rotating
+    order = [r[1] for r in runs]
+    assert order[:2] == ["plain", opens[1][1]] and order[2:4] == ["plain", opens[1][1]]
+    assert order[4:6] == [opens[1][1], "plain"]
+    assert [ln[0] for ln in log[-2:]] == ["close", "close"]
+    run = json.loads((out / "sess.json").read_text())
+    assert [a["label"] for a in run["arms"]] == ["sglang/none", "sglang/ngram"]
+    assert run["arms"][1]["matches_baseline"] == 3
+    assert run["environment"]["cpu_standins"] is True
+    assert run["environment"]["engines"]["sglang/ngram"]["versions"] == {"fake": "1"}
+    assert len(run["speedup_spread"]["per_rep"]) == 2
