@@ -34,6 +34,25 @@ models: $(BIN)/.installed
 demo: models
 	$(BIN)/python -m specplug.demo
 
+# The engine benchmarks (benchmarks/README.md): MT-Bench's 80 questions on every engine at batch 1
+# and 10, plain against specplug's suffix drafter (through each engine's plugin), arms taking
+# turns block by block, 3 repetitions; then every generated table in the READMEs.  float32: on
+# CPUs without bf16 instructions bf16 is several times slower and says nothing about speculation.
+# BENCH_ENGINES / BENCH_BATCHES / BENCH_ARGS narrow or change it.
+BENCH_ENGINES ?= embedded vllm sglang
+BENCH_BATCHES ?= 1 10
+BENCH_ARGS ?= --suite mtbench --method suffix --max-new-tokens 32 --dtype float32 --repeats 3 \
+	--no-anchors --no-progress
+bench: models
+	test "$(strip $(BENCH_ENGINES))" = embedded || $(MAKE) engines
+	M=$$($(BIN)/specplug models prepare smollm2 | tail -1) && \
+	for e in $(BENCH_ENGINES); do for b in $(BENCH_BATCHES); do \
+	  OMP_NUM_THREADS=1 $(BIN)/specplug bench $(BENCH_ARGS) --target $$M --engine $$e \
+	    --batch-size $$b --output benchmarks/results --name mtbench80_$${e}_suffix_fp32_b$$b \
+	    || exit 1; \
+	done; done
+	$(BIN)/specplug bench report benchmarks/results
+
 # Rebuild the shipped trained drafters from scratch (CPU; see specplug/assets/drafters/README.md).
 drafters: $(BIN)/.installed models
 	OMP_NUM_THREADS=2 $(BIN)/python -m specplug.training.cli rebuild-all

@@ -64,8 +64,9 @@ def _report_parser() -> argparse.ArgumentParser:
                                 description="Rebuild the results table and plots from saved JSON.")
     p.add_argument("dir", help="folder holding bench JSON files")
     p.add_argument("--readme", default=None,
-                   help="markdown file whose results section is rewritten "
-                        "(default: benchmarks/README.md)")
+                   help="markdown file whose results section is rewritten (default: "
+                        "benchmarks/README.md, and the generated blocks of README.md and "
+                        "integrations/vllm/README.md too)")
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -138,16 +139,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_main(argv: list[str]) -> int:
     args = _report_parser().parse_args(argv)
-    from .report import DEFAULT_README, ReportError, report
+    from .report import DEFAULT_README, DOC_BLOCKS, ReportError, report
     try:
-        out = report(args.dir, args.readme or DEFAULT_README, plots=not args.no_plots)
+        # an explicit --readme writes that file alone; the default rebuilds the repo's docs
+        out = report(args.dir, args.readme or DEFAULT_README, plots=not args.no_plots,
+                     docs=None if args.readme else DOC_BLOCKS)
     except (ReportError, OSError, KeyError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         print(f"specplug bench report: error: {msg}", file=sys.stderr)
         return 2
     print(out["table"])
     print(f"{len(out['runs'])} runs, {len(out['plots'])} plots; table written to "
-          f"{args.readme or DEFAULT_README}")
+          f"{args.readme or DEFAULT_README}" + "".join(f", {d}" for d in out["docs"]))
     return 0
 
 

@@ -71,7 +71,7 @@ def environment() -> dict:
                     "cpu_count": os.cpu_count()},
         "device": {"type": "cuda" if torch.cuda.is_available() else "cpu",
                    "cpu": _cpu_name(), "cpu_family_model": _cpu_field(("cpu family", "model")),
-                   "cpu_vector_flags": _vector_flags(), "platform": platform.platform()},
+                   "cpu_vector_flags": cpu_vector_flags(), "platform": platform.platform()},
     }
 
 
@@ -89,7 +89,7 @@ def _cpu_field(keys: tuple[str, ...]) -> str:
     return "/".join(found.get(k, "?") for k in keys)
 
 
-def _vector_flags() -> list[str]:
+def cpu_vector_flags() -> list[str]:
     """The vector extensions CPU matmuls depend on (bf16 runs several times slower without
     avx512_bf16 / amx_bf16, so numbers from different hosts compare only with these alike)."""
     try:

@@ -86,3 +86,32 @@ def test_report_errors_are_clear(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--readme", str(tmp_path / "R.md")]) == 2
     assert "broken.json: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "R.md").exists()
+
+
+def test_report_fills_the_generated_blocks_of_other_docs(results, tmp_path):
+    import shutil
+    out, _ = results
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(out, runs_dir)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copy(os.path.join(repo, "benchmarks", "results", "vllm_compare_tiny.json"), runs_dir)
+    docs = {}
+    for name in ("headline", "vllm-compare"):
+        begin, end = report_mod.markers(name)
+        doc = tmp_path / f"{name}.md"
+        doc.write_text(f"intro\n\n{begin}\nstale 9.99x\n{end}\n\noutro\n")
+        docs[str(doc)] = name
+    with contextlib.redirect_stdout(io.StringIO()):
+        report_mod.report(str(runs_dir), str(tmp_path / "R.md"), plots=False, docs=docs)
+    head = (tmp_path / "headline.md").read_text()
+    assert head.startswith("intro\n\n") and head.endswith("\n\noutro\n") and "9.99x" not in head
+    spec = next(a for a in json.loads((out / "tiny_ngram.json").read_text())["arms"]
+                if a["label"] == "embedded/ngram")
+    sp = spec["speedup_spread"]
+    assert f"| embedded/ngram | {sp['median']:.3f}× ({sp['min']:.3f}–{sp['max']:.3f}, 2 reps) |" in head
+    compare = json.loads((runs_dir / "vllm_compare_tiny.json").read_text())
+    vllm_doc = (tmp_path / "vllm-compare.md").read_text()
+    draft = compare["pairs"]["draft"]
+    assert (f"| vllm_compare_tiny.json | draft | {compare['no_spec']['tokens_per_second']:.1f} | "
+            f"{draft['specplug']['tokens_per_second']:.1f} | {draft['vllm']['tokens_per_second']:.1f}"
+            f" | {draft['tokens_per_second_ratio']:.2f}× |") in vllm_doc
