@@ -42,6 +42,15 @@ def draft_cost(spec_summary: dict, base_summary: dict, gamma: int) -> float:
     return spec_summary["timing_ms"].get("draft", 0.0) / steps / gamma / base_step
 
 
+def spread(per_rep: list[float]) -> dict:
+    """min/median/max of one ratio over a run's repetitions, and the values in run order."""
+    ordered = sorted(per_rep)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"min": round(ordered[0], 4), "median": round(median, 4), "max": round(ordered[-1], 4),
+            "per_rep": [round(x, 4) for x in per_rep]}
+
+
 def tau_per_category(requests: list[dict]) -> dict[str, float]:
     """Mean accept length over all verify steps of each category's requests."""
     steps: dict[str, list[int]] = defaultdict(list)

@@ -202,7 +202,8 @@ def vllm_compare_table(directory: str) -> str:
             lines.append("| " + " | ".join([
                 os.path.basename(path), name, _fmt(run["no_spec"]["tokens_per_second"], ".1f"),
                 _fmt(sp["tokens_per_second"], ".1f"), _fmt(vl["tokens_per_second"], ".1f"),
-                _fmt(pair["tokens_per_second_ratio"], ".2f", "×"),
+                spread_text(pair["tokens_per_second_ratio"],
+                            pair.get("tokens_per_second_ratio_spread")),
                 f"{sp['tau']:.2f} / {vl['tau']:.2f}", f"{sp['num_drafts']} / {vl['num_drafts']}",
                 f"{load.get('start', '?')}–{load.get('end', '?')}"]) + " |")
     return "\n".join(lines)

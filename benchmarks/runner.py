@@ -270,13 +270,7 @@ def _speedups(st: _ArmState, base: _ArmState | None) -> dict | None:
         return None
     per_rep = [a.tokens_per_second / b.tokens_per_second
                for a, b in zip(st.rep_stats, base.rep_stats) if b.tokens_per_second]
-    if not per_rep:
-        return None
-    ordered = sorted(per_rep)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return {"min": round(ordered[0], 4), "median": round(median, 4), "max": round(ordered[-1], 4),
-            "per_rep": [round(x, 4) for x in per_rep]}
+    return metrics.spread(per_rep) if per_rep else None
 
 
 def write_json(result: dict, out_dir: str) -> str:

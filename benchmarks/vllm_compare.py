@@ -6,10 +6,12 @@ built-in method, plus vLLM without speculation.  Tokens/s ratio and tau, written
     python -m specplug.benchmarks.vllm_compare --target SMOLLM2 --eagle3 HEAD --mtbench 10 \
         --pairs eagle3 --out benchmarks/results/vllm_compare_smollm2_eagle3.json
 
-Run from the main venv: every engine starts in its own subprocess with the vLLM venv's Python
-(integrations/vllm/install_cpu.sh; SPECPLUG_VLLM_PYTHON overrides).  Greedy; each engine runs the
-whole batch once untimed (8 tokens a request), then times it --repeats times and reports the
-median.  The load average is recorded beside: on a shared machine, compare ratios from one run.
+Run from the main venv: every engine is an engine session (specplug/jobfile.py) of the vLLM
+venv's Python (integrations/vllm/install_cpu.sh; SPECPLUG_VLLM_PYTHON overrides), all started
+first and kept up.  Greedy; each engine runs the whole batch once untimed (8 tokens a request);
+then every repetition runs the batch once on each engine, the engines taking turns in an order
+that rotates, and each ratio is reported as min/median/max over the repetitions (load drifting
+on a shared machine falls on every engine alike).  The load average is recorded beside.
 Pairs:
   ngram  specplug n-gram (max_ngram N, min 1)      vs  vLLM "ngram" (prompt_lookup_max N, min 1)
   draft  specplug draft model (HF forward in-loop) vs  vLLM "draft_model" (paged, same weights)
@@ -24,8 +26,6 @@ import argparse
 import json
 import os
 import tempfile
-
-from specplug.integrations.vllm.subprocess_job import run_job
 
 
 def pairs(draft: str | None, gamma: int, max_ngram: int, eagle3: tuple[str, str] | None = None
@@ -65,8 +65,7 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
             max_new: int, max_ngram: int, workdir: str, ignore_eos: bool, repeats: int = 3,
             llm_kwargs: dict | None = None, eagle3: str | None = None,
             only: list[str] | None = None) -> dict:
-    base_job = {"target": target, "prompt_ids": prompt_ids, "max_new_tokens": max_new,
-                "ignore_eos": ignore_eos, "warmup": True, "repeats": repeats,
+    base_job = {"target": target, "longest": max(map(len, prompt_ids)) + max_new,
                 "llm_kwargs": {"max_model_len": 512, "enable_prefix_caching": False,
                                **(llm_kwargs or {})}}
     if eagle3:  # engines run in workdir: relative folders would not resolve there
@@ -77,25 +76,31 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
     if unknown:
         raise ValueError(f"--pairs {unknown[0]}: not available here (have {', '.join(todo)}; "
                          "draft needs --draft, eagle3 needs --eagle3)")
+    arms = {"plain": {}}
+    for name, sides in todo.items():
+        if not only or name in only:
+            arms.update({f"{name}-{side}": fields for side, fields in sides.items()})
     load_before = os.getloadavg()
-    plain = run_job(base_job, workdir, "plain")
-    plain_tps = plain["summary"]["tokens_per_second"]
-    plain_ids = [r["output_token_ids"] for r in plain["requests"]]
+    batch = {"prompt_ids": prompt_ids, "max_new_tokens": max_new, "ignore_eos": ignore_eos}
+    runs = _interleaved(arms, base_job, batch, repeats, workdir)
+    plain_ids = [r["output_token_ids"] for r in runs["plain"][0]["requests"]]
     result = {"target": target, "draft": draft, "eagle3": eagle3, "gamma": gamma,
               "max_new_tokens": max_new, "num_prompts": len(prompt_ids), "repeats": repeats,
-              "llm_kwargs": base_job["llm_kwargs"], "no_spec": _brief(plain["summary"]),
+              "llm_kwargs": base_job["llm_kwargs"], "no_spec": _brief(runs["plain"]),
               "pairs": {}}
-    for name, sides in todo.items():
+    for name in todo:
         if only and name not in only:
             continue
         row = {}
-        for side, fields in sides.items():
-            res = run_job({**base_job, **fields}, workdir, f"{name}-{side}")
-            row[side] = _brief(res["summary"])
-            row[side]["speedup_vs_no_spec"] = round(res["summary"]["tokens_per_second"] / plain_tps, 3)
-            row[side]["identical_to_no_spec"] = [r["output_token_ids"] for r in res["requests"]] == plain_ids
-        row["tokens_per_second_ratio"] = round(
-            row["specplug"]["tokens_per_second"] / row["vllm"]["tokens_per_second"], 3)
+        for side in ("specplug", "vllm"):
+            got = runs[f"{name}-{side}"]
+            row[side] = _brief(got)
+            row[side]["speedup_vs_no_spec"] = _spread(got, runs["plain"])
+            row[side]["identical_to_no_spec"] = all(
+                [r["output_token_ids"] for r in g["requests"]] == plain_ids for g in got)
+        ratio = _spread(runs[f"{name}-specplug"], runs[f"{name}-vllm"])
+        row["tokens_per_second_ratio"] = ratio["median"]
+        row["tokens_per_second_ratio_spread"] = ratio
         row["tau_ratio"] = round(row["specplug"]["tau"] / row["vllm"]["tau"], 3)
         result["pairs"][name] = row
     result["load_average_1min"] = {"start": round(load_before[0], 2),
@@ -103,9 +108,44 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
     return result
 
 
-def _brief(summary: dict) -> dict:
+def _interleaved(arms: dict[str, dict], base_job: dict, batch: dict, repeats: int,
+                 workdir: str) -> dict[str, list[dict]]:
+    """arm -> one result per repetition: every engine up at once, a warm-up each, then the
+    engines take turns, the first one rotating every repetition."""
+    from specplug.integrations.vllm.subprocess_job import vllm_env, vllm_python
+    from specplug.jobfile import SessionClient
+    clients = {}
+    try:
+        for name, fields in arms.items():
+            clients[name] = SessionClient(vllm_python(), "specplug.integrations.vllm.generate",
+                                          vllm_env(False), os.path.join(workdir, f"{name}.log"),
+                                          cwd=workdir)
+            clients[name].call({"open": {**base_job, **fields}}, timeout=1800)
+            clients[name].call({"run": dict(batch, max_tokens=8)})
+        names = list(arms)
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        for rep in range(repeats):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                runs[name].append(clients[name].call({"run": batch}))
+        return runs
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _spread(runs: list[dict], base: list[dict]) -> dict:
+    """tokens/s(runs) / tokens/s(base) per repetition -> min/median/max."""
+    from .metrics import spread
+    return spread([a["summary"]["tokens_per_second"] / b["summary"]["tokens_per_second"]
+                   for a, b in zip(runs, base)])
+
+
+def _brief(runs: list[dict]) -> dict:
+    """The repetitions' median tokens/s and the counters (equal in every greedy repetition)."""
+    summary = runs[0]["summary"]
     drafts = summary["num_drafts"]
-    return {"tokens_per_second": summary["tokens_per_second"],
+    rates = sorted(r["summary"]["tokens_per_second"] for r in runs)
+    return {"tokens_per_second": rates[len(rates) // 2],
             # tau over verify steps that carried drafts, as vLLM reports it (includes the bonus)
             "tau": round(1 + summary["num_accepted_tokens"] / drafts, 4) if drafts else 1.0,
             "tau_all_steps": summary["mean_accept_length"],
@@ -158,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-ngram", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median kept)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repetitions; every engine runs the batch once in each")
     p.add_argument("--out", required=True, help="JSON output path")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
