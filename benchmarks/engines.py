@@ -293,7 +293,7 @@ def _sglang_arms(t: BenchTarget) -> list[Arm]:
                 "top_k": t.sampling.top_k}
 
     def from_result(got: dict, reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
-        stats.merge(SpecStats(**got["stats"]))
+        stats.merge(SpecStats.from_dict(got["stats"]))
         return [RequestOutput(**o) for o in got["outputs"]]
 
     return _session_arms("sglang", t, _sglang_python(), SESSION_MODULES["sglang"],

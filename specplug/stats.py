@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 TIMING_KEYS = ("prefill", "draft", "verify", "sample", "cache", "other")
 
@@ -39,6 +39,22 @@ class SpecStats:
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
         self.accept_lengths.append(num_accepted + 1)
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready: what an engine subprocess sends back (from_dict reads it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SpecStats":
+        """The inverse of to_dict; unknown keys (from a newer writer) are an error, not lost."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SpecStats.from_dict: unknown fields {unknown}")
+        out = cls(**{k: v for k, v in data.items()})
+        out.accept_lengths, out.budgets = list(out.accept_lengths), list(out.budgets)
+        out.timing_ms = dict(out.timing_ms)
+        return out
 
     def merge(self, other: "SpecStats") -> None:
         """Add another run's stats (one block of a benchmark arm, one engine call) into these."""

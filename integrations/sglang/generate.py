@@ -143,7 +143,7 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
     # on CPU the stand-ins must be on PYTHONPATH from interpreter start: a fresh process
     result = run_job_subprocess(job, python=sys.executable if here else None)
     outputs = [RequestOutput(**o) for o in result["outputs"]]
-    stats = SpecStats(**{k: v for k, v in result["stats"].items()})
+    stats = SpecStats.from_dict(result["stats"])
     return outputs, stats
 
 
@@ -250,7 +250,7 @@ def _sampling_of(job: dict) -> SamplingParams:
 
 
 def _result(outputs: list[RequestOutput], stats: SpecStats) -> dict:
-    return {"outputs": [o.__dict__ for o in outputs], "stats": dict(stats.__dict__),
+    return {"outputs": [o.__dict__ for o in outputs], "stats": stats.to_dict(),
             "summary": stats.summary()}
 
 
