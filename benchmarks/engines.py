@@ -255,7 +255,8 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
                "llm_kwargs": {"dtype": dtype, "max_num_seqs": t.batch_size}}
         if drafter is not None:
             job["specplug"] = {"method": drafter.method, "path": drafter.path,
-                               "options": dict(drafter.options), "num_draft_tokens": t.gamma}
+                               "options": dict(drafter.options), "num_draft_tokens": t.gamma,
+                               "budget": t.budget == "on"}
         return job
 
     def to_batch(reqs: list[Request]) -> dict:
@@ -263,9 +264,13 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
                 "max_new_tokens": max(r.max_new_tokens for r in reqs),
                 "seeds": [r.seed for r in reqs], "temperature": t.sampling.temperature}
 
-    return _session_arms("vllm", t, _vllm_python(), SESSION_MODULES["vllm"],
+    arms = _session_arms("vllm", t, _vllm_python(), SESSION_MODULES["vllm"],
                          lambda drafter: vllm_env(False), open_for, to_batch,
                          lambda got, reqs, stats: _from_job(got, reqs, t.tokenizer, stats))
+    for arm in arms[1:]:  # the budget runs inside the plugin (integrations/vllm/proposer.py)
+        arm.settings["budget"] = t.budget == "on"
+        arm.label += "/budget" if t.budget == "on" else ""
+    return arms
 
 
 def _sglang_arms(t: BenchTarget) -> list[Arm]:

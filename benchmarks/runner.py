@@ -93,6 +93,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         raise ValueError(f"arm labels must differ, got {labels}: name them LABEL:METHOD")
     if cfg.block < 0:
         raise ValueError(f"--block must be >= 0, got {cfg.block}")
+    if cfg.budget not in ("on", "off", "both"):
+        raise ValueError(f"--budget must be on, off or both, got {cfg.budget!r}")
+    if cfg.budget != "off" and cfg.engine not in ("embedded", "vllm"):
+        raise ValueError(f"--budget {cfg.budget}: the budget runs in the embedded engine and "
+                         f"vLLM, not in {cfg.engine}")
+    if cfg.budget == "both" and cfg.engine != "embedded":
+        raise ValueError("--budget both runs two embedded arms: use on or off with --engine "
+                         f"{cfg.engine}")
     if cfg.compare and cfg.engine != "embedded":
         raise ValueError("--compare adds embedded arms: use it with --engine embedded")
     hf_logging.disable_progress_bar()  # the bench has its own bar

@@ -15,7 +15,10 @@ Speculation pays only while a draft token's expected gain beats its cost.  Per e
 
 Exploration: a row that gets no drafts learns nothing new, so after `explore_every` steps in
 which nobody drafted, one row (in turn) gets a single draft token: the estimates stay fresh at a
-cost of one verify token every few steps.
+cost of one verify token every few steps.  The other way round, a drafter that always proposes
+its whole chain feeds every verify the same token count, from which the per-token cost b cannot
+be told apart from the fixed cost a; until the counts differ, every `explore_every`-th step
+drafts nothing, which measures the other end of the line.
 
 Worked example: a = 40, b = 0.5, d = 0.3, one row, alpha 0.6: E/T starts at 1 / 40.5; a first
 token gains 0.6 for 0.8 ms (0.75 per ms): take it (E/T = 1.6 / 41.3); the fifth gains
@@ -45,6 +48,12 @@ class LinearCost:
     def seen(self) -> bool:
         return self._sums[0] > 0
 
+    @property
+    def has_spread(self) -> bool:
+        """Whether the steps seen fed different token counts (else b cannot be told from a)."""
+        w, sn, _, snn, _ = self._sums
+        return w > 0 and snn / w - (sn / w) ** 2 > 1e-9 * max(1.0, (sn / w) ** 2)
+
     def coefficients(self) -> tuple[float, float]:
         """(a, b): fixed and per-token ms.  Without spread in N yet, the step's whole time is
         taken as fixed cost (drafting then looks cheap, so the engine explores)."""
@@ -52,7 +61,7 @@ class LinearCost:
         if w == 0:
             return 0.0, 0.0
         var = snn / w - (sn / w) ** 2
-        if var <= 1e-9 * max(1.0, (sn / w) ** 2):
+        if not self.has_spread:
             return st / w, 0.0
         b = max(0.0, (snt / w - (sn / w) * (st / w)) / var)
         a = max(0.0, st / w - b * sn / w)
@@ -72,6 +81,7 @@ class SpeculationBudget:
     _all: list = field(default_factory=lambda: [0.0, 0.0])
     _idle_steps: int = 0
     _probe: int = 0
+    _flat_steps: int = 0
 
     def acceptance(self, row_id) -> float:
         acc, tried = self._rows.get(row_id, self._all)
@@ -89,6 +99,13 @@ class SpeculationBudget:
         step_cost = b + self.draft_ms_per_token
         if not self.verify.seen or step_cost <= 0:
             return [self.max_tokens] * len(row_ids)  # nothing measured yet: explore
+        if not self.verify.has_spread:
+            # every step so far fed the same token count (a drafter that always proposes the
+            # whole chain), so a verify token's cost is unknown and would read as free: every
+            # explore_every steps, one step without drafts measures the other end
+            self._flat_steps += 1
+            if self._flat_steps % self.explore_every == 0:
+                return k
         gain = float(len(row_ids))
         time = a + b * len(row_ids)
         best = [(-alpha, i) for i, alpha in enumerate(alphas) if alpha > 0]
@@ -136,3 +153,47 @@ class SpeculationBudget:
     def forget(self, row_ids: list) -> None:
         for r in row_ids:
             self._rows.pop(r, None)
+
+
+class StepBudget:
+    """The budget for an engine that calls the drafter once per decoding step and says only what
+    each row committed (vLLM's custom_class proposer, SGLang's worker): the time from the end of
+    one call to the start of the next is the target's verify step for the tokens handed out.
+
+        limits = steps.begin(row_ids, committed)   # committed: tokens each row got this step
+        ... draft rows with limits[i] > 0, cut each to limits[i] ...
+        steps.end(row_ids, drafted)                # drafted: tokens handed to the engine per row
+
+    A step in which a row arrived (its prompt ran in that forward) is not timed: prefill would
+    read as verify cost.  clock: seconds, injectable for tests."""
+
+    def __init__(self, budget: SpeculationBudget, clock=None):
+        import time
+        self.budget = budget
+        self.clock = clock or time.perf_counter
+        self._drafted: dict = {}  # row id -> tokens handed out at the last call
+        self._fed = 0  # tokens the last step verified: one per row + its drafts
+        self._end: float | None = None
+        self._start = 0.0
+
+    def begin(self, row_ids: list, committed: list[int]) -> list[int]:
+        now = self.clock()
+        known = all(r in self._drafted for r in row_ids)
+        if self._end is not None and known and self._fed:
+            self.budget.observe_verify(self._fed, (now - self._end) * 1e3)
+        for r, n in zip(row_ids, committed):
+            if self._drafted.get(r):
+                self.budget.observe_row(r, self._drafted[r], max(0, n - 1))
+        self._start = now
+        return self.budget.plan(list(row_ids))
+
+    def forget(self, row_ids: list) -> None:
+        """Rows that left the engine: their acceptance history goes with them."""
+        self.budget.forget(row_ids)
+
+    def end(self, row_ids: list, drafted: list[int]) -> None:
+        now = self.clock()
+        self.budget.observe_draft(sum(drafted), (now - self._start) * 1e3)
+        self._drafted = dict(zip(row_ids, drafted))
+        self._fed = len(row_ids) + sum(drafted)
+        self._end = now

@@ -79,7 +79,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="other drafter options")
     p.add_argument("--budget", action="store_true",
                    help="let the automatic speculation budget pick each row's draft length every "
-                        "step (embedded engine; default: gamma every step)")
+                        "step (embedded engine and vLLM; default: gamma every step)")
     p.add_argument("--stats-output", help="write the stats JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 

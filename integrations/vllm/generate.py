@@ -37,20 +37,24 @@ DEFAULT_LLM_KWARGS = {"dtype": "float32", "enforce_eager": True}
 
 
 def speculative_settings(method: str, path: str | None, options: dict | None,
-                         num_draft_tokens: int, via_plugin: bool = False) -> tuple[dict | None, dict]:
+                         num_draft_tokens: int, via_plugin: bool = False, budget: bool = False,
+                         ) -> tuple[dict | None, dict]:
     """(speculative_config, additional_config) that run specplug `method` inside vLLM.
     via_plugin: run eagle / eagle3 / dflash through specplug's own drafter (custom_class)
-    instead of vLLM's implementation of the family; hybrid always runs through the plugin."""
+    instead of vLLM's implementation of the family; hybrid always runs through the plugin.
+    budget: the speculation budget picks each request's draft length (through the plugin)."""
     if method in (None, "none"):
         return None, {}
     # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
     # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer
     native = family_of(method).vllm_method
-    if native and not via_plugin:
+    if native and not via_plugin and not budget:
         if not path:
             raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
         return {"method": native, "model": path, "num_speculative_tokens": num_draft_tokens}, {}
     block = {"method": method, "options": dict(options or {})}
+    if budget:
+        block["budget"] = True
     if path:
         block["path"] = path
     return ({"method": "custom_class", "model": CLASS_PATH,
@@ -134,7 +138,8 @@ def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
     options = dict(cfg.options)
     # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's
     via_plugin = str(options.pop("via_plugin", "0")).lower() in ("1", "true", "yes")
-    spec, extra = speculative_settings(cfg.method, path, options, cfg.gamma, via_plugin)
+    spec, extra = speculative_settings(cfg.method, path, options, cfg.gamma, via_plugin,
+                                       bool(getattr(cfg, "budget", False)))
     # vLLM schedules its own continuous batch; batch_size caps how many run at once
     return run_vllm_requests(cfg.target, requests, spec, extra, cfg.sampling,
                              llm_kwargs={"dtype": cfg.dtype, "max_num_seqs": cfg.batch_size})
@@ -191,7 +196,8 @@ def _engine_settings(job: dict) -> tuple[dict | None, dict]:
     if "specplug" in job:
         s = job["specplug"]
         spec, extra = speculative_settings(s["method"], s.get("path"), s.get("options"),
-                                           int(s["num_draft_tokens"]), bool(s.get("via_plugin")))
+                                           int(s["num_draft_tokens"]), bool(s.get("via_plugin")),
+                                           bool(s.get("budget")))
     return spec, extra
 
 

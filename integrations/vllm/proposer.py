@@ -12,7 +12,11 @@ speculative_config forbids unknown keys:
     LLM(model=target,
         speculative_config={"method": "custom_class", "num_speculative_tokens": 4,
                             "model": "specplug.integrations.vllm.proposer.SpecplugProposer"},
-        additional_config={"specplug": {"method": "draft", "path": "/models/draft"}})
+        additional_config={"specplug": {"method": "draft", "path": "/models/draft",
+                                        "budget": True}})
+With "budget", the speculation budget (specplug/budget.py, StepBudget) picks each request's
+draft length every step, 0 allowed: vLLM schedules per-request lengths, so a shorter or empty
+list is all it takes.
 
 Drafters that read target hidden states (eagle, eagle3, hybrid, ...) are built in
 `load_model(target_model)`, borrowing the target's embedding / lm_head, and get the features of
@@ -25,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from specplug.budget import SpeculationBudget, StepBudget
 from specplug.drafters.base import Drafter, DrafterSpec, build_drafter
 from specplug.types import PAD, DraftInput, DraftProposal
 
@@ -42,10 +47,10 @@ def drafter_spec_from(additional_config) -> DrafterSpec:
         raise ValueError(
             f"custom_class {CLASS_PATH} needs additional_config={{'{CONFIG_KEY}': "
             "{'method': ..., 'path': ..., 'options': {...}}} naming the specplug drafter")
-    unknown = set(block) - {"method", "path", "options"}
+    unknown = set(block) - {"method", "path", "options", "budget"}
     if unknown:
         raise ValueError(f"additional_config['{CONFIG_KEY}'] has unknown keys {sorted(unknown)}; "
-                         "known: method, path, options")
+                         "known: method, path, options, budget")
     return DrafterSpec(str(block["method"]), block.get("path"), dict(block.get("options") or {}))
 
 
@@ -76,6 +81,10 @@ class SpecplugProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         # built in load_model when not given: hidden-state drafters borrow the target's modules
         self.spec = None if drafter is not None else drafter_spec_from(vllm_config.additional_config)
+        block = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
+        self.steps = (StepBudget(SpeculationBudget(self.num_draft_tokens))
+                      if block.get("budget") else None)
+        self.fed_len: dict[int, int] = {}  # specplug row id -> committed length at its last draft
         self.drafter = drafter
         self.requests = RequestRows()
         self.features = None  # TargetFeatures, for drafters that read target hidden states
@@ -119,29 +128,52 @@ class SpecplugProposer:
         if self.features is None:
             row_ids = self.requests.assign(contexts, active)
             forgotten = self.requests.forgotten
-            hidden = starts = None
         else:
-            row_ids, forgotten, hidden, starts = self._rows_with_features(active, contexts)
+            row_ids, forgotten = self._request_rows(active)
         if forgotten:  # requests that left the batch (or stopped drafting)
             drafter.release(forgotten)
+            for r in forgotten:
+                self.fed_len.pop(r, None)
+            if self.steps:
+                self.steps.forget(forgotten)
         drafts: list[list[int]] = [[] for _ in range(num_rows)]
         if not active:
             return drafts
-        inp = DraftInput(
-            row_ids=row_ids,
-            token_ids=[torch.from_numpy(c.astype(np.int64)) for c in contexts],
-            num_draft_tokens=self.num_draft_tokens, hidden_states=hidden, hidden_start=starts,
-            # what each row committed this step (accepted drafts + the bonus token): a row drafts
-            # every step it samples, so this is what it committed since its last call
-            num_new_committed=[len(sampled_token_ids[i]) for i in active])
-        for i, chain in zip(active, proposal_to_lists(drafter.propose(inp))):
-            room = self.max_model_len - int(num_tokens_no_spec[i])
-            drafts[i] = chain[:min(self.num_draft_tokens, room)]
+        # the budget sees what each row committed this step: accepted drafts + the bonus token
+        limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active])
+                  if self.steps else [self.num_draft_tokens] * len(active))
+        chosen = [j for j, k in enumerate(limits) if k > 0]
+        if chosen:
+            proposal = drafter.propose(self._draft_input(
+                [active[j] for j in chosen], [row_ids[j] for j in chosen],
+                [contexts[j] for j in chosen], max(limits[j] for j in chosen)))
+            for j, chain in zip(chosen, proposal_to_lists(proposal)):
+                i = active[j]
+                room = self.max_model_len - int(num_tokens_no_spec[i])
+                drafts[i] = chain[:min(limits[j], room)]
+        if self.steps:
+            self.steps.end(row_ids, [len(drafts[i]) for i in active])
         return drafts
 
-    def _rows_with_features(self, active: list[int], contexts: list[np.ndarray]):
-        """Row ids from vLLM's request ids, and each row's features for committed positions
-        [fed_upto, num_committed - 1) (the last committed token has none yet)."""
+    def _draft_input(self, rows: list[int], row_ids: list[int], contexts: list[np.ndarray],
+                     num_draft_tokens: int) -> DraftInput:
+        """DraftInput for vLLM rows `rows` (specplug ids row_ids, committed tokens contexts)."""
+        hidden = starts = None
+        if self.features is not None:
+            hidden, starts = self._features_for(rows, contexts)
+        # tokens committed since the row's last draft: its accept lengths since then, summed
+        # (a row the budget skipped drafts again with more than one step's worth)
+        new = [len(c) - self.fed_len[r] if r in self.fed_len else len(c)
+               for r, c in zip(row_ids, contexts)]
+        self.fed_len.update((r, len(c)) for r, c in zip(row_ids, contexts))
+        return DraftInput(
+            row_ids=row_ids,
+            token_ids=[torch.from_numpy(c.astype(np.int64)) for c in contexts],
+            num_draft_tokens=num_draft_tokens, hidden_states=hidden, hidden_start=starts,
+            num_new_committed=new)
+
+    def _request_rows(self, active: list[int]) -> tuple[list[int], list[int]]:
+        """Row ids from vLLM's request ids, and the rows of requests vLLM no longer holds."""
         runner = self.features.runner
         req_ids = runner.input_batch.req_ids
         alive = runner.requests  # requests vLLM still holds, scheduled this step or not
@@ -150,15 +182,24 @@ class SpecplugProposer:
         for r in gone:
             self.fed_upto.pop(r, None)
         self.features.drop(gone)
-        row_ids, hidden, starts = [], [], []
-        for i, ctx in zip(active, contexts):
+        row_ids = []
+        for i in active:
             req = req_ids[i]
             if req not in self.row_of_request:
                 self.row_of_request[req] = self._next_row
                 self._next_row += 1
+            row_ids.append(self.row_of_request[req])
+        return row_ids, forgotten
+
+    def _features_for(self, rows: list[int], contexts: list[np.ndarray]):
+        """Each row's features for committed positions [fed_upto, num_committed - 1) (the last
+        committed token has none yet): (hidden, hidden_start)."""
+        req_ids = self.features.runner.input_batch.req_ids
+        hidden, starts = [], []
+        for i, ctx in zip(rows, contexts):
+            req = req_ids[i]
             start, stop = self.fed_upto.get(req, 0), len(ctx) - 1
             hidden.append(self.features.take(req, start, stop))
             starts.append(start)
             self.fed_upto[req] = max(start, stop)
-            row_ids.append(self.row_of_request[req])
-        return row_ids, forgotten, hidden, starts
+        return hidden, starts

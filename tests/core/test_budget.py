@@ -109,3 +109,60 @@ def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch):
     assert stats.budgets[0] == 16  # nothing measured: explore
     later = stats.budgets[4:]  # after a few measured steps: nothing but the odd probing token
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
+
+
+class _Clock:
+    """A fake clock the test advances by hand (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _run_steps(steps, clock, rows, verify_ms, draft_ms_per_token, accept, n_steps=40):
+    """Drive a StepBudget the way an engine adapter does; returns the limits of the last step."""
+    committed = [1] * len(rows)
+    limits = []
+    for _ in range(n_steps):
+        limits = steps.begin(rows, committed)
+        clock.now += draft_ms_per_token * sum(limits) / 1e3
+        steps.end(rows, limits)
+        clock.now += verify_ms(len(rows) + sum(limits)) / 1e3
+        committed = [1 + accept(k) for k in limits]
+    return limits
+
+
+def test_step_budget_times_the_gap_between_calls_as_verify():
+    from specplug.budget import StepBudget
+    # cheap per-token verify and every draft accepted: every row gets the whole budget
+    clock = _Clock()
+    steps = StepBudget(SpeculationBudget(4), clock)
+    got = _run_steps(steps, clock, [0, 1], lambda n: 50.0 + 0.5 * n, 0.1, lambda k: k)
+    assert got == [4, 4]
+    # every step fed 2 rows + 8 drafts: the fit reproduces that step's time
+    a, b = steps.budget.verify.coefficients()
+    assert a + 10 * b == pytest.approx(50.0 + 0.5 * 10)
+    # verify made expensive per token (each draft costs what a whole step saves): no drafts,
+    # except the budget's occasional one-token probe
+    clock = _Clock()
+    steps = StepBudget(SpeculationBudget(4), clock)
+    last = _run_steps(steps, clock, [0, 1], lambda n: 5.0 + 40.0 * n, 0.1, lambda k: k // 2,
+                      n_steps=60)
+    assert sum(last) <= 1
+
+
+def test_step_budget_skips_timing_a_step_that_took_in_a_new_row():
+    from specplug.budget import StepBudget
+    clock = _Clock()
+    steps = StepBudget(SpeculationBudget(4), clock)
+    steps.begin([0], [1])
+    steps.end([0], [2])
+    clock.now += 1.0  # a new row's prefill ran in this step: 1000 ms must not count as verify
+    steps.begin([0, 1], [3, 1])
+    assert not steps.budget.verify.seen
+    steps.end([0, 1], [2, 2])
+    clock.now += 0.02
+    steps.begin([0, 1], [1, 1])
+    assert steps.budget.verify.coefficients()[0] == pytest.approx(20.0)

@@ -183,3 +183,30 @@ def test_cli_option_via_plugin_routes_eagle3_through_the_plugin(monkeypatch, tmp
         if via:
             assert seen["extra"]["specplug"]["method"] == "eagle3"
             assert "via_plugin" not in seen["extra"]["specplug"].get("options", {})
+
+
+def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
+    """With additional_config budget: per-request lists cut to the budget, [] for rows whose
+    budget is 0, and a draft model whose row skipped steps proposes what a drafter that saw every
+    step proposes (num_new_committed covers the skipped steps)."""
+    from specplug.budget import StepBudget
+    model = build_tiny_llama(0)
+    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "draft",
+                                                                          "budget": True}})
+    prop = SpecplugProposer(cfg, DraftModelDrafter(model, 256), check_vllm=False)
+    fresh = SpecplugProposer(fake_config(gamma=3, max_model_len=64), DraftModelDrafter(model, 256),
+                             check_vllm=False)
+    plans = iter([[3, 3], [0, 2], [0, 0], [1, 3]])
+    prop.steps.begin = lambda rows, committed: next(plans)
+    assert isinstance(prop.steps, StepBudget)
+    rows = [[3, 9, 27, 81, 11], [50, 60, 70, 80]]
+    for step in range(4):
+        ids, lens = token_matrix(rows, 64)
+        got = prop.propose([[r[-1]] for r in rows], lens, ids)
+        want = fresh.propose([[r[-1]] for r in rows], lens, ids)
+        limits = [[3, 3], [0, 2], [0, 0], [1, 3]][step]
+        assert got == [w[:k] for w, k in zip(want, limits)], step
+        for r, w in zip(rows, want):  # every row commits its first draft and one more token
+            r += (w[:1] or [7]) + [5]
+    # the budget saw what was handed out, per row
+    assert prop.steps._drafted == {0: 1, 1: 3}

@@ -44,9 +44,11 @@ def job(models, **extra) -> dict:
             "ignore_eos": True, "llm_kwargs": dict(harness.LLM_KWARGS), **extra}
 
 
-def specplug_job(models, method: str, path_key: str | None = None, **options) -> dict:
+def specplug_job(models, method: str, path_key: str | None = None, budget: bool = False,
+                 **options) -> dict:
     return job(models, specplug={"method": method, "num_draft_tokens": GAMMA, "options": options,
-                                 "path": models[path_key] if path_key else None})
+                                 "path": models[path_key] if path_key else None,
+                                 "budget": budget})
 
 
 CASES = {
@@ -58,6 +60,9 @@ CASES = {
     # hidden-state family: vLLM's own EAGLE on the specplug (SafeAILab layout) checkpoint
     "eagle": ("eagle", "eagle", {}),
 }
+# the speculation budget inside the plugin: per-request lengths, 0 included; a draft model keeps
+# per-request state that must catch up over the steps the budget skipped
+BUDGET_CASES = {"draft_budget": ("draft", "draft", {}), "ngram_budget": ("ngram", None, {})}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,8 @@ def runs(models):
                                           "num_draft_tokens": GAMMA})}
     for case, (method, path_key, options) in CASES.items():
         jobs[case] = specplug_job(models, method, path_key, **options)
+    for case, (method, path_key, options) in BUDGET_CASES.items():
+        jobs[case] = specplug_job(models, method, path_key, budget=True, **options)
     return run_jobs(jobs, models["root"])
 
 
@@ -79,7 +86,7 @@ def baseline(runs):
     return outs
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(BUDGET_CASES))
 def test_greedy_identity_with_vllm_no_spec(runs, baseline, case):
     res = runs[case]
     outs = [r["output_token_ids"] for r in res["requests"]]
@@ -92,6 +99,18 @@ def test_greedy_identity_with_vllm_no_spec(runs, baseline, case):
     assert sum(s["accept_length_histogram"].values()) == len(
         [a for r in res["requests"] for a in r["accept_lengths"]])
     assert s["num_accepted_tokens"] <= s["num_draft_tokens"]
+
+
+def test_budget_leaves_steps_undrafted_and_the_draft_model_catches_up(runs):
+    """Without the budget the draft model drafts every step; with it some steps carry no draft
+    (its probe of the verify cost, at least), and the identity test above shows the drafter's
+    state caught up over them."""
+    def undrafted(case):
+        res = runs[case]
+        return sum(len(r["accept_lengths"]) for r in res["requests"]) - res["summary"]["num_drafts"]
+    assert undrafted("draft") <= len(runs["draft"]["requests"])  # at most a final step each
+    assert undrafted("draft_budget") > undrafted("draft")
+    assert runs["draft_budget"]["summary"]["num_drafts"] > 0
 
 
 def test_eagle_head_is_one_specplug_loads_too(models):
