@@ -17,6 +17,8 @@ PROPOSE_CALL = ("sampled_token_ids", "self.input_batch.num_tokens_no_spec",
 
 # How the runner hands its target model to the proposer (runner_access.py reads the caller).
 LOAD_MODEL_CALL = "self.drafter.load_model(self.model)"
+# ...and then installs the aux hidden-state layers a proposer asked for (target_features.py).
+AUX_SETUP_CALL = "self._setup_eagle3_aux_hidden_state_outputs()"
 
 
 def vllm_version() -> str:
@@ -66,22 +68,33 @@ def _custom_class_problem() -> str | None:
 
 
 def _target_features_problem() -> str | None:
-    """What runner_access.py / target_features.py read: the runner passes its model to the
-    proposer's load_model, keeps request ids and query_start_loc, and Llama layers return
-    (hidden, residual) with the add deferred."""
-    from vllm.model_executor.models.llama import LlamaDecoderLayer
+    """What runner_access.py / target_features.py rely on: the runner passes its model to the
+    proposer's load_model before it sets up aux hidden-state outputs (with the layers from
+    _get_eagle3_aux_layers_from_config), execute_model runs the target through _model_forward
+    and unpacks (hidden, aux), and the runner keeps request ids and query_start_loc."""
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_input_batch import InputBatch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     for cls in (CPUModelRunner, GPUModelRunner):
-        if LOAD_MODEL_CALL not in inspect.getsource(cls.load_model):
+        source = inspect.getsource(cls.load_model)
+        if LOAD_MODEL_CALL not in source:
             return f"{cls.__name__}.load_model no longer calls {LOAD_MODEL_CALL}"
+        setup = source.find(AUX_SETUP_CALL)
+        if setup < source.find(LOAD_MODEL_CALL):
+            return (f"{cls.__name__}.load_model no longer sets up aux hidden states after "
+                    "the proposer's load_model")
+    setup = inspect.getsource(GPUModelRunner._setup_eagle3_aux_hidden_state_outputs)
+    for needed in ("self._get_eagle3_aux_layers_from_config()", "set_aux_hidden_state_layers"):
+        if needed not in setup:
+            return f"GPUModelRunner aux hidden-state set-up no longer uses {needed}"
+    execute = inspect.getsource(GPUModelRunner.execute_model)
+    for needed in ("self._model_forward(", "hidden_states, aux_hidden_states = model_output"):
+        if needed not in execute:
+            return f"GPUModelRunner.execute_model no longer has {needed}"
     if "self.query_start_loc = " not in inspect.getsource(GPUModelRunner.__init__):
         return "GPUModelRunner no longer keeps query_start_loc"
     if not isinstance(getattr(InputBatch, "req_ids", None), property):
         return "InputBatch.req_ids is gone"
-    if "return hidden_states, residual" not in inspect.getsource(LlamaDecoderLayer.forward):
-        return "LlamaDecoderLayer.forward no longer returns (hidden_states, residual)"
     return None
 
 

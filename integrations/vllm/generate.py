@@ -83,6 +83,10 @@ class VllmSession:
                 kwargs["enable_prefix_caching"] = False
         kwargs.update(llm_kwargs or {})
         self.llm = LLM(model=target, **kwargs)
+        # what vLLM made of the settings (e.g. DYNAMO_TRACE_ONCE on CPU without enforce_eager)
+        config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
+        self.compilation_mode = (config.compilation_config.mode.name if config is not None
+                                 else "unknown")
 
     def generate(self, requests: list[Request], sampling: SamplingParams = SamplingParams(),
                  ignore_eos: bool = False, max_tokens: int | None = None,
@@ -115,6 +119,11 @@ def run_vllm_requests(target: str, requests: list[Request], speculative_config: 
     times and report the median wall time (outputs and counters are from the last run)."""
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     session = VllmSession(target, longest, speculative_config, additional_config, llm_kwargs)
+    return _timed(session, requests, sampling, ignore_eos, warmup, repeats)
+
+
+def _timed(session: VllmSession, requests: list[Request], sampling: SamplingParams,
+           ignore_eos: bool, warmup: bool, repeats: int) -> tuple[list[RequestOutput], SpecStats]:
     if warmup:  # first-call costs (allocation, lazy init at every batch row) stay untimed
         session.generate(requests, sampling, ignore_eos, max_tokens=8)
     runs = [session.generate(requests, sampling, ignore_eos) for _ in range(max(1, repeats))]
@@ -208,14 +217,16 @@ def _result(outputs: list[RequestOutput], stats: SpecStats) -> dict:
 
 
 def run_job(job: dict) -> dict:
-    """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts."""
+    """Run one JSON job (see module docstring); return outputs + summary as JSON-ready dicts,
+    and the compilation mode vLLM ran the target in."""
     reqs = _requests_of(job)
     spec, extra = _engine_settings(job)
-    outputs, stats = run_vllm_requests(
-        job["target"], reqs, spec, extra, SamplingParams(float(job.get("temperature", 0.0))),
-        ignore_eos=bool(job.get("ignore_eos", False)), llm_kwargs=job.get("llm_kwargs"),
-        warmup=bool(job.get("warmup", False)), repeats=int(job.get("repeats", 1)))
-    return _result(outputs, stats)
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs)
+    session = VllmSession(job["target"], longest, spec, extra, job.get("llm_kwargs"))
+    outputs, stats = _timed(session, reqs, SamplingParams(float(job.get("temperature", 0.0))),
+                            bool(job.get("ignore_eos", False)), bool(job.get("warmup", False)),
+                            int(job.get("repeats", 1)))
+    return dict(_result(outputs, stats), compilation_mode=session.compilation_mode)
 
 
 class _JobSession:
@@ -231,7 +242,8 @@ class _JobSession:
         import torch
         import vllm
         return {"versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-                "threads": {"torch": torch.get_num_threads()}}
+                "threads": {"torch": torch.get_num_threads()},
+                "compilation_mode": self.session.compilation_mode}
 
     def run(self, batch: dict) -> dict:
         outputs, stats = self.session.generate(

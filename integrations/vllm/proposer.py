@@ -3,9 +3,10 @@
 vLLM builds `SpecplugProposer(vllm_config)` in every worker and calls, once per step,
     propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings) -> list[list[int]]
 with the batch in the runner's row order.  This adapter only translates: vLLM's row i becomes a
-DraftInput row whose row id follows the request when vLLM moves it to another row
-(request_rows.py: vLLM passes no request ids, so requests are recognised by their committed
-tokens), and the proposal's chain comes back as plain token lists.
+DraftInput row whose row id follows the request when vLLM moves it to another row (the request
+ids of the runner's batch, found in load_model; where the runner is unknown, request_rows.py
+recognises requests by their committed tokens), and the proposal's chain comes back as plain
+token lists.
 
 Which specplug drafter runs is read from `additional_config["specplug"]` of the LLM, because
 speculative_config forbids unknown keys:
@@ -87,24 +88,33 @@ class SpecplugProposer:
         self.fed_len: dict[int, int] = {}  # specplug row id -> committed length at its last draft
         self.drafter = drafter
         self.requests = RequestRows()
+        self.runner = None  # vLLM's model runner, once load_model found it
         self.features = None  # TargetFeatures, for drafters that read target hidden states
         self.row_of_request: dict[str, int] = {}  # vLLM request id -> specplug row id
         self.fed_upto: dict[str, int] = {}  # request id -> first position not yet handed over
         self._next_row = 0
 
     def load_model(self, target_model) -> None:
+        from .plugin import plugin_logger
+        from .runner_access import check_runner_settings, runner_calling_load_model
         if self.drafter is None:
             info = target_info_from(self.vllm_config.model_config, target_model)
             self.drafter = build_drafter(self.spec, info)
-            from .plugin import plugin_logger
             plugin_logger().info("specplug %s drafter ready on %s", self.spec.method, info.device)
+        # the runner's batch names each row's request: rows follow requests by id (without it,
+        # request_rows.py recognises requests by their committed tokens)
+        try:
+            self.runner = runner_calling_load_model(target_model)
+        except RuntimeError as e:
+            if self.drafter.needs.hidden_layers:
+                raise
+            plugin_logger().info("%s; rows follow requests by their tokens instead", e)
+            return
         if not self.drafter.needs.hidden_layers:
             return
-        from .runner_access import check_runner_settings, runner_calling_load_model
         from .target_features import TargetFeatures
         check_runner_settings(self.vllm_config)
-        runner = runner_calling_load_model(target_model)
-        self.features = TargetFeatures(target_model, runner, self.drafter.needs.hidden_layers)
+        self.features = TargetFeatures(target_model, self.runner, self.drafter.needs.hidden_layers)
 
     def _drafter(self) -> Drafter:
         if self.drafter is None:  # propose without load_model: a token-only drafter, config only
@@ -125,7 +135,7 @@ class SpecplugProposer:
         active = [i for i, s in enumerate(sampled_token_ids)
                   if s and int(num_tokens_no_spec[i]) < self.max_model_len]
         contexts = [token_ids_cpu[i, :int(num_tokens_no_spec[i])] for i in active]
-        if self.features is None:
+        if self.runner is None:
             row_ids = self.requests.assign(contexts, active)
             forgotten = self.requests.forgotten
         else:
@@ -174,14 +184,15 @@ class SpecplugProposer:
 
     def _request_rows(self, active: list[int]) -> tuple[list[int], list[int]]:
         """Row ids from vLLM's request ids, and the rows of requests vLLM no longer holds."""
-        runner = self.features.runner
+        runner = self.runner
         req_ids = runner.input_batch.req_ids
         alive = runner.requests  # requests vLLM still holds, scheduled this step or not
         gone = [r for r in self.row_of_request if r not in alive]
         forgotten = [self.row_of_request.pop(r) for r in gone]
         for r in gone:
             self.fed_upto.pop(r, None)
-        self.features.drop(gone)
+        if self.features is not None:
+            self.features.drop(gone)
         row_ids = []
         for i in active:
             req = req_ids[i]
@@ -194,7 +205,7 @@ class SpecplugProposer:
     def _features_for(self, rows: list[int], contexts: list[np.ndarray]):
         """Each row's features for committed positions [fed_upto, num_committed - 1) (the last
         committed token has none yet): (hidden, hidden_start)."""
-        req_ids = self.features.runner.input_batch.req_ids
+        req_ids = self.runner.input_batch.req_ids
         hidden, starts = [], []
         for i, ctx in zip(rows, contexts):
             req = req_ids[i]

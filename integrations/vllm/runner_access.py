@@ -2,10 +2,11 @@
 
 vLLM 0.32 builds the proposer with `Cls(vllm_config)` and calls `load_model(target_model)` from
 the model runner's own `load_model` (CPUModelRunner / GPUModelRunner: `self.drafter.load_model(
-self.model)`); the runner object is not passed.  Drafters that read target features need the
-runner's batch layout (request ids in row order, query_start_loc) at every forward, so the
-runner is read once, from the caller's frame of that call: nothing in vLLM is replaced, and
-compat.py checks that the call is still there before the plugin trusts it.
+self.model)`); the runner object is not passed, and vLLM offers no other way to reach it.
+Drafters that read target features need the runner (its aux-output switch, its forward, its
+batch layout: request ids in row order, query_start_loc), so the runner is read once, from the
+caller's frame of that call; compat.py checks that the call is still there before the plugin
+trusts it.
 """
 from __future__ import annotations
 
@@ -32,16 +33,12 @@ def runner_calling_load_model(target_model: nn.Module, depth: int = 2):
 
 
 def check_runner_settings(vllm_config) -> None:
-    """Settings a hidden-state drafter needs; one clear error each."""
-    from vllm.config import CompilationMode
+    """Settings a hidden-state drafter needs; one clear error each.  (Compile and graph modes
+    stay as vLLM chose: features come out as the target's own forward outputs.)"""
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("specplug drafters that read target hidden states need "
                          "enable_prefix_caching=False: a cached prefix is never run through the "
                          "target, so its hidden states do not exist")
-    if vllm_config.compilation_config.mode != CompilationMode.NONE:
-        raise ValueError("specplug drafters that read target hidden states need enforce_eager=True "
-                         "(they read the target's layers through forward hooks, which a compiled "
-                         "graph does not run)")
 
 
 class _LentEmbedding(nn.Module):

@@ -1,16 +1,21 @@
 """Target hidden states out of vLLM's own forward pass, in HF's `hidden_states` numbering.
 
 vLLM gives a custom_class proposer token ids only.  Drafters that read target features
-(`needs.hidden_layers`: EAGLE heads, hybrid) get them here from torch forward hooks on the
-target's decoder layers; nothing in vLLM is replaced.
+(`needs.hidden_layers`: EAGLE heads, hybrid, DFlash) get them the way vLLM's own EAGLE-3 path
+does: the target returns auxiliary hidden states as ordinary outputs of its forward
+(`set_aux_hidden_state_layers`; vLLM's aux index i is `hidden + residual` after layer i - 1, HF's
+hidden_states[i]), so they survive torch.compile and CUDA graphs, where forward hooks would not
+run.  What specplug sets on the runner, in the proposer's load_model (which vLLM calls before it
+sets up aux outputs and before anything is compiled or captured):
+  - use_aux_hidden_state_outputs = True, and the aux layers the drafter needs (vLLM installs
+    them itself, with its own support check, right after the proposer's load_model);
+  - an instance wrapper around runner._model_forward (documented as an override point) that
+    reads the (hidden, aux) output inside the step that computed it: aux buffers are overwritten
+    by the next forward.  The output goes back to vLLM unchanged.
+HF index 0 (the embeddings) is recomputed from the input ids; index L (after the final norm) is
+the forward's own hidden output.
 
-What a hook sees, and why its sum is HF's value: a vLLM Llama-style decoder layer returns
-(hidden, residual) with the residual add deferred to the next layer's fused add+RMSNorm, so
-after layer i the residual stream HF calls hidden_states[i + 1] is `hidden + residual`.  That
-sum is taken inside the hook, before the next layer's in-place fused norm overwrites both
-tensors.  HF index 0 (embeddings) is layer 0's input; index L is the final norm's output.
-
-Which positions belong to which request: at the end of each target forward the runner's batch
+Which positions belong to which request: while _model_forward returns, the runner's batch
 layout is still in place (`input_batch.req_ids` in row order, `query_start_loc` cumulative
 token counts, the forward's `positions`), so every request's slice of the flat token axis is
 filed under its request id and positions.  A request's features are kept until the proposer
@@ -81,61 +86,49 @@ class _Rows:
 
 
 class TargetFeatures:
-    """Forward hooks that file each request's target features for `hf_indices` by position."""
+    """Files each request's target features for `hf_indices` by position, from the output of
+    the runner's own forward (vLLM's aux hidden states)."""
 
     def __init__(self, model: nn.Module, runner, hf_indices: tuple[int, ...]):
         self.runner = runner
-        embed, layers, norm = decoder_parts(model)
+        embed, layers, _ = decoder_parts(model)
         num_layers = self.num_layers = len(layers)
         self.indices = tuple(num_layers if i == -1 else int(i) for i in hf_indices)
         bad = [i for i in self.indices if not 0 <= i <= num_layers]
         if bad:
             raise ValueError(f"hidden state index {bad[0]} is outside the target's 0..{num_layers}")
-        if num_layers in self.indices and norm is None:
-            raise ValueError(f"hidden state index {num_layers} needs the target's final norm")
+        if 0 in self.indices and embed is None:
+            raise ValueError("hidden state index 0 needs the target's input embedding")
+        self.embed = embed
+        # vLLM returns aux states sorted, one per distinct layer
+        self.aux = tuple(sorted({i for i in self.indices if 0 < i < num_layers}))
+        if self.aux:
+            if not hasattr(model, "set_aux_hidden_state_layers"):
+                raise ValueError(f"{type(model).__name__} cannot return auxiliary hidden states "
+                                 "(vLLM's SupportsEagle3): specplug drafters that read target "
+                                 "features need it")
+            runner.use_aux_hidden_state_outputs = True
+            # vLLM's own set-up (right after the proposer's load_model) installs these layers
+            runner._get_eagle3_aux_layers_from_config = lambda: self.aux
         self.rows = _Rows()
-        self._now: dict[int, torch.Tensor] = {}  # hf index -> [tokens, H] of the running forward
-        self._positions: torch.Tensor | None = None
-        self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
-                        model.register_forward_hook(self._end)]
-        for i in set(self.indices):
-            if i == 0:
-                self.handles.append(layers[0].register_forward_pre_hook(self._layer_input))
-            elif i == num_layers:
-                self.handles.append(norm.register_forward_hook(self._norm_output))
-            else:
-                self.handles.append(layers[i - 1].register_forward_hook(self._layer_output(i)))
+        self._forward = runner._model_forward
+        runner._model_forward = self._model_forward
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **kwargs):
+        out = self._forward(input_ids=input_ids, positions=positions,
+                            intermediate_tensors=intermediate_tensors,
+                            inputs_embeds=inputs_embeds, **kwargs)
+        hidden, aux = out if isinstance(out, tuple) else (out, ())
+        if isinstance(hidden, torch.Tensor) and positions is not None and len(aux) == len(self.aux):
+            now = dict(zip(self.aux, aux))
+            now[self.num_layers] = hidden
+            if 0 in self.indices:
+                now[0] = inputs_embeds if inputs_embeds is not None else self.embed(input_ids)
+            self._file(now, positions)
+        return out
 
-    # -- hooks (inside vLLM's forward) --------------------------------------------------------
-    def _begin(self, module, args, kwargs):
-        self._now = {}
-        pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        self._positions = pos
-
-    def _layer_input(self, module, args):
-        # layer 0 gets (positions, hidden = embeddings, residual = None)
-        self._now[0] = args[1].clone()
-
-    def _layer_output(self, index: int):
-        def hook(module, args, out):
-            hidden, residual = out
-            self._now[index] = hidden + residual  # a new tensor: later in-place norms can't touch it
-        return hook
-
-    def _norm_output(self, module, args, out):
-        # final norm(hidden, residual) -> (normed, residual); HF's hidden_states[L] is the normed
-        normed = out[0] if isinstance(out, tuple) else out
-        self._now[self.num_layers] = normed.clone()
-
-    def _end(self, module, args, out):
-        now, positions = self._now, self._positions
-        self._now, self._positions = {}, None
-        if positions is None or any(i not in now for i in self.indices):
-            return  # not a full forward of the target (e.g. a pipeline stage): nothing to file
+    def _file(self, now: dict[int, torch.Tensor], positions: torch.Tensor) -> None:
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
         if num_reqs == 0:
@@ -143,7 +136,8 @@ class TargetFeatures:
         bounds = self.runner.query_start_loc.np[:num_reqs + 1].tolist()
         if bounds[-1] > positions.shape[-1]:
             return  # the layout is not this forward's (a dummy run): nothing to file
-        feats = torch.cat([now[i] for i in self.indices], dim=-1)  # [tokens, n * H]
+        # a new tensor: the aux buffers are overwritten by the next forward
+        feats = torch.cat([now[i][:bounds[-1]] for i in self.indices], dim=-1)  # [tokens, n * H]
         pos = positions.reshape(-1)
         for r, req_id in enumerate(batch.req_ids[:num_reqs]):
             a, b = bounds[r], bounds[r + 1]
