@@ -123,6 +123,32 @@ def test_vllm_plugin_draft_model_on_cuda(tiny_models):
     assert "specplug draft drafter ready on cuda" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("method", ["eagle3", "hybrid"])
+def test_vllm_plugin_hidden_state_drafters_with_cuda_graphs(tmp_path, method):
+    """specplug's EAGLE-3 head and the hybrid through the plugin on CUDA with vLLM's defaults
+    (compile and CUDA graphs on): the target's aux hidden-state outputs feed them, greedy
+    output equals vLLM's own no-spec output."""
+    import converted_fixtures as CF
+    from specplug.integrations.vllm import subprocess_job
+    os.environ["SPECPLUG_VLLM_PYTHON"] = _engine_python("SPECPLUG_VLLM_PYTHON", ".venv-vllm",
+                                                        "vllm")
+    target, folder = CF.attention_target(str(tmp_path / "tiny"))
+    head = CF.eagle3_head(str(tmp_path / "tiny-eagle3"), target)
+    base = {"target": folder, "prompt_ids": CF.prompts_for("attention", 4),
+            "max_new_tokens": MAX_NEW, "ignore_eos": True,
+            "llm_kwargs": {"dtype": "float32", "enforce_eager": False, "max_model_len": 512,
+                           "enable_prefix_caching": False, "gpu_memory_utilization": 0.3}}
+    spec = dict(base, specplug={"method": method, "path": head, "num_draft_tokens": GAMMA,
+                                "via_plugin": True})
+    jobs = subprocess_job.run_jobs({"plain": base, "spec": spec}, str(tmp_path), workers=1,
+                                   timeout=600)
+    got, want = jobs["spec"], jobs["plain"]
+    assert ([r["output_token_ids"] for r in got["requests"]]
+            == [r["output_token_ids"] for r in want["requests"]])
+    assert got["summary"]["num_accepted_tokens"] > 0, got["summary"]
+    assert got["compilation_mode"] != "NONE"
+
+
 def test_sglang_plugin_draft_model_on_cuda(tiny_models):
     from specplug.integrations.sglang.generate import speculative_kwargs
     from specplug.integrations.sglang.server import SGLangServer
