@@ -114,10 +114,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
                          SamplingParams(temperature=cfg.temperature), cfg.batch_size,
                          list(cfg.compare), cfg.budget, longest=limit)
     engines = [cfg.engine] + (["hf"] if cfg.anchors and cfg.engine != "hf" else [])
-    states = [_ArmState(a) for e in engines for a in build_arms(e, target)]
+
+    def fresh_arms() -> list[Arm]:
+        return [a for e in engines for a in build_arms(e, target)]
+
+    states = [_ArmState(a) for a in fresh_arms()]
     use_chat = cfg.chat_template and has_chat_template(tokenizer)
     try:
-        skipped = _run_all(cfg, states, items, tokenizer, use_chat, limit, progress)
+        skipped = _run_all(cfg, states, fresh_arms, items, tokenizer, use_chat, limit, progress)
         result = _assemble(cfg, states, items, skipped, use_chat)
     finally:
         for st in states:
@@ -127,9 +131,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     return result
 
 
-def _run_all(cfg: BenchConfig, states: list[_ArmState], items: list[PromptItem], tokenizer,
-             use_chat: bool, limit: int, progress: bool) -> list[str]:
-    """Every repetition of every turn; returns the ids left out as too long for the model."""
+def _run_all(cfg: BenchConfig, states: list[_ArmState], fresh_arms, items: list[PromptItem],
+             tokenizer, use_chat: bool, limit: int, progress: bool) -> list[str]:
+    """Every repetition of every turn; returns the ids left out as too long for the model.
+
+    Each repetition starts from fresh arms (new drafters, new engine processes): a drafter that
+    learns across requests (suffix decoding's store of earlier outputs) would otherwise meet
+    every prompt of a later repetition with its answer already stored."""
     bar = _progress(sum(min(cfg.turns, len(i.turns)) for i in items) * len(states) * cfg.repeats,
                     progress)
     skipped: list[str] = []
@@ -137,14 +145,18 @@ def _run_all(cfg: BenchConfig, states: list[_ArmState], items: list[PromptItem],
     turn_reqs: list[list] = []  # built in the first repetition, reused by the others
     block = cfg.block or cfg.batch_size
     for rep in range(cfg.repeats):
+        if rep:
+            for st, arm in zip(states, fresh_arms()):
+                st.arm.close()
+                st.arm = arm
         rep_stats = [SpecStats() for _ in states]
         for turn in range(cfg.turns):
             if rep == 0:
                 turn_reqs.append(_turn_requests(cfg, items, turn, answers, skipped, tokenizer,
                                                 use_chat, limit))
             reqs = turn_reqs[turn]
-            if rep == 0 and turn == 0 and reqs:
-                _warm_up(states, reqs[:block])
+            if turn == 0 and reqs:
+                _warm_up(states, reqs[:block], tokenizer)
             main_outs = _run_turn(states, rep_stats, reqs, turn, block, cfg.batch_size,
                                   keep=rep == 0, bar=bar)
             if rep == 0:
@@ -204,11 +216,14 @@ def _keep(st: _ArmState, chunk, outs, turn: int) -> None:
             "accept_lengths": out.accept_lengths, "finish_reason": out.finish_reason})
 
 
-def _warm_up(states: list[_ArmState], first_block: list) -> None:
-    """Every arm runs the first block once, 8 new tokens each, untimed: engine start-up, lazy
-    allocation and first-call costs fall on no measured block."""
-    reqs = [Request(list(r.prompt_ids), min(8, r.max_new_tokens), seed=r.seed)
-            for _, r in first_block]
+def _warm_up(states: list[_ArmState], first_block: list, tokenizer) -> None:
+    """Every arm runs a block shaped like the first one (same prompt lengths), 8 new tokens each,
+    untimed: engine start-up, lazy allocation and first-call costs fall on no measured block.
+    Its prompts are filler text, not the benchmark's: a drafter that stores outputs must not
+    see a measured prompt before it is measured."""
+    filler = tokenizer("The quick brown fox jumps over the lazy dog. ")["input_ids"] or [0]
+    reqs = [Request([filler[i % len(filler)] for i in range(len(r.prompt_ids))],
+                    min(8, r.max_new_tokens), seed=r.seed) for _, r in first_block]
     for st in states:
         st.arm.run(reqs, SpecStats())
 
@@ -232,6 +247,8 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
                  "role": st.arm.role, "settings": st.arm.settings, "summary": summary,
                  "tokens_per_second_per_rep": [round(r.tokens_per_second, 3)
                                                for r in st.rep_stats],
+                 "mean_accept_length_per_rep": [round(r.mean_accept_length, 4)
+                                                for r in st.rep_stats],
                  "tau_per_category": metrics.tau_per_category(st.requests),
                  "speedup": spread["median"] if spread else None, "speedup_spread": spread,
                  "requests": st.requests}

@@ -124,6 +124,21 @@ def test_self_draft_accepts_every_draft_and_ngram_runs(tiny_models, tmp_path):
     assert [a["label"] for a in run["arms"]] == ["hf/none", "hf/prompt_lookup"]
 
 
+def test_repetitions_start_from_fresh_drafters(tiny_models, tmp_path):
+    """Suffix decoding stores earlier outputs: reused across repetitions it would meet every
+    prompt of the second one with its answer stored.  Fresh arms per repetition: the same
+    acceptance every time (greedy), and the warm-up's filler prompts teach it nothing."""
+    out = tmp_path / "s"
+    assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
+                 "--method", "suffix", "--no-anchors", "--max-new-tokens", "24", "--gamma", "3",
+                 "--dtype", "float64", "--repeats", "2", "--output", str(out), "--no-progress",
+                 "--name", "fresh"]) == 0
+    spec = json.loads((out / "fresh.json").read_text())["arms"][1]
+    taus = spec["mean_accept_length_per_rep"]
+    assert len(taus) == 2 and taus[0] == taus[1], taus
+    assert spec["summary"]["num_draft_tokens"] > 0
+
+
 def test_compare_adds_drafter_arms_to_the_same_run(tiny_models, tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],

@@ -111,18 +111,22 @@ def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_p
                      "--dtype", "float64", "--repeats", "2", "--output", str(out),
                      "--no-progress", "--name", "sess"]) == 0
     log = [ln.split() for ln in fake_engine.read_text().splitlines()]
+    # one engine per arm and repetition, kept up for that repetition's warm-up and 3 blocks
     opens = [ln for ln in log if ln[0] == "open"]
-    # one engine per arm for the whole run: warm-up + 3 blocks x 2 repetitions on each
-    assert sorted(o[1] for o in opens) == ["SPECPLUG_NGRAM", "plain"] or len(opens) == 2
-    pids = {o[1]: o[2] for o in opens}
+    assert len(opens) == 4 and sorted({o[1] for o in opens}) == ["SPECPLUG_NGRAM", "plain"]
+    spec_name = next(o[1] for o in opens if o[1] != "plain")
     runs = [ln for ln in log if ln[0] == "run"]
-    assert len(runs) == 2 * (1 + 3 * 2)
-    assert all(r[2] == pids[r[1]] for r in runs)
-    # the arms take turns block by block, the first arm rotating
-    order = [r[1] for r in runs]
-    assert order[:2] == ["plain", opens[1][1]] and order[2:4] == ["plain", opens[1][1]]
-    assert order[4:6] == [opens[1][1], "plain"]
-    assert [ln[0] for ln in log[-2:]] == ["close", "close"]
+    assert len(runs) == 2 * 2 * (1 + 3)
+    for rep in range(2):
+        mine = runs[rep * 8:(rep + 1) * 8]
+        pids = {o[1]: o[2] for o in opens[rep * 2:(rep + 1) * 2]}
+        assert all(r[2] == pids[r[1]] for r in mine)  # the same process for every block
+        # warm-up, then the arms take turns block by block, the first arm rotating
+        order = [r[1] for r in mine]
+        assert order[:4] == ["plain", spec_name, "plain", spec_name]
+        assert order[4:6] == [spec_name, "plain"]
+    assert len({o[2] for o in opens}) == 4  # a fresh process per arm and repetition
+    assert sum(ln[0] == "close" for ln in log) == 4
     run = json.loads((out / "sess.json").read_text())
     assert [a["label"] for a in run["arms"]] == ["sglang/none", "sglang/ngram"]
     assert run["arms"][1]["matches_baseline"] == 3
