@@ -157,8 +157,7 @@ def _run_all(cfg: BenchConfig, states: list[_ArmState], fresh_arms, items: list[
             reqs = turn_reqs[turn]
             if turn == 0 and reqs:
                 _warm_up(states, reqs[:block], tokenizer)
-            main_outs = _run_turn(states, rep_stats, reqs, turn, block, cfg.batch_size,
-                                  keep=rep == 0, bar=bar)
+            main_outs = _run_turn(states, rep_stats, reqs, turn, block, keep=rep == 0, bar=bar)
             if rep == 0:
                 for (item, _), out in zip(reqs, main_outs):
                     answers[item.id].append(out.output_text)
@@ -185,7 +184,7 @@ def _turn_requests(cfg: BenchConfig, items, turn: int, answers, skipped: list[st
 
 
 def _run_turn(states: list[_ArmState], rep_stats: list[SpecStats], reqs, turn: int, block: int,
-              batch_size: int, keep: bool, bar):
+              keep: bool, bar):
     """Every arm on reqs, one block at a time, the arms' order rotating by one each block;
     returns the first arm's (the main baseline's) outputs."""
     main_outs = []
