@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _bench_parser().parse_args(argv)
     from specplug.datasets import DatasetError
     from specplug.models.loading import ModelLoadError
+    from specplug.jobfile import EngineSessionError
     from .engines import EngineUnavailable
     from .plots import plot_run
     from .report import results_table
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ModelLoadError, EngineUnavailable, ValueError, OSError) as e:
         print(f"specplug bench: error: {e}", file=sys.stderr)
         return 2
+    except EngineSessionError as e:  # the engine's own failure: its line and where its log is
+        print(f"specplug bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     path = write_json(result, cfg.output)
     plots = plot_run(result, os.path.join(cfg.output, "plots"))
     print(results_table([result]))

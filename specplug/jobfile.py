@@ -21,6 +21,11 @@ import sys
 from typing import Callable, Protocol
 
 
+class EngineSessionError(RuntimeError):
+    """An engine session died, timed out, or answered an error (first line: what; then the
+    tail of its log)."""
+
+
 class EngineSession(Protocol):
     def environment(self) -> dict: ...
     def run(self, batch: dict) -> dict: ...
@@ -93,8 +98,8 @@ class SessionClient:
         self.replies = os.fdopen(read_fd, "r")
 
     def call(self, msg: dict, timeout: float = 3600) -> dict:
-        """Send one message, wait for its answer; raises with the log tail when the child died
-        or answered an error."""
+        """Send one message, wait for its answer; raises EngineSessionError with the log tail
+        when the child died, timed out or answered an error."""
         try:
             self.proc.stdin.write(json.dumps(msg) + "\n")
             self.proc.stdin.flush()
@@ -105,11 +110,13 @@ class SessionClient:
         if not line:
             if not ready:
                 self.proc.kill()
-            raise RuntimeError(("engine session timed out" if not ready else "engine session died")
-                               + f" (log {self.log_path}):\n" + self.log_tail())
+            raise EngineSessionError(
+                ("engine session timed out" if not ready else "engine session died")
+                + f" (log {self.log_path}):\n" + self.log_tail())
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"engine session: {reply['error']}\n{self.log_tail(15)}")
+            raise EngineSessionError(f"engine session: {reply['error']} (log {self.log_path})\n"
+                                     + self.log_tail(15))
         return reply
 
     def log_tail(self, n: int = 40) -> str:

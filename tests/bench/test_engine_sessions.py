@@ -12,7 +12,7 @@ import pytest
 
 from specplug.benchmarks import engines
 from specplug.benchmarks.cli import main
-from specplug.jobfile import SessionClient
+from specplug.jobfile import EngineSessionError, SessionClient
 
 FAKE_ENGINE = textwrap.dedent('''
     """Fake engine session: SGLang's batch format over the embedded engine."""
@@ -38,6 +38,8 @@ FAKE_ENGINE = textwrap.dedent('''
 
     class Session:
         def __init__(self, job):
+            if os.environ.get("FAKE_ENGINE_FAIL_OPEN"):
+                raise RuntimeError("no such device")
             algo = job["spec"].get("speculative_algorithm")
             self.name = algo or "plain"
             note(f"open {self.name} {os.getpid()}")
@@ -91,11 +93,11 @@ def test_session_serves_many_batches_and_reports_failures(fake_engine, tiny_mode
         first = client.call({"run": batch})
         assert client.call({"run": batch})["outputs"] == first["outputs"]
         # an exception is answered, and the engine keeps serving
-        with pytest.raises(RuntimeError, match="ValueError: asked to fail"):
+        with pytest.raises(EngineSessionError, match="ValueError: asked to fail"):
             client.call({"run": dict(batch, fail=True)})
         assert client.call({"run": batch})["outputs"] == first["outputs"]
         # a dead engine is reported with its log, not waited for
-        with pytest.raises(RuntimeError, match="engine session died"):
+        with pytest.raises(EngineSessionError, match="engine session died"):
             client.call({"run": dict(batch, crash=True)}, timeout=60)
     finally:
         client.close()
@@ -133,3 +135,15 @@ def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_p
     assert run["environment"]["cpu_standins"] is True
     assert run["environment"]["engines"]["sglang/ngram"]["versions"] == {"fake": "1"}
     assert len(run["speedup_spread"]["per_rep"]) == 2
+
+
+def test_an_engine_that_fails_to_start_is_one_line(fake_engine, tiny_models, tmp_path, capsys,
+                                                   monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_FAIL_OPEN", "1")
+    out = tmp_path / "r"
+    assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--engine", "sglang", "--no-anchors", "--max-new-tokens", "4",
+                 "--output", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RuntimeError: no such device" in err, err
+    assert "(log " in err and not out.exists()
