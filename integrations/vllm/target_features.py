@@ -116,6 +116,8 @@ class TargetFeatures:
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **kwargs):
+        """The runner's forward, unchanged for vLLM; input_ids [tokens], positions [tokens] (flat
+        over the batch), output hidden [tokens, H] or (hidden, aux: list of [tokens, H])."""
         out = self._forward(input_ids=input_ids, positions=positions,
                             intermediate_tensors=intermediate_tensors,
                             inputs_embeds=inputs_embeds, **kwargs)
