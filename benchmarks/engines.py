@@ -8,8 +8,9 @@ run on the same requests in the same process.
             start a second engine in one process once numba is loaded)
   sglang    real SGLang: one engine session per arm, in the SGLang venv's Python (extra `sglang`)
 
-Every arm takes one block of requests at a time, and engine processes live for the whole run, so
-the runner can alternate arms block by block.  Other external engines plug in by providing a
+Every arm takes one block of requests at a time, and engine processes live for a whole
+repetition (the runner builds fresh arms for each), so the runner can alternate arms block by
+block.  Other external engines plug in by providing a
 module function
   run_<engine>(target=PATH, requests=list[Request], drafter=DrafterSpec | None,
                num_draft_tokens=int, sampling=SamplingParams, batch_size=int)
@@ -204,7 +205,8 @@ def _sglang_python() -> str:
 
 class _SessionRun:
     """An arm's run function over one engine session (specplug/jobfile.py), started on first
-    use: the engine process stays up for every block of the run."""
+    use: the engine process stays up for every block until the arm is closed (the runner closes
+    it at the end of each repetition)."""
 
     def __init__(self, python: str, module: str, env: dict, open_msg: dict, to_batch, from_result,
                  log_path: str):
