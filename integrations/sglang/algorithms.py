@@ -10,12 +10,21 @@ Names (the user's vocabulary, not SGLang's):
   SPECPLUG_SPECDIFF  a SpecDiff/Dream diffusion drafter (a whole block per step)
   SPECPLUG_NGRAM     prompt lookup over each request's own tokens (no folder)
   SPECPLUG_SUFFIX    suffix decoding over each request's tokens and earlier outputs (no folder)
-EAGLE-1/2, EAGLE-3 and DFlash checkpoints run on SGLang's own EAGLE / EAGLE3 / DFLASH workers
-(`specplug convert --to sglang` writes the layouts they load), so they get no name here.
+  SPECPLUG_EAGLE     specplug's EAGLE-1/2 head runtime over an EAGLE checkpoint
+  SPECPLUG_EAGLE3    specplug's EAGLE-3 head runtime over an EAGLE-3 checkpoint
+  SPECPLUG_DFLASH    specplug's DFlash block drafter over a DFlash checkpoint
+  SPECPLUG_HYBRID    lookup and a trained head combined per row (the folder is the head's)
+The last four read target hidden states: the worker has the target capture the layers they need
+(target_features.py), and turns the radix cache off (a cached prefix is never run, so it has no
+hidden states).  EAGLE-1/2, EAGLE-3 and DFlash checkpoints also run on SGLang's own EAGLE /
+EAGLE3 / DFLASH workers (`specplug convert --to sglang` writes the layouts they load).
 
-Every specplug algorithm drafts one chain per request, verified by SGLang's own EAGLE chain
-verify: topk is 1 and num_draft_tokens = num_steps + 1 (the root plus the chain).  Drafts are
-computed from each request's committed tokens on the host, so the scheduler runs without overlap.
+By default every specplug algorithm drafts one chain per request, verified by SGLang's own EAGLE
+chain verify: topk is 1 and num_draft_tokens = num_steps + 1 (the root plus the chain).  With
+--speculative-eagle-topk K > 1 drafters that can propose trees do (EAGLE-2 trees of depth
+num_steps for the heads, hybrid's merged tree, suffix's best tree), of num_draft_tokens - 1 nodes
+(default K * num_steps), verified by SGLang's EAGLE tree verify.  Drafts are computed from each
+request's committed tokens on the host, so the scheduler runs without overlap.
 """
 from __future__ import annotations
 
@@ -47,9 +56,10 @@ OPTIONS_ENV = "SPECPLUG_DRAFTER_OPTIONS"
 log = logging.getLogger("specplug.sglang")
 
 
-def algorithm_for(method: str) -> str:
-    """The --speculative-algorithm value that runs specplug `method` in SGLang."""
-    if method in SGLANG_BUILTINS:
+def algorithm_for(method: str, native: bool = True) -> str:
+    """The --speculative-algorithm value that runs specplug `method` in SGLang: SGLang's own
+    worker where it has one for the method's checkpoints (native), else specplug's."""
+    if native and method in SGLANG_BUILTINS:
         return SGLANG_BUILTINS[method]
     for name, m in ALGORITHMS.items():
         if m == method:
@@ -69,14 +79,9 @@ def resolve_method(algorithm: str, draft_path: str | None) -> str:
             return "ngram"
         from specplug.drafters.detect import detect_method
         method = detect_method(draft_path)
-    if method in SGLANG_BUILTINS:
-        raise ValueError(f"{draft_path} is a {method} checkpoint: run it with SGLang's own "
-                         f"--speculative-algorithm {SGLANG_BUILTINS[method]} (after "
-                         "`specplug convert --to sglang` if it is not in SGLang's layout)")
     family = family_of(method)
     if not family.sglang_plugin_name:
-        raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang "
-                         "(it needs target hidden states SGLang does not hand to plugins)")
+        raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang")
     if family.needs_weights and not draft_path:
         raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
                          f"(a {method} drafter folder)")
@@ -109,29 +114,57 @@ def handle_server_args(args) -> None:
     path = drafter_path(args.speculative_draft_model_path)
     if path and not os.path.exists(path):
         raise ValueError(f"drafter folder {path} does not exist")
-    resolve_method(name, path)
-    topk = args.speculative_eagle_topk
-    if topk not in (None, 1):
-        raise ValueError(f"{name} drafts one chain per request: --speculative-eagle-topk must be 1, "
-                         f"got {topk}")
+    method = resolve_method(name, path)
+    topk = args.speculative_eagle_topk or 1
+    if topk < 1:
+        raise ValueError(f"{name}: --speculative-eagle-topk must be >= 1, got {topk}")
     steps, tokens = args.speculative_num_steps, args.speculative_num_draft_tokens
     if steps is None:
-        steps = tokens - 1 if tokens else DEFAULT_NUM_STEPS
+        steps = tokens - 1 if tokens and topk == 1 else DEFAULT_NUM_STEPS
     if steps < 1:
         raise ValueError(f"{name} needs at least one draft token per step, got "
                          f"--speculative-num-steps {steps}")
-    if tokens is not None and tokens != steps + 1:
-        log.warning("%s: --speculative-num-draft-tokens set to num_steps + 1 = %d (a chain)",
-                    name, steps + 1)
+    if topk == 1:  # a chain: the root plus num_steps drafts
+        if tokens is not None and tokens != steps + 1:
+            log.warning("%s: --speculative-num-draft-tokens set to num_steps + 1 = %d (a chain)",
+                        name, steps + 1)
+        tokens = steps + 1
+    elif tokens is None:  # a tree of depth num_steps, topk nodes expanded per depth
+        tokens = topk * steps + 1
+    elif tokens < 2:
+        raise ValueError(f"{name}: a tree needs --speculative-num-draft-tokens >= 2 (the root "
+                         f"and one node), got {tokens}")
     args.speculative_num_steps = steps
-    args.speculative_eagle_topk = 1
-    args.speculative_num_draft_tokens = steps + 1
+    args.speculative_eagle_topk = topk
+    args.speculative_num_draft_tokens = tokens
     if not args.disable_overlap_schedule:
         # the drafter reads each request's committed tokens, which overlap scheduling delays
         args.disable_overlap_schedule = True
         log.info("%s: overlap scheduling disabled (drafts come from committed tokens)", name)
     if args.enable_mixed_chunk:
         args.enable_mixed_chunk = False
+    if not getattr(args, "disable_cuda_graph", True) and not args.enable_return_hidden_states:
+        # SGLang verifies every non-standalone algorithm with CaptureHiddenMode.FULL, and a CUDA
+        # graph replays only the capture mode it was captured with
+        args.enable_return_hidden_states = True
+    if family_of(method).reads_hidden_states and not getattr(args, "disable_radix_cache", False):
+        # a prefix served from the radix cache is never run through the target: no features
+        args.disable_radix_cache = True
+        log.info("%s: radix cache disabled (the drafter reads every position's hidden states)",
+                 name)
+
+
+def tree_options(method: str, topk: int, depth: int, nodes: int) -> dict:
+    """Drafter options that make `method` propose the tree SGLang was told to verify
+    (--speculative-eagle-topk / -num-steps / -num-draft-tokens); options the user set win."""
+    eagle = {"tree_topk": topk, "tree_depth": depth, "tree_nodes": nodes}
+    if method in ("eagle", "eagle3"):
+        return eagle
+    if method == "hybrid":  # the head's tree, merged with the lookup's chain
+        return {"mode": "tree", **{f"head_{k}": v for k, v in eagle.items()}}
+    if method == "suffix":
+        return {"tree_nodes": nodes}
+    return {}  # chains are trees too: verified as one
 
 
 def spec_class():

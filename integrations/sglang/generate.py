@@ -36,11 +36,13 @@ from .cpu import cpu_env, on_cpu, standins_active
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: int) -> dict:
-    """sglang.Engine / launch_server settings that run specplug `method` (empty: no speculation)."""
+def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: int,
+                       native: bool = True) -> dict:
+    """sglang.Engine / launch_server settings that run specplug `method` (empty: no speculation);
+    native False runs specplug's own EAGLE/DFlash heads where SGLang has a worker for them."""
     if method in (None, "none"):
         return {}
-    kwargs = {"speculative_algorithm": algorithm_for(method),
+    kwargs = {"speculative_algorithm": algorithm_for(method, native),
               "speculative_num_steps": num_draft_tokens, "speculative_eagle_topk": 1,
               "speculative_num_draft_tokens": num_draft_tokens + 1}
     if path and not family_of(method).sglang_path_in_options:

@@ -12,6 +12,11 @@ The scheduler builds `SpecplugWorker(server_args=, gpu_id=, nccl_port=, target_w
 There is no draft model runner and no draft KV cache in SGLang: the drafter keeps its own state
 per request and reconciles it with the committed tokens on every call.
 
+Drafters that read target hidden states (EAGLE heads, hybrid, DFlash) get them from SGLang's own
+capture (target_features.py): the prefill runs with CaptureHiddenMode.FULL and the aux layers the
+drafter reads; verify already runs FULL.  Each step's states of the committed positions are filed
+per request and handed over as DraftInput.hidden_states / hidden_start, as every engine does.
+
 Sampling: on CPU, SGLang's verify commits the target's argmax whatever a request's temperature
 (`eagle_utils._verify_uses_greedy`), so a sampled request would silently come back greedy.
 The worker refuses such requests instead: each ends at its prefill with SGLang's own abort
@@ -29,6 +34,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, Forw
 from sglang.srt.runtime_context import get_device, get_schedule, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.eagle_info import EagleDraftInput, EagleVerifyInput
+from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
 from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
 from sglang.srt.speculative.eagle_worker_common import build_eagle_verify_input, run_eagle_verify
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
@@ -36,9 +42,12 @@ from sglang.srt.speculative.spec_utils import get_plan_stream
 from sglang.srt.utils import is_cpu
 
 from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter, family_of
+from specplug.types import DraftProposal
 
-from .algorithms import SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method
-from .batch import RowIds, chain_tokens, draft_input
+from .algorithms import (SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method,
+                         tree_options)
+from .batch import RowIds, chain_tokens, draft_input, tree_verify_tensors
+from .target_features import FeatureTap
 
 log = logging.getLogger("specplug.sglang")
 
@@ -54,7 +63,7 @@ class SpecplugWorker(BaseSpecWorker):
         self._target_worker = target_worker
         self._draft_worker = None  # the drafter lives in specplug, not in an SGLang runner
         self.speculative_algorithm = SpeculativeAlgorithm.from_string(spec.speculative_algorithm)
-        self.topk = 1
+        self.topk = max(1, int(spec.speculative_eagle_topk or 1))  # > 1: trees (algorithms.py)
         self.speculative_num_steps = int(spec.speculative_num_steps)
         self.speculative_num_draft_tokens = int(spec.speculative_num_draft_tokens)
         self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
@@ -65,13 +74,20 @@ class SpecplugWorker(BaseSpecWorker):
         draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
         options = {k: v for k, v in drafter_options().items() if k != "path"}
+        if self.topk > 1:
+            options = {**tree_options(self.method, self.topk, self.speculative_num_steps,
+                                      self.speculative_num_draft_tokens - 1), **options}
+        family = family_of(self.method)
+        info = _target_info(server_args, target_worker, self.device,
+                            lend_modules=family.reads_hidden_states)
         self.drafter = build_drafter(
-            DrafterSpec(self.method,
-                        draft_path if family_of(self.method).needs_weights else None, options),
-            _target_info(server_args, target_worker, self.device))
+            DrafterSpec(self.method, draft_path if family.needs_weights else None, options), info)
+        # hidden-state drafters: the target captures the layers they read (target_features.py)
+        self.features = None
         if self.drafter.needs.hidden_layers:
-            raise ValueError(f"specplug method {self.method!r} reads target hidden states, which "
-                             "SGLang hands only to its own EAGLE/DFLASH workers")
+            runner = target_worker.model_runner
+            self.features = FeatureTap(runner.model, info.num_layers, self.drafter.needs.hidden_layers)
+            self.features.install(runner)
         log.info("specplug %s drafter ready on %s: %s, %d draft tokens per step", self.method,
                  self.device, type(self.drafter).__name__, self.speculative_num_steps)
 
@@ -84,7 +100,10 @@ class SpecplugWorker(BaseSpecWorker):
             return self._prefill(batch, on_publish, pp_proxy_tensors)
         if batch.spec_info is None:
             batch.spec_info = _root_input(torch.empty(0, dtype=torch.int32, device=self.device))
-        batch.spec_info = self._chain_verify_input(batch)
+        batch.spec_info = self._verify_input(batch)
+        bs = 0 if batch.forward_mode.is_idle() else len(batch.reqs)
+        # host copy: where each row's verified features start (positions of its block)
+        seq_lens = _host_list(batch, "seq_lens") if self.features is not None and bs else None
         result = run_eagle_verify(
             batch, pp_proxy_tensors=pp_proxy_tensors, target_worker=self.target_worker,
             req_to_token_pool=self.req_to_token_pool,
@@ -93,6 +112,8 @@ class SpecplugWorker(BaseSpecWorker):
             num_draft_tokens=self.speculative_num_draft_tokens, device=self.device,
             metadata_ready_pre_pad=False, finalize_tree_path=True,
             grammar_barrier=grammar_barrier)
+        if self.features is not None and bs:
+            self._file_verified(batch.reqs, seq_lens, result)
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         result.next_draft_input = _root_input(result.next_draft_input.bonus_tokens)
@@ -103,14 +124,21 @@ class SpecplugWorker(BaseSpecWorker):
         row = self.rows.pop(rid)
         if row is not None:
             self.drafter.release([row])
+        if self.features is not None:
+            self.features.drop(rid)
 
     def clear_cache_pool(self):
         self.drafter.release(self.rows.pop_all())
+        if self.features is not None:
+            self.features.clear()
 
     # -- steps --------------------------------------------------------------------------------
     def _prefill(self, batch, on_publish, pp_proxy_tensors):
+        capture = CaptureHiddenMode.NULL if self.features is None else CaptureHiddenMode.FULL
         result = self.target_worker.forward_batch_generation(
-            batch, pp_proxy_tensors=pp_proxy_tensors, capture_hidden_mode=CaptureHiddenMode.NULL)
+            batch, pp_proxy_tensors=pp_proxy_tensors, capture_hidden_mode=capture)
+        if self.features is not None and not batch.forward_mode.is_idle():
+            self._file_prefilled(batch, result.logits_output.hidden_states)
         # spec v2 convention: seq_lens stays the length before this step's new tokens
         result.new_seq_lens = batch.seq_lens
         if on_publish is not None:
@@ -118,13 +146,37 @@ class SpecplugWorker(BaseSpecWorker):
         result.next_draft_input = _root_input(result.next_token_ids.to(torch.int32))
         return result
 
-    def _chain_verify_input(self, batch) -> EagleVerifyInput:
+    def _file_prefilled(self, batch, hidden: torch.Tensor) -> None:
+        """hidden [sum(extend_lens), F]: every extend token's captured states, request by request."""
+        if hidden is None or hidden.shape[0] != sum(batch.extend_lens):
+            raise RuntimeError("SGLang's prefill returned no hidden state per extend token "
+                               f"({None if hidden is None else tuple(hidden.shape)} for "
+                               f"{sum(batch.extend_lens)} tokens)")
+        offset = 0
+        for req, start, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+            self.features.file(req.rid, start, self.features.select(hidden[offset:offset + n]))
+            offset += n
+
+    def _file_verified(self, reqs, seq_lens: list[int], result) -> None:
+        """Each row's verified prefix [old root, accepted drafts] out of its block of
+        logits_output.hidden_states [bs * num_draft_tokens, F] (the accepted path is at the
+        front of a row's block, compacted there by SGLang for trees)."""
+        hidden, width = result.logits_output.hidden_states, self.speculative_num_draft_tokens
+        accept = result.accept_lens.tolist()  # host: the slice bounds of each row's features
+        for r, req in enumerate(reqs):
+            block = hidden[r * width:r * width + accept[r]]
+            self.features.file(req.rid, seq_lens[r], self.features.select(block))
+
+    def _verify_input(self, batch) -> EagleVerifyInput:
         root: EagleDraftInput = batch.spec_info
         bs = len(batch.reqs) if not batch.forward_mode.is_idle() else 0
-        steps = self.speculative_num_steps
+        steps, width = self.speculative_num_steps, self.speculative_num_draft_tokens
+        if not bs and self.topk > 1:
+            return EagleVerifyInput.create_idle_input(self.topk, steps, width, self.device)
+        proposal = self._propose(batch, root.bonus_tokens) if bs else None
+        if self.topk > 1:
+            return self._tree_verify_input(batch, proposal, root.bonus_tokens)
         if bs:
-            inp = draft_input(batch.reqs, self.rows, steps, root.bonus_tokens)
-            proposal = self.drafter.propose(inp)  # on self.device: the drafter lives there
             tokens = chain_tokens(proposal, root.bonus_tokens, steps)
         else:
             tokens = torch.empty((0, steps), dtype=torch.long, device=self.device)
@@ -134,8 +186,39 @@ class SpecplugWorker(BaseSpecWorker):
         selected = torch.arange(steps, dtype=torch.long, device=self.device).repeat(bs, 1)
         return build_eagle_verify_input(
             batch, root, parents, selected, tokens, None, target_worker=self.target_worker,
-            topk=1, num_steps=steps, num_draft_tokens=self.speculative_num_draft_tokens,
+            topk=1, num_steps=steps, num_draft_tokens=width,
             tree_mask_mode=default_tree_mask_mode(), device=self.device)
+
+    def _propose(self, batch, roots: torch.Tensor) -> DraftProposal:
+        """roots [bs]: each row's verify root.  The drafter's proposal, on self.device."""
+        inp = draft_input(batch.reqs, self.rows, self.speculative_num_steps, roots)
+        if self.features is not None:
+            # committed positions [start, n - 1) the drafter has not seen
+            taken = [self.features.take(r.rid, len(t) - 1) for r, t in zip(batch.reqs, inp.token_ids)]
+            inp.hidden_start = [start for start, _ in taken]
+            inp.hidden_states = [feats for _, feats in taken]
+        return self.drafter.propose(inp)
+
+    def _tree_verify_input(self, batch, proposal: DraftProposal,
+                           roots: torch.Tensor) -> EagleVerifyInput:
+        """topk > 1: the proposal (a tree, or a chain) as SGLang's fixed-width verify tree, in the
+        mask layout its attention backend reads (batch.tree_verify_tensors)."""
+        verify_mask = self.target_worker.model_runner.attn_backend.verify_mask
+        mode = default_tree_mask_mode() if verify_mask is None else verify_mask.mode
+        if mode not in (TreeMaskMode.QLEN_ONLY, TreeMaskMode.FULL_MASK):
+            raise RuntimeError(f"specplug trees need a QLEN_ONLY or FULL_MASK tree mask; this "
+                               f"attention backend reads {mode}")
+        t = tree_verify_tensors(proposal, roots, _host_list(batch, "seq_lens"),
+                                self.speculative_num_draft_tokens, self.speculative_num_steps,
+                                full_mask=mode == TreeMaskMode.FULL_MASK)
+        return EagleVerifyInput(
+            draft_token=t.draft_tokens, custom_mask=t.tree_mask, positions=t.positions,
+            retrieve_index=t.retrieve_index, retrieve_next_token=t.retrieve_next_token,
+            retrieve_next_sibling=t.retrieve_next_sibling, retrieve_cum_len=None,
+            spec_steps=self.speculative_num_steps, topk=self.topk,
+            draft_token_num=self.speculative_num_draft_tokens, capture_hidden_mode=None,
+            seq_lens_sum=None, seq_lens_cpu=None, draft_probs=None,
+            prepared_out_cache_loc=None, prepared_mrope_positions=None)
 
 
 def refuse_sampled(reqs) -> None:
@@ -157,12 +240,25 @@ def _root_input(bonus_tokens: torch.Tensor) -> EagleDraftInput:
         hidden_states=None, capture_hidden_mode=CaptureHiddenMode.NULL)
 
 
-def _target_info(server_args, target_worker, device) -> TargetInfo:
-    """What a token-only drafter borrows from SGLang's target: HF config, tokenizer, dtype, and
-    the device its weights and tensors must live on."""
+def _host_list(batch, name: str) -> list[int]:
+    """batch.<name> on the host (SGLang keeps a CPU copy of seq_lens beside the device one)."""
+    cpu = getattr(batch, f"{name}_cpu", None)
+    return (cpu if cpu is not None else getattr(batch, name)).tolist()
+
+
+def _target_info(server_args, target_worker, device, lend_modules: bool) -> TargetInfo:
+    """What a drafter borrows from SGLang's target: HF config, tokenizer, dtype, the device its
+    weights and tensors must live on, and for heads the target's embedding and lm_head."""
+    from specplug.models.lent import lend_modules as lend
     from specplug.models.loading import load_tokenizer
     model_config = target_worker.model_runner.model_config
     tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path,
                                required=False)
-    return TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
+    info = TargetInfo(config=model_config.hf_text_config, tokenizer=tokenizer,
                       dtype=model_config.dtype, device=torch.device(device))
+    if not lend_modules:
+        return info
+    model = target_worker.model_runner.model
+    inner = getattr(model, "model", model)
+    return lend(info, getattr(inner, "embed_tokens", None), getattr(model, "lm_head", None),
+                info.vocab_size)

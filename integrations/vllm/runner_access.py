@@ -41,30 +41,6 @@ def check_runner_settings(vllm_config) -> None:
                          "target, so its hidden states do not exist")
 
 
-class _LentEmbedding(nn.Module):
-    """The target's input embedding as a plain lookup (vLLM's VocabParallelEmbedding pads its
-    rows to a multiple of 64 and may shard them: at tensor-parallel size 1 a slice is exact)."""
-
-    def __init__(self, weight, vocab_size: int):
-        super().__init__()
-        self.weight = weight[:vocab_size]
-        self.num_embeddings = vocab_size
-
-    def forward(self, ids):  # ids [...] -> [..., H]
-        return nn.functional.embedding(ids, self.weight)
-
-
-class _LentLmHead(nn.Module):
-    """The target's lm_head as a plain matmul (vLLM's ParallelLMHead refuses to be called)."""
-
-    def __init__(self, weight, vocab_size: int):
-        super().__init__()
-        self.weight = weight[:vocab_size]
-
-    def forward(self, hidden):  # [..., H] -> [..., vocab]
-        return nn.functional.linear(hidden, self.weight)
-
-
 def target_info_from(model_config, target_model: nn.Module | None = None) -> TargetInfo:
     """What a drafter may borrow from vLLM's target: its HF config and tokenizer, and once the
     model is loaded its embedding and lm_head (EAGLE / DFlash heads share them)."""
@@ -75,14 +51,10 @@ def target_info_from(model_config, target_model: nn.Module | None = None) -> Tar
     if target_model is None:
         return info
     from .target_features import decoder_parts
-    vocab = int(model_config.hf_text_config.vocab_size)
+    from specplug.models.lent import lend_modules
     embed, _, _ = decoder_parts(target_model)
-    if embed is not None and getattr(embed, "weight", None) is not None:
-        info.embed_tokens = _LentEmbedding(embed.weight, vocab)
-    head = getattr(target_model, "lm_head", None)
-    if head is not None and getattr(head, "weight", None) is not None:
-        info.lm_head = _LentLmHead(head.weight, vocab)
-    return info
+    return lend_modules(info, embed, getattr(target_model, "lm_head", None),
+                        int(model_config.hf_text_config.vocab_size))
 
 
 def _device_of(target_model: nn.Module | None) -> torch.device:

@@ -244,7 +244,8 @@ def load_dflash_head(folder: str, target: TargetInfo) -> tuple[DFlashHead, DFlas
 
 FAMILY = Family("dflash", needs_weights=True, reads_hidden_states=True,
                  architectures=DFLASH_ARCHITECTURES, speculators_type="dflash",
-                 vllm_method="dflash", sglang_algorithm="DFLASH")
+                 vllm_method="dflash", sglang_algorithm="DFLASH",
+                 sglang_plugin_name="SPECPLUG_DFLASH")
 
 
 @register_drafter(FAMILY)

@@ -184,7 +184,8 @@ def _check_loaded(module: nn.Module, weights: dict, path: str) -> None:
 
 FAMILY = Family("eagle", needs_weights=True, reads_hidden_states=True,
                  architectures=("LlamaForCausalLMEagle", "EagleLlamaForCausalLM"),
-                 vllm_method="eagle", sglang_algorithm="EAGLE")
+                 vllm_method="eagle", sglang_algorithm="EAGLE",
+                 sglang_plugin_name="SPECPLUG_EAGLE")
 
 
 @register_drafter(FAMILY)

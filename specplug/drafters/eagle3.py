@@ -190,7 +190,8 @@ def load_eagle3(path: str, target: TargetInfo, options: dict | None = None) -> E
 
 FAMILY = Family("eagle3", needs_weights=True, reads_hidden_states=True,
                  architectures=("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"),
-                 speculators_type="eagle3", vllm_method="eagle3", sglang_algorithm="EAGLE3")
+                 speculators_type="eagle3", vllm_method="eagle3", sglang_algorithm="EAGLE3",
+                 sglang_plugin_name="SPECPLUG_EAGLE3")
 
 
 @register_drafter(FAMILY)

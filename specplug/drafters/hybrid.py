@@ -180,7 +180,8 @@ def _lookup_spec(opts: dict) -> DrafterSpec:
     return DrafterSpec("ngram", None, {"max_ngram": max_ngram, "min_ngram": min_match})
 
 
-FAMILY = Family("hybrid", needs_weights=True, reads_hidden_states=True)
+FAMILY = Family("hybrid", needs_weights=True, reads_hidden_states=True,
+                sglang_plugin_name="SPECPLUG_HYBRID")
 
 
 @register_drafter(FAMILY)

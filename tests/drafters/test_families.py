@@ -20,8 +20,8 @@ def test_every_family_is_declared_in_its_own_module():
 
 def test_records_are_consistent():
     for f in families():
-        if f.reads_hidden_states:  # features come from a target run, never a token-only plugin
-            assert f.sglang_plugin_name is None, f
+        if f.reads_hidden_states:  # SGLang's capture feeds them through specplug's worker
+            assert f.sglang_plugin_name, f
         if f.sglang_path_in_options:
             assert f.needs_weights and f.sglang_plugin_name, f
         if f.vllm_method or f.sglang_algorithm:  # engines' own families load checkpoints

@@ -48,7 +48,6 @@ pytestmark = pytest.mark.engine
 
 REPO = os.path.dirname(os.path.dirname(HERE))
 SCRIPTS = os.path.join(HERE, "sglang_scripts")
-INSTALL = os.path.join(REPO, "integrations", "sglang", "install_cpu.sh")
 GAMMA = 4
 MAX_NEW = 40
 BATCH = 6
@@ -101,12 +100,8 @@ def convert(native: str, verifier: str) -> str:
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def python():
-    """The SGLang venv's Python (built by the Makefile's install step; built here if missing)."""
-    path = os.environ.get("SPECPLUG_SGLANG_PYTHON", os.path.join(REPO, ".venv-sglang", "bin", "python"))
-    if not os.access(path, os.X_OK):
-        subprocess.run(["bash", INSTALL, os.path.dirname(os.path.dirname(path))], check=True)
-    return path
+def python(sglang_venv_python):
+    return sglang_venv_python
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +21,6 @@ from specplug.integrations.sglang.server import SGLangServer
 pytestmark = pytest.mark.engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-INSTALL = os.path.join(REPO, "integrations", "sglang", "install_cpu.sh")
 STEPS = 3
 MAX_NEW = 24
 FAKE_VERSION = "0.0.1"
@@ -34,12 +32,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 
 
 @pytest.fixture(scope="module")
-def python():
-    """The SGLang venv's Python (built by the Makefile's install step; built here if missing)."""
-    path = os.environ.get("SPECPLUG_SGLANG_PYTHON", os.path.join(REPO, ".venv-sglang", "bin", "python"))
-    if not os.access(path, os.X_OK):
-        subprocess.run(["bash", INSTALL, os.path.dirname(os.path.dirname(path))], check=True)
-    os.environ.setdefault("SPECPLUG_SGLANG_PYTHON", path)
+def python(sglang_venv_python):
+    os.environ.setdefault("SPECPLUG_SGLANG_PYTHON", sglang_venv_python)
     return sglang_python()
 
 

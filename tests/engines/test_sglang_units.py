@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from specplug.integrations.sglang import algorithms, compat, launch_cpu
-from specplug.integrations.sglang.batch import RowIds, chain_tokens, draft_input
+from specplug.integrations.sglang.batch import (RowIds, chain_tokens, draft_input,
+                                               tree_verify_tensors)
 from specplug.integrations.sglang.cpu import STANDINS, cpu_env
 from specplug.integrations.sglang.generate import accept_lengths_of, speculative_kwargs
 from specplug.integrations.sglang.server import cli_args
@@ -64,6 +65,8 @@ def test_algorithm_names_and_methods():
     assert algorithms.algorithm_for("draft") == "SPECPLUG_DRAFT"
     assert algorithms.algorithm_for("specdiff") == "SPECPLUG_SPECDIFF"
     assert algorithms.algorithm_for("eagle3") == "EAGLE3"  # SGLang's own worker
+    assert algorithms.algorithm_for("eagle3", native=False) == "SPECPLUG_EAGLE3"
+    assert algorithms.algorithm_for("hybrid") == "SPECPLUG_HYBRID"
     assert algorithms.resolve_method("SPECPLUG", None) == "ngram"
     with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
         algorithms.resolve_method("SPECPLUG_DRAFT", None)
@@ -71,10 +74,9 @@ def test_algorithm_names_and_methods():
         algorithms.resolve_method("EAGLE", None)
 
 
-def test_auto_name_sends_eagle_checkpoints_to_sglangs_worker(tmp_path):
+def test_auto_name_detects_a_head_for_specplugs_worker(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
-    with pytest.raises(ValueError, match="--speculative-algorithm EAGLE3"):
-        algorithms.resolve_method("SPECPLUG", str(tmp_path))
+    assert algorithms.resolve_method("SPECPLUG", str(tmp_path)) == "eagle3"
 
 
 def args(**kw):
@@ -95,8 +97,30 @@ def test_server_args_resolve_to_a_chain_without_overlap():
     assert b.speculative_num_steps == algorithms.DEFAULT_NUM_STEPS
 
 
+def test_server_args_resolve_a_tree():
+    a = args(speculative_eagle_topk=2, speculative_num_steps=3)
+    algorithms.handle_server_args(a)  # EAGLE-2's default size: topk nodes per depth
+    assert (a.speculative_num_steps, a.speculative_eagle_topk, a.speculative_num_draft_tokens) == (3, 2, 7)
+    assert algorithms.tree_options("eagle3", 2, 3, 6) == {"tree_topk": 2, "tree_depth": 3, "tree_nodes": 6}
+    assert algorithms.tree_options("hybrid", 2, 3, 6)["head_tree_nodes"] == 6
+    assert algorithms.tree_options("draft", 2, 3, 6) == {}
+
+
+def test_server_args_for_hidden_state_drafters(tmp_path):
+    """No radix cache (a cached prefix has no hidden states); with CUDA graphs, graphs captured
+    with the FULL hidden-state mode verify runs with."""
+    a = args(speculative_algorithm="SPECPLUG_EAGLE3", speculative_draft_model_path=str(tmp_path),
+             disable_radix_cache=False, disable_cuda_graph=False, enable_return_hidden_states=False)
+    algorithms.handle_server_args(a)
+    assert a.disable_radix_cache and a.enable_return_hidden_states
+    b = args(disable_radix_cache=False, disable_cuda_graph=True, enable_return_hidden_states=False)
+    algorithms.handle_server_args(b)  # n-gram on CPU: both untouched
+    assert not b.disable_radix_cache and not b.enable_return_hidden_states
+
+
 @pytest.mark.parametrize("kw, msg", [
-    ({"speculative_eagle_topk": 4}, "--speculative-eagle-topk must be 1"),
+    ({"speculative_eagle_topk": 2, "speculative_num_draft_tokens": 1}, "a tree needs"),
+    ({"speculative_eagle_topk": -1}, "must be >= 1"),
     ({"speculative_draft_model_path": "/nope/x"}, "does not exist"),
     ({"speculative_algorithm": "SPECPLUG_SPECDIFF"}, "needs --speculative-draft-model-path"),
 ])
@@ -178,3 +202,65 @@ def test_cpu_launcher_without_sglang_says_so_in_one_line():
                            "--model-path", "T"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "has no SGLang" in proc.stderr, proc.stderr
+
+
+def test_tree_tensors_worked_example():
+    prop = DraftProposal(torch.tensor([[3, 5]]), torch.tensor([[-1, 0]]))
+    t = tree_verify_tensors(prop, torch.tensor([7]), [10], num_draft_tokens=4, max_depth=3,
+                            full_mask=False)
+    assert t.draft_tokens.tolist() == [7, 3, 5, 3]  # a filler copy of the first node
+    assert t.positions.tolist() == [10, 11, 12, 11]
+    assert t.retrieve_next_token.tolist() == [[1, 2, -1, -1]]
+    assert t.retrieve_next_sibling.tolist() == [[-1, 3, -1, -1]]
+    assert t.tree_mask.view(4, 4).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0],
+                                                     [1, 0, 0, 1]]
+    full = tree_verify_tensors(prop, torch.tensor([7]), [2], 4, 3, full_mask=True)
+    assert full.tree_mask.view(4, 6)[:, :2].all() and torch.equal(
+        full.tree_mask.view(4, 6)[:, 2:], t.tree_mask.view(4, 4))
+    deep = tree_verify_tensors(prop, torch.tensor([7]), [10], 4, max_depth=1, full_mask=False)
+    assert deep.draft_tokens.tolist() == [7, 3, 3, 3]  # depth 2 dropped: past the verify steps
+
+
+def test_tree_tensors_of_a_chain_equal_sglangs_chain_kernel(tree_kernels):
+    build, _ = tree_kernels
+    n, steps = 5, 4
+    mask = torch.zeros(n * n, dtype=torch.bool)
+    pos = torch.zeros(n, dtype=torch.long)
+    idx, nxt, sib = (torch.full((1, n), -1, dtype=torch.long) for _ in range(3))
+    build(torch.arange(-1, steps - 1)[None], torch.arange(steps)[None], torch.tensor([9]), mask,
+          pos, idx, nxt, sib, 1, steps, n, 1)
+    t = tree_verify_tensors(DraftProposal.chain(torch.tensor([[4, 5, 6, 7]])), torch.tensor([3]),
+                            [9], n, steps, full_mask=False)
+    assert torch.equal(t.tree_mask, mask) and torch.equal(t.positions, pos)
+    assert torch.equal(t.retrieve_index, idx) and torch.equal(t.retrieve_next_token, nxt)
+    assert torch.equal(t.retrieve_next_sibling, sib)
+
+
+def test_tree_tensors_verify_as_specplugs_own_tree_verify(tree_kernels):
+    """Random trees through SGLang's greedy tree walk (the stand-in kernel) accept what
+    specplug.verify accepts, for a target whose argmax follows a random path."""
+    from specplug.verify import verify_greedy_tree
+    _, walk = tree_kernels
+    gen = torch.Generator().manual_seed(0)
+    vocab, n = 6, 8
+    for _ in range(200):
+        m = int(torch.randint(1, n, (1,), generator=gen))
+        parents = [-1] + [int(torch.randint(-1, j, (1,), generator=gen)) for j in range(1, m)]
+        tokens = torch.randint(0, vocab, (1, m), generator=gen)
+        prop = DraftProposal(tokens, torch.tensor([parents]))
+        # target argmax per node, random: logits over the proposal's nodes (root first)
+        argmax = torch.randint(0, vocab, (1, m + 1), generator=gen)
+        want = verify_greedy_tree(torch.nn.functional.one_hot(argmax, vocab).float(), prop)
+        t = tree_verify_tensors(prop, torch.tensor([0]), [5], n, max_depth=n, full_mask=False)
+        # the target's argmax at each SGLang node: the proposal node's, root's at node 0,
+        # and a filler copies node 0's token (so its argmax is unreached)
+        target = torch.cat([argmax[0], torch.full((n - 1 - m,), vocab)])[None]
+        predicts = torch.zeros(n, dtype=torch.int32)
+        accept_index = torch.full((1, n), -1, dtype=torch.int32)
+        accepted = torch.zeros(1, dtype=torch.int32)
+        walk(predicts, accept_index, accepted, t.draft_tokens.view(1, n), t.retrieve_index,
+             t.retrieve_next_token, t.retrieve_next_sibling, target)
+        k = int(accepted[0])
+        assert k == int(want.num_accepted[0]), (tokens, parents, argmax)
+        path = [int(i) for i in accept_index[0, :k + 1]]
+        assert [int(predicts[i]) for i in path] == want.row_tokens(0)

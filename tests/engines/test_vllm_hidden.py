@@ -22,14 +22,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vllm_scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import converted_fixtures as CF  # noqa: E402
 import harness  # noqa: E402
 
-from specplug.drafters.base import DrafterSpec, build_drafter  # noqa: E402
-from specplug.engine.embedded import EmbeddedEngine  # noqa: E402
-from specplug.engine.rows import Request  # noqa: E402
+from hidden_checks import assert_features_match, clip_last_step, embedded_outputs, hf_features  # noqa: E402
+
 from specplug.integrations.vllm.subprocess_job import run_python  # noqa: E402
-from specplug.models.loading import load_causal_lm, load_tokenizer, target_info  # noqa: E402
+from specplug.models.loading import load_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -40,13 +40,6 @@ SMOL_HEAD = os.path.join(harness.REPO, "specplug", "assets", "drafters", "smollm
 SMOL_QUESTIONS = ["Write a short poem about the sea.", "Explain what a hash table is.",
                   "List three tips for staying focused while studying.",
                   "Describe how a bicycle works."]
-
-
-def clip_last_step(lengths: list[int], max_new: int) -> list[int]:
-    """vLLM drafts gamma tokens on a request's last step and counts them before cutting the
-    output at max_tokens; the embedded engine never drafts past the budget."""
-    room = max_new - 1 - sum(lengths[:-1])
-    return lengths[:-1] + [min(lengths[-1], room)]
 
 
 @pytest.fixture(scope="module")
@@ -130,52 +123,19 @@ def test_greedy_identity_with_vllm_no_spec(runs, case, base):
     assert s["num_accepted_tokens"] == sum(a - 1 for a in lengths)
 
 
-def _hf_features(folder: str, records: dict, indices: tuple[int, ...]):
-    """(features vLLM handed the drafter, HF's hidden_states on the same tokens), per row."""
-    model = load_causal_lm(folder, dtype=torch.float32)
-    pairs = []
-    for rid, rec in records.items():
-        chunks = sorted(rec["chunks"], key=lambda c: c[0])
-        assert chunks and chunks[0][0] == 0, f"row {rid}: features do not start at position 0"
-        for (s0, f0), (s1, _) in zip(chunks, chunks[1:]):
-            assert s0 + f0.shape[0] == s1, f"row {rid}: features skip or repeat a position at {s1}"
-        got = torch.cat([c[1] for c in chunks])
-        tokens = rec["tokens"]
-        assert got.shape[0] == len(tokens) - 1  # every committed position but the last
-        with torch.no_grad():
-            out = model(torch.tensor([tokens]), output_hidden_states=True)
-        want = torch.cat([out.hidden_states[i][0] for i in indices], dim=-1)[:got.shape[0]]
-        pairs.append((got.float(), want.float()))
-    return pairs
-
-
 @pytest.mark.parametrize("case,indices", [("tiny-eagle3", (0, 1, 2)), ("smol-hybrid", (2, 15, 27))])
 def test_features_equal_hf_hidden_states(runs, models, case, indices):
     folder = models["tiny"] if case.startswith("tiny") else models["smol"]
     records = runs[case]["features"]
     assert len(records) >= 4
-    pairs = _hf_features(folder, records, indices)
-    width = pairs[0][1].shape[-1] // len(indices)
-    for got, want in pairs:
-        assert got.shape == want.shape
-        for k, i in enumerate(indices):  # per layer: scale differs a lot between layers
-            g, w = got[:, k * width:(k + 1) * width], want[:, k * width:(k + 1) * width]
-            err = (g - w).abs().max() / w.abs().max()
-            assert err < 1e-4, f"{case}: hidden_states[{i}] differs from HF by {err:.2e} (relative)"
-
-
-def _embedded(folder: str, family: str, head: str, prompts, max_new: int):
-    target = load_causal_lm(folder, dtype=torch.float32)
-    tok = load_tokenizer(folder, required=False)
-    drafter = build_drafter(DrafterSpec(family, head), target_info(target, tok))
-    outs, _ = EmbeddedEngine(target, tok, drafter, num_draft_tokens=GAMMA).generate(
-        [Request(p, max_new) for p in prompts], batch_size=len(prompts))
-    return outs
+    pairs = hf_features(folder, records, indices)
+    assert_features_match(pairs, indices, case)
 
 
 def test_tiny_eagle3_accepts_what_the_embedded_engine_accepts(runs, models):
     res = runs["tiny-eagle3"]
-    outs = _embedded(models["tiny"], "eagle3", models["tiny_head"], models["tiny_prompts"], TINY_NEW)
+    outs = embedded_outputs(models["tiny"], "eagle3", models["tiny_head"], models["tiny_prompts"],
+                            TINY_NEW, GAMMA)
     assert [o.output_token_ids for o in outs] == _outputs(res)
     for i, (o, r) in enumerate(zip(outs, res["requests"])):
         assert clip_last_step(r["accept_lengths"], TINY_NEW) == o.accept_lengths, (
@@ -190,7 +150,7 @@ def test_smollm2_accepts_what_the_embedded_engine_accepts(runs, models, family):
     bits (features agree to ~1e-6 relative), which could flip a near-tie of the head's argmax;
     none did on these prompts: every step agrees (vLLM's last step clipped as above)."""
     res = runs[f"smol-{family}"]
-    outs = _embedded(models["smol"], family, SMOL_HEAD, models["smol_prompts"], SMOL_NEW)
+    outs = embedded_outputs(models["smol"], family, SMOL_HEAD, models["smol_prompts"], SMOL_NEW, GAMMA)
     assert [o.output_token_ids for o in outs] == _outputs(res), "HF and vLLM targets disagree"
     for i, (o, r) in enumerate(zip(outs, res["requests"])):
         v = r["accept_lengths"]

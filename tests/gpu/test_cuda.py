@@ -166,3 +166,30 @@ def test_sglang_plugin_draft_model_on_cuda(tiny_models):
             logs[name] = server.log_text()
     assert outs["spec"] == outs["plain"]
     assert "drafter ready on cuda" in logs["spec"], logs["spec"][-2000:]
+
+
+@pytest.mark.parametrize("method,topk", [("eagle3", 1), ("hybrid", 1), ("eagle3", 2)])
+def test_sglang_plugin_hidden_state_drafters_with_cuda_graphs(tmp_path, method, topk):
+    """specplug's EAGLE-3 head and the hybrid through SGLang's plugin worker on CUDA with SGLang's
+    defaults (CUDA graphs on): SGLang's aux capture feeds them (the decode graphs recaptured in
+    FULL mode), chains and a topk-2 tree; greedy output equals SGLang without speculation."""
+    import converted_fixtures as CF
+    from specplug.integrations.sglang.generate import speculative_kwargs
+    from specplug.integrations.sglang.server import SGLangServer
+    python = _engine_python("SPECPLUG_SGLANG_PYTHON", ".venv-sglang", "sglang")
+    target, folder = CF.attention_target(str(tmp_path / "tiny"))
+    head = CF.eagle3_head(str(tmp_path / "tiny-eagle3"), target)
+    spec = speculative_kwargs(method, head, GAMMA, native=False)
+    if topk > 1:
+        spec.update(speculative_eagle_topk=topk, speculative_num_draft_tokens=topk * GAMMA + 1)
+    outs, logs = {}, {}
+    for name, settings in (("plain", None), ("spec", spec)):
+        log = os.path.join(str(tmp_path), f"sglang-{name}.log")
+        with SGLangServer(folder, python, spec=settings, log_path=log,
+                          env={"SGLANG_USE_CPU_ENGINE": "0"}) as server:
+            outs[name] = [server.generate(p, temperature=0, max_new_tokens=MAX_NEW,
+                                          ignore_eos=True)["output_ids"]
+                          for p in CF.prompts_for("attention", 4)]
+            logs[name] = server.log_text()
+    assert outs["spec"] == outs["plain"]
+    assert "drafter ready on cuda" in logs["spec"], logs["spec"][-2000:]

@@ -8,7 +8,11 @@ this process only; drafts are unchanged.
 usage: python record_features.py JOB.json RESULT.json FEATURES.pt
 """
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from feature_records import record_draft_input  # noqa: E402
 
 
 def main(job_path: str, out_path: str, feats_path: str) -> None:
@@ -21,12 +25,7 @@ def main(job_path: str, out_path: str, feats_path: str) -> None:
     propose = eagle_runtime.EagleDrafter.propose
 
     def recording(self, inp):
-        for r, rid in enumerate(inp.row_ids):
-            rec = records.setdefault(rid, {"chunks": [], "tokens": []})
-            rec["tokens"] = inp.token_ids[r].tolist()
-            feats = inp.hidden_states[r] if inp.hidden_states else None
-            if feats is not None and feats.shape[0]:
-                rec["chunks"].append((int(inp.hidden_start[r]), feats.detach().clone()))
+        record_draft_input(records, inp)
         return propose(self, inp)
 
     eagle_runtime.EagleDrafter.propose = recording
