@@ -30,6 +30,12 @@ REQUIRED_PARAMETERS = {
         ("batch", "capture_hidden_mode"),
     "sglang.srt.speculative.base_spec_worker:BaseSpecWorker.note_request_finished":
         ("rid", "natural_stop"),
+    # hidden-state drafters: aux layers captured by the target, graphs recaptured after
+    "sglang.srt.models.llama:LlamaForCausalLM.set_eagle3_layers_to_capture": ("layer_ids",),
+    "sglang.srt.model_executor.model_runner:ModelRunner.recapture_decode_cuda_graph": (),
+    # trees: the verify input built from specplug's own tree tensors
+    "sglang.srt.speculative.eagle_info:EagleVerifyInput.create_idle_input":
+        ("topk", "spec_steps", "num_verify_tokens", "device"),
 }
 
 # dataclass fields read or written on SGLang's objects
@@ -38,6 +44,12 @@ REQUIRED_FIELDS = {
         ("next_token_ids", "accept_lens", "new_seq_lens", "next_draft_input"),
     "sglang.srt.speculative.eagle_info:EagleDraftInput":
         ("bonus_tokens", "topk_p", "topk_index", "hidden_states", "capture_hidden_mode"),
+    "sglang.srt.speculative.eagle_info:EagleVerifyInput":
+        ("draft_token", "custom_mask", "positions", "retrieve_index", "retrieve_next_token",
+         "retrieve_next_sibling", "retrieve_cum_len", "spec_steps", "topk", "draft_token_num",
+         "capture_hidden_mode", "seq_lens_sum", "seq_lens_cpu", "draft_probs",
+         "prepared_out_cache_loc", "prepared_mrope_positions"),
+    "sglang.srt.layers.logits_processor:LogitsProcessorOutput": ("hidden_states",),
 }
 
 
