@@ -19,6 +19,8 @@ which the switch calls per block with drafter=None (their own baseline) and with
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -214,18 +216,33 @@ class _SessionRun:
         self.open_msg, self.to_batch, self.from_result = open_msg, to_batch, from_result
         self.client = None
         self.env: dict = {}
+        self.failed = False  # a failed session's log stays: the error message points at it
 
     def __call__(self, reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
         from specplug.jobfile import SessionClient
-        if self.client is None:
-            self.client = SessionClient(*self.args)
-            self.env = self.client.call({"open": self.open_msg}, timeout=1800)["environment"]
-        return self.from_result(self.client.call({"run": self.to_batch(reqs)}), reqs, stats)
+        try:
+            if self.client is None:
+                self.client = SessionClient(*self.args)
+                self.env = self.client.call({"open": self.open_msg}, timeout=1800)["environment"]
+            return self.from_result(self.client.call({"run": self.to_batch(reqs)}), reqs, stats)
+        except Exception:
+            self.failed = True
+            raise
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
+            if not self.failed:
+                _remove_log(self.args[3])
+
+
+def _remove_log(path: str) -> None:
+    """A clean session's log, and its folder once the folder's last log is gone."""
+    import os
+    with contextlib.suppress(OSError):
+        os.remove(path)
+        os.rmdir(os.path.dirname(path))
 
 
 def _session_arms(engine: str, t: BenchTarget, python: str, module: str, env_for, open_for,

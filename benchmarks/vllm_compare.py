@@ -15,8 +15,9 @@ on a shared machine falls on every engine alike).  The load average is recorded 
 Pairs:
   ngram  specplug n-gram (max_ngram N, min 1)      vs  vLLM "ngram" (prompt_lookup_max N, min 1)
   draft  specplug draft model (HF forward in-loop) vs  vLLM "draft_model" (paged, same weights)
-  eagle3 specplug EAGLE-3 drafter through the plugin (custom_class, target features from forward
-         hooks) vs vLLM "eagle3" on the same head converted by `specplug convert --to speculators`
+  eagle3 specplug EAGLE-3 drafter through the plugin (custom_class, target features from vLLM's
+         own aux hidden-state outputs, default compile mode) vs vLLM "eagle3" on the same head
+         converted by `specplug convert --to speculators`
 Every engine runs without prefix caching: the timed repeats would otherwise skip the prompts'
 prefill on one side (the plugin's hidden-state drafters need it off).
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from typing import Callable, Protocol
@@ -57,6 +58,7 @@ def run_job_files(argv: list[str] | None, module: str, run_job: Callable[[dict],
 def serve_session(fd: int, open_session: Callable[[dict], EngineSession]) -> int:
     replies = os.fdopen(fd, "w", buffering=1)
     session = None
+    _exit_with_parent()
     try:
         for line in sys.stdin:
             msg = json.loads(line)
@@ -80,6 +82,19 @@ def serve_session(fd: int, open_session: Callable[[dict], EngineSession]) -> int
             session.close()
         replies.close()
     return 0
+
+
+def _exit_with_parent() -> None:
+    """A session outlives no client: on Linux the kernel sends SIGTERM when the parent dies (a
+    benchmark killed mid-batch would otherwise leave its engines, and their schedulers, running),
+    and SIGTERM unwinds through serve_session's `finally`, which shuts the engine down."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request above took effect
+        sys.exit(143)
 
 
 class SessionClient:

@@ -18,6 +18,7 @@ FAKE_ENGINE = textwrap.dedent('''
     """Fake engine session: SGLang's batch format over the embedded engine."""
     import os
     import sys
+    import time
 
     import torch
 
@@ -55,6 +56,9 @@ FAKE_ENGINE = textwrap.dedent('''
         def run(self, batch):
             if batch.get("crash"):
                 os._exit(3)
+            if batch.get("sleep"):
+                note(f"sleeping {os.getpid()}")
+                time.sleep(batch["sleep"])
             if batch.get("fail"):
                 raise ValueError("asked to fail")
             note(f"run {self.name} {os.getpid()} {len(batch['requests'])}")
@@ -105,7 +109,46 @@ def test_session_serves_many_batches_and_reports_failures(fake_engine, tiny_mode
     assert log[0] == f"open plain {client.proc.pid}" and len(log) == 4  # open + 3 runs
 
 
-def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_path):
+def test_a_killed_client_takes_its_engine_down(fake_engine, tiny_models, tmp_path):
+    """The benchmark killed (SIGKILL) while its engine is mid-batch: the engine is shut down
+    through its own close, not left running."""
+    import signal
+    import subprocess
+    import time
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        from specplug.jobfile import SessionClient
+        c = SessionClient(sys.executable, "fake_engine", dict(os.environ), {str(tmp_path / "s.log")!r})
+        c.call({{"open": {{"target": {tiny_models["target"]!r}, "spec": {{}}}}}}, timeout=300)
+        print(c.proc.pid, flush=True)
+        c.proc.stdin.write('{{"run": {{"sleep": 120, "requests": []}}}}\\n')
+        c.proc.stdin.flush()
+        time.sleep(300)
+        """)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while "sleeping" not in fake_engine.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, os.WNOHANG)
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the engine session outlived its killed client")
+    assert fake_engine.read_text().splitlines()[-1] == "close plain"  # shut down, not just gone
+
+
+def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
     out = tmp_path / "r"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
@@ -135,6 +178,7 @@ def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_p
     assert run["environment"]["cpu_standins"] is True
     assert run["environment"]["engines"]["sglang/ngram"]["versions"] == {"fake": "1"}
     assert len(run["speedup_spread"]["per_rep"]) == 2
+    assert os.listdir(tmp_path / "tmp") == []  # clean sessions leave no logs behind
 
 
 def test_an_engine_that_fails_to_start_is_one_line(fake_engine, tiny_models, tmp_path, capsys,
