@@ -28,8 +28,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="drafter option, repeatable (e.g. max_ngram=3)")
     p.add_argument("--compare", action="append", default=[], metavar="[LABEL:]METHOD[@PATH][,K=V...]",
-                   help="another embedded drafter arm in the same run, repeatable, e.g. "
-                        "--compare dflash@assets/smollm2-dflash --compare "
+                   help="another drafter arm in the same run (embedded, vllm, sglang), "
+                        "repeatable, e.g. --compare dflash@assets/smollm2-dflash --compare "
                         "hyb:hybrid@assets/smollm2-eagle3,head_min_confidence=0.4")
     p.add_argument("--engine", default="embedded", choices=ENGINES)
     p.add_argument("--no-anchors", action="store_true",

@@ -65,7 +65,7 @@ class BenchTarget:
     gamma: int
     sampling: SamplingParams
     batch_size: int
-    compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more embedded arms
+    compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more drafter arms
     budget: str = "off"  # embedded drafter arms: with the speculation budget, without, or both
     longest: int = 4096  # the most prompt + new tokens a request may need (engine sessions)
 
@@ -247,19 +247,21 @@ def _remove_log(path: str) -> None:
 
 def _session_arms(engine: str, t: BenchTarget, python: str, module: str, env_for, open_for,
                   to_batch, from_result) -> list[Arm]:
-    """A plain arm and (with a drafter) a speculative arm, each its own engine session."""
+    """A plain arm, (with a drafter) a speculative arm, and one per --compare drafter, each its
+    own engine session."""
     import tempfile
     logs = tempfile.mkdtemp(prefix=f"specplug-bench-{engine}-")
     arms = []
-    for drafter in [None] + ([t.drafter] if t.drafter is not None else []):
+    named = [("none", None)] + ([(t.drafter.method, t.drafter)] if t.drafter is not None else [])
+    for label, drafter in named + list(t.compare):
         method = drafter.method if drafter else "none"
         run = _SessionRun(python, module, env_for(drafter), open_for(drafter), to_batch,
-                          from_result, f"{logs}/{method}.log")
+                          from_result, f"{logs}/{label}.log")
         settings = {"batch_size": t.batch_size, "python": python}
         if drafter is not None:
             settings.update(gamma=t.gamma, drafter_path=drafter.path,
                             options=dict(drafter.options))
-        arms.append(Arm(f"{engine}/{method}", engine, method,
+        arms.append(Arm(f"{engine}/{label}", engine, method,
                         "spec" if drafter else "baseline", run, settings, close=run.close,
                         environment=lambda run=run: run.env))
     return arms
@@ -305,7 +307,8 @@ def _sglang_arms(t: BenchTarget) -> list[Arm]:
         return cpu_env(env) if on_cpu() else env
 
     def open_for(drafter: DrafterSpec | None) -> dict:
-        spec = sg.speculative_kwargs(drafter and drafter.method, drafter and drafter.path, t.gamma)
+        spec = sg.speculative_kwargs(drafter and drafter.method, drafter and drafter.path, t.gamma,
+                                     options=drafter and drafter.options)
         return {"target": t.path, "longest": t.longest, "spec": spec,
                 "engine_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
                                   "max_running_requests": t.batch_size}}

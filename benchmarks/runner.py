@@ -101,8 +101,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     if cfg.budget == "both" and cfg.engine != "embedded":
         raise ValueError("--budget both runs two embedded arms: use on or off with --engine "
                          f"{cfg.engine}")
-    if cfg.compare and cfg.engine != "embedded":
-        raise ValueError("--compare adds embedded arms: use it with --engine embedded")
+    if cfg.compare and cfg.engine not in ("embedded", "vllm", "sglang"):
+        raise ValueError(f"--compare adds drafter arms to the embedded engine, vLLM or SGLang, "
+                         f"not {cfg.engine}")
     hf_logging.disable_progress_bar()  # the bench has its own bar
     model = load_causal_lm(cfg.target, dtype=getattr(torch, cfg.dtype))
     tokenizer = load_tokenizer(cfg.target)

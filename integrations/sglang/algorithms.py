@@ -167,6 +167,20 @@ def tree_options(method: str, topk: int, depth: int, nodes: int) -> dict:
     return {}  # chains are trees too: verified as one
 
 
+def tree_shape(method: str, options: dict, num_draft_tokens: int) -> tuple[int, int, int]:
+    """(topk, num_steps, num_draft_tokens) of SGLang's verify for drafter options: a chain of
+    num_draft_tokens unless the options ask for a tree (the inverse of tree_options)."""
+    prefix = "head_" if method == "hybrid" else ""
+    topk = int(options.get(f"{prefix}tree_topk") or 0)
+    if method == "suffix" and int(options.get("tree_nodes") or 0) > 0:
+        topk = max(topk, 2)  # a suffix tree has no fixed fan-out: any topk > 1 verifies trees
+    if topk <= 1:
+        return 1, num_draft_tokens, num_draft_tokens + 1
+    depth = int(options.get(f"{prefix}tree_depth") or num_draft_tokens)
+    nodes = int(options.get(f"{prefix}tree_nodes") or topk * depth)
+    return topk, depth, nodes + 1
+
+
 def spec_class():
     """A CustomSpecAlgo that answers every question SGLang asks of an algorithm."""
     from sglang.srt.speculative.spec_registry import CustomSpecAlgo

@@ -30,21 +30,23 @@ from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
-from .algorithms import OPTIONS_ENV, algorithm_for
+from .algorithms import OPTIONS_ENV, algorithm_for, tree_shape
 from .cpu import cpu_env, on_cpu, standins_active
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: int,
-                       native: bool = True) -> dict:
+                       native: bool = True, options: dict | None = None) -> dict:
     """sglang.Engine / launch_server settings that run specplug `method` (empty: no speculation);
-    native False runs specplug's own EAGLE/DFlash heads where SGLang has a worker for them."""
+    native False runs specplug's own EAGLE/DFlash heads where SGLang has a worker for them.
+    Drafter options that ask for a tree (tree_topk, head_tree_topk, ...) set SGLang's tree shape."""
     if method in (None, "none"):
         return {}
+    topk, steps, width = tree_shape(method, options or {}, num_draft_tokens)
     kwargs = {"speculative_algorithm": algorithm_for(method, native),
-              "speculative_num_steps": num_draft_tokens, "speculative_eagle_topk": 1,
-              "speculative_num_draft_tokens": num_draft_tokens + 1}
+              "speculative_num_steps": steps, "speculative_eagle_topk": topk,
+              "speculative_num_draft_tokens": width}
     if path and not family_of(method).sglang_path_in_options:
         kwargs["speculative_draft_model_path"] = path
     return kwargs

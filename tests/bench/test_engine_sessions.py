@@ -181,6 +181,21 @@ def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_p
     assert os.listdir(tmp_path / "tmp") == []  # clean sessions leave no logs behind
 
 
+def test_compare_adds_engine_arms(fake_engine, tiny_models, tmp_path):
+    out = tmp_path / "r"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                     "--engine", "sglang", "--no-anchors", "--max-new-tokens", "4",
+                     "--dtype", "float64", "--repeats", "1", "--output", str(out),
+                     "--compare", "wide:ngram,max_ngram=2", "--gamma", "2",
+                     "--no-progress", "--name", "cmp"]) == 0
+    run = json.loads((out / "cmp.json").read_text())
+    assert [a["label"] for a in run["arms"]] == ["sglang/none", "sglang/ngram", "sglang/wide"]
+    assert run["arms"][2]["settings"]["options"] == {"max_ngram": "2"}  # as the CLI read it
+    opens = [ln.split() for ln in fake_engine.read_text().splitlines() if ln.startswith("open")]
+    assert len(opens) == 3  # every arm its own engine
+
+
 def test_an_engine_that_fails_to_start_is_one_line(fake_engine, tiny_models, tmp_path, capsys,
                                                    monkeypatch):
     monkeypatch.setenv("FAKE_ENGINE_FAIL_OPEN", "1")

@@ -104,6 +104,15 @@ def test_server_args_resolve_a_tree():
     assert algorithms.tree_options("eagle3", 2, 3, 6) == {"tree_topk": 2, "tree_depth": 3, "tree_nodes": 6}
     assert algorithms.tree_options("hybrid", 2, 3, 6)["head_tree_nodes"] == 6
     assert algorithms.tree_options("draft", 2, 3, 6) == {}
+    # the bench's way in: drafter options asking for a tree set SGLang's tree shape
+    for method in ("eagle3", "hybrid"):
+        opts = algorithms.tree_options(method, 2, 3, 6)
+        assert algorithms.tree_shape(method, opts, 4) == (2, 3, 7)
+    assert algorithms.tree_shape("hybrid", {"head_tree_topk": 3}, 4) == (3, 4, 13)
+    assert algorithms.tree_shape("suffix", {"tree_nodes": 6}, 4) == (2, 4, 7)
+    assert algorithms.tree_shape("eagle3", {}, 4) == (1, 4, 5)
+    kw = speculative_kwargs("hybrid", "/h", 4, options={"head_tree_topk": 2})
+    assert (kw["speculative_eagle_topk"], kw["speculative_num_draft_tokens"]) == (2, 9)
 
 
 def test_server_args_for_hidden_state_drafters(tmp_path):
