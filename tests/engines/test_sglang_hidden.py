@@ -76,25 +76,20 @@ def runs(sglang_venv_python, models):
             "hybrid-tree": _job(models, "hybrid", {"lookup": "suffix"}, topk=2),
             "dflash": _job(models, "dflash")}
     root = models["root"]
-    results = {}
-    for name, job in jobs.items():
-        feats_dir = os.path.join(root, f"{name}-features")
-        os.makedirs(feats_dir)
-        paths = [os.path.join(root, f"{name}.{k}") for k in ("job.json", "out.json")]
-        with open(paths[0], "w") as f:
-            json.dump(job, f)
-        env = cpu_env(dict(os.environ, **SGLANG_ENV, SPECPLUG_TEST_FEATURES=feats_dir,
-                           **({"SPECPLUG_DRAFTER_OPTIONS": json.dumps(job["options"])}
-                              if "options" in job else {})))
-        proc = subprocess.run([sglang_venv_python, RECORDER, *paths], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        with open(paths[1]) as f:
-            results[name] = json.load(f)
-        records = {}
-        for path in glob.glob(os.path.join(feats_dir, "*.pt")):
-            records.update(torch.load(path, weights_only=False))
-        results[name]["features"] = records
+    paths = [os.path.join(root, k) for k in ("jobs.json", "results.json", "features")]
+    with open(paths[0], "w") as f:
+        json.dump({"jobs": jobs}, f)
+    # one SGLang process, the engines one after another: SGLang's import is paid once
+    proc = subprocess.run([sglang_venv_python, RECORDER, *paths],
+                          env=cpu_env(dict(os.environ, **SGLANG_ENV)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(paths[1]) as f:
+        results = json.load(f)["results"]
+    for name, res in results.items():
+        res["features"] = {}
+        for path in glob.glob(os.path.join(paths[2], name, "*.pt")):
+            res["features"].update(torch.load(path, weights_only=False))
     return results
 
 

@@ -1,13 +1,15 @@
-"""Tests-only, run in the SGLang venv: one generate job (integrations/sglang/generate.py) whose
-scheduler records what specplug's EAGLE drafters were handed.
+"""Tests-only, run in the SGLang venv: generate jobs (integrations/sglang/generate.py), one engine
+after another in this process, whose schedulers record what specplug's EAGLE drafters were handed.
 
 SGLang starts its scheduler with multiprocessing's spawn, which imports this script again in
 the child as __mp_main__: the patch below runs at import, so it is in place in the process where
 the worker drafts.  Every DraftInput row's hidden_states / hidden_start is kept per row id with
 the row's committed tokens at its last call, saved to $SPECPLUG_TEST_FEATURES/<pid>.pt after
 every call (the scheduler is killed at shutdown, so nothing waits for exit).  Drafts are unchanged.
+Each job's scheduler gets FEATURES_DIR/<job name> (set before its engine spawns it).
 
-usage: SPECPLUG_TEST_FEATURES=DIR python record_features.py JOB.json RESULT.json
+usage: python record_features.py JOBS.json RESULTS.json FEATURES_DIR
+  JOBS.json {"jobs": {name: job}} -> RESULTS.json {"results": {name: result}}
 """
 import os
 import sys
@@ -31,6 +33,23 @@ def _recording(self, inp):
 
 eagle_runtime.EagleDrafter.propose = _recording
 
+def main(jobs_path: str, out_path: str, features_dir: str) -> None:
+    import json
+
+    from specplug.integrations.sglang.generate import run_job
+    with open(jobs_path) as f:
+        jobs = json.load(f)["jobs"]
+    results = {}
+    for name, job in jobs.items():
+        os.environ["SPECPLUG_TEST_FEATURES"] = os.path.join(features_dir, name)
+        os.makedirs(os.environ["SPECPLUG_TEST_FEATURES"], exist_ok=True)
+        os.environ.pop("SPECPLUG_DRAFTER_OPTIONS", None)
+        if job.get("options"):
+            os.environ["SPECPLUG_DRAFTER_OPTIONS"] = json.dumps(job["options"])
+        results[name] = run_job(job)
+    with open(out_path, "w") as f:
+        json.dump({"results": results}, f)
+
+
 if __name__ == "__main__":
-    from specplug.integrations.sglang.generate import main
-    sys.exit(main(sys.argv[1:]))
+    main(*sys.argv[1:])
