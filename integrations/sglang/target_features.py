@@ -16,9 +16,9 @@ which the target has not run on yet):
            accepted drafts; the bonus token is not run until the next verify.
 Together they cover [0, num_committed - 1), DraftInput's contract for hidden_states.
 
-    tap = FeatureTap(model_runner.model, num_layers=30, hf_indices=(3, 16, 28))
+    tap = FeatureTap(model_runner.model, num_layers=30, hf_indices=(3, 16, 28), device=dev)
     tap.install(model_runner)          # before the first forward of a hidden-state drafter
-    tap.file(rid, start, logits_output.hidden_states[a:b])
+    tap.file(rid, start, tap.select(logits_output.hidden_states[a:b]))
     start, feats = tap.take(rid, stop)  # feats [stop - start, 3 * H]
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ log = logging.getLogger("specplug.sglang")
 class FeatureTap:
     """Selects the target layers a drafter reads and files their states per request."""
 
-    def __init__(self, model, num_layers: int, hf_indices: tuple[int, ...]):
+    def __init__(self, model, num_layers: int, hf_indices: tuple[int, ...], device=None):
         self.model = model
+        self.device = device  # the target's: even an empty hand-over lives there
         self.indices = tuple(num_layers if i == -1 else int(i) for i in hf_indices)
         bad = [i for i in self.indices if not 0 <= i <= num_layers]
         if bad:
@@ -104,7 +105,7 @@ class FeatureTap:
             self._pending[rid] = (stop, [feats[stop - first:]])
         self._next[rid] = stop
         if feats is None:
-            return first, torch.empty(0, 0)
+            return first, torch.empty(0, 0, device=self.device)
         return first, feats[:stop - first]
 
     def drop(self, rid: str) -> None:

@@ -86,7 +86,8 @@ class SpecplugWorker(BaseSpecWorker):
         self.features = None
         if self.drafter.needs.hidden_layers:
             runner = target_worker.model_runner
-            self.features = FeatureTap(runner.model, info.num_layers, self.drafter.needs.hidden_layers)
+            self.features = FeatureTap(runner.model, info.num_layers,
+                                       self.drafter.needs.hidden_layers, device=self.device)
             self.features.install(runner)
         log.info("specplug %s drafter ready on %s: %s, %d draft tokens per step", self.method,
                  self.device, type(self.drafter).__name__, self.speculative_num_steps)
