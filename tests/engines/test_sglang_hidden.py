@@ -2,7 +2,7 @@
 0.5.23 on CPU through specplug's worker, fed by SGLang's own aux hidden-state capture
 (integrations/sglang/target_features.py), float32, batch of 6 in one engine.
 
-Shown here:
+Shown here (eagle3, hybrid, eagle3's topk-2 tree, dflash, EAGLE-1 `eagle`):
   * greedy output equals SGLang's own output without speculation;
   * the features SGLang hands the drafter equal HF's hidden_states[i] on the same tokens
     (SGLang captures `hidden + residual` entering layer i; index 0 is the embedding);
@@ -50,13 +50,18 @@ def models(tmp_path_factory):
     dflash = DF.random_dflash(os.path.join(root, "tiny-dflash"), tiny, target_layer_ids=(0, 1))
     weights = os.path.join(dflash, "model.safetensors")
     save_file({k: v.float() for k, v in load_file(weights).items()}, weights)
-    return {"root": root, "target": folder, "head": head, "dflash": dflash,
+    eagle1 = CF.eagle1_head(os.path.join(root, "tiny-eagle1"), tiny)  # reads the final state
+    return {"root": root, "target": folder, "head": head, "dflash": dflash, "eagle1": eagle1,
             "prompts": CF.prompts_for("attention", 6)}
 
 
+def _path(models, method: str) -> str:
+    return {"dflash": models["dflash"], "eagle": models["eagle1"]}.get(method, models["head"])
+
+
 def _job(models, method=None, options=None, topk=1) -> dict:
-    path = models["dflash" if method == "dflash" else "head"] if method else None
-    spec = speculative_kwargs(method, path, GAMMA, native=False)
+    spec = speculative_kwargs(method, _path(models, method) if method else None, GAMMA,
+                              native=False)
     if topk > 1:  # SGLang's tree flags: depth GAMMA, topk nodes per depth (EAGLE-2's size)
         spec.update(speculative_eagle_topk=topk, speculative_num_draft_tokens=topk * GAMMA + 1)
     job = {"target": models["target"], "spec": spec, "ignore_eos": True,
@@ -73,8 +78,7 @@ def runs(sglang_venv_python, models):
     jobs = {"base": _job(models), "eagle3": _job(models, "eagle3"),
             "hybrid": _job(models, "hybrid", {"lookup": "suffix"}),
             "eagle3-tree": _job(models, "eagle3", topk=2),
-            "hybrid-tree": _job(models, "hybrid", {"lookup": "suffix"}, topk=2),
-            "dflash": _job(models, "dflash")}
+            "dflash": _job(models, "dflash"), "eagle": _job(models, "eagle")}
     root = models["root"]
     paths = [os.path.join(root, k) for k in ("jobs.json", "results.json", "features")]
     with open(paths[0], "w") as f:
@@ -97,7 +101,7 @@ def _outputs(res) -> list[list[int]]:
     return [o["output_token_ids"] for o in res["outputs"]]
 
 
-@pytest.mark.parametrize("case", ["eagle3", "hybrid", "eagle3-tree", "hybrid-tree", "dflash"])
+@pytest.mark.parametrize("case", ["eagle3", "hybrid", "eagle3-tree", "dflash", "eagle"])
 def test_greedy_identity_with_sglang_no_spec(runs, case):
     got, want = _outputs(runs[case]), _outputs(runs["base"])
     assert len(got) == len(want) == 6 and all(len(w) == MAX_NEW for w in want)
@@ -108,26 +112,29 @@ def test_greedy_identity_with_sglang_no_spec(runs, case):
         assert max(lengths) > 1, f"{case}: no draft was ever accepted"
 
 
-@pytest.mark.parametrize("case", ["eagle3", "hybrid", "eagle3-tree"])
-def test_features_equal_hf_hidden_states(runs, models, case):
+@pytest.mark.parametrize("case,indices", [("eagle3", AUX), ("hybrid", AUX), ("eagle3-tree", AUX),
+                                          ("eagle", (3,))])
+def test_features_equal_hf_hidden_states(runs, models, case, indices):
+    """indices: HF hidden_states read; (3,) is the 3-layer target's final normed state, which
+    SGLang returns without aux layers (EAGLE-1)."""
     records = runs[case]["features"]
     assert len(records) == 6
-    pairs = hf_features(models["target"], records, AUX)
-    assert_features_match(pairs, AUX, case)
+    pairs = hf_features(models["target"], records, indices)
+    assert_features_match(pairs, indices, case)
 
 
 TREE = {"tree_topk": 2, "tree_depth": GAMMA, "tree_nodes": 2 * GAMMA}  # what topk=2 asks for
 
 
-@pytest.mark.parametrize("case,tree", [("eagle3", None), ("eagle3-tree", TREE), ("dflash", None)])
+@pytest.mark.parametrize("case,tree", [("eagle3", None), ("eagle3-tree", TREE), ("dflash", None),
+                                       ("eagle", None)])
 def test_accepts_what_the_embedded_engine_accepts(runs, models, case, tree):
     """The same drafter (a chain, or the same EAGLE-2 tree verified by SGLang's tree verify) in
     the embedded engine: the same outputs and, request by request, the same accept lengths."""
     res = runs[case]
     method = case.split("-")[0]
-    path = models["dflash"] if method == "dflash" else models["head"]
-    embedded = embedded_outputs(models["target"], method, path, models["prompts"], MAX_NEW, GAMMA,
-                                tree)
+    embedded = embedded_outputs(models["target"], method, _path(models, method), models["prompts"],
+                                MAX_NEW, GAMMA, tree)
     assert [o.output_token_ids for o in embedded] == _outputs(res)
     for i, (mine, theirs) in enumerate(zip(embedded, res["outputs"])):
         assert sorted(mine.accept_lengths) in _clip_histogram(theirs["accept_lengths"], MAX_NEW), (
