@@ -101,10 +101,11 @@ class SpecplugWorker(BaseSpecWorker):
             return self._prefill(batch, on_publish, pp_proxy_tensors)
         if batch.spec_info is None:
             batch.spec_info = _root_input(torch.empty(0, dtype=torch.int32, device=self.device))
-        batch.spec_info = self._verify_input(batch)
         bs = 0 if batch.forward_mode.is_idle() else len(batch.reqs)
-        # host copy: where each row's verified features start (positions of its block)
-        seq_lens = _host_list(batch, "seq_lens") if self.features is not None and bs else None
+        # host copy, taken once: tree positions/masks and where each row's verified features start
+        seq_lens = (_host_list(batch, "seq_lens")
+                    if bs and (self.features is not None or self.topk > 1) else None)
+        batch.spec_info = self._verify_input(batch, seq_lens)
         result = run_eagle_verify(
             batch, pp_proxy_tensors=pp_proxy_tensors, target_worker=self.target_worker,
             req_to_token_pool=self.req_to_token_pool,
@@ -168,7 +169,7 @@ class SpecplugWorker(BaseSpecWorker):
             block = hidden[r * width:r * width + accept[r]]
             self.features.file(req.rid, seq_lens[r], self.features.select(block))
 
-    def _verify_input(self, batch) -> EagleVerifyInput:
+    def _verify_input(self, batch, seq_lens: list[int] | None) -> EagleVerifyInput:
         root: EagleDraftInput = batch.spec_info
         bs = len(batch.reqs) if not batch.forward_mode.is_idle() else 0
         steps, width = self.speculative_num_steps, self.speculative_num_draft_tokens
@@ -176,7 +177,7 @@ class SpecplugWorker(BaseSpecWorker):
             return EagleVerifyInput.create_idle_input(self.topk, steps, width, self.device)
         proposal = self._propose(batch, root.bonus_tokens) if bs else None
         if self.topk > 1:
-            return self._tree_verify_input(batch, proposal, root.bonus_tokens)
+            return self._tree_verify_input(proposal, root.bonus_tokens, seq_lens)
         if bs:
             tokens = chain_tokens(proposal, root.bonus_tokens, steps)
         else:
@@ -200,8 +201,8 @@ class SpecplugWorker(BaseSpecWorker):
             inp.hidden_states = [feats for _, feats in taken]
         return self.drafter.propose(inp)
 
-    def _tree_verify_input(self, batch, proposal: DraftProposal,
-                           roots: torch.Tensor) -> EagleVerifyInput:
+    def _tree_verify_input(self, proposal: DraftProposal, roots: torch.Tensor,
+                           seq_lens: list[int]) -> EagleVerifyInput:
         """topk > 1: the proposal (a tree, or a chain) as SGLang's fixed-width verify tree, in the
         mask layout its attention backend reads (batch.tree_verify_tensors)."""
         verify_mask = self.target_worker.model_runner.attn_backend.verify_mask
@@ -209,7 +210,7 @@ class SpecplugWorker(BaseSpecWorker):
         if mode not in (TreeMaskMode.QLEN_ONLY, TreeMaskMode.FULL_MASK):
             raise RuntimeError(f"specplug trees need a QLEN_ONLY or FULL_MASK tree mask; this "
                                f"attention backend reads {mode}")
-        t = tree_verify_tensors(proposal, roots, _host_list(batch, "seq_lens"),
+        t = tree_verify_tensors(proposal, roots, seq_lens,
                                 self.speculative_num_draft_tokens, self.speculative_num_steps,
                                 full_mask=mode == TreeMaskMode.FULL_MASK)
         return EagleVerifyInput(
