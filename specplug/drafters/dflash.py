@@ -8,7 +8,8 @@ Per step, for a row whose committed tokens end in `last` at position N - 1:
 Context K/V come from the target's hidden states: feats = cat(hidden_states[id + 1] for id in
 target_layer_ids), ctx = hidden_norm(fc(feats)), and each layer projects ctx with its own
 k_proj/v_proj (+ k_norm, RoPE at the context positions).  They are cached per row and reconciled
-against the committed tokens on every call; only the block's K/V are recomputed.
+against the committed tokens on every call (one SlotCache for all rows); only the block's K/V
+are recomputed.
 
 Checkpoint (z-lab): config architectures ["DFlashDraftModel"], Qwen3 fields, dflash_config
 {block_size, mask_token_id, target_layer_ids} (older checkpoints: the three at top level),
@@ -23,18 +24,19 @@ this drafter never changes the output: drafts are verified like any other.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..checkpoint_io import CheckpointError, check_keys, read_config
+from ..engine.kv import SlotCache
 from ..sampling import probs_from_logits
 from ..types import DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .decoder_layer import DecoderLayer, RMSNorm
 from .diffusion_model import Shape, expected_layer_keys, keep_and_join, load_weights
-from .row_slots import surviving_prefix
+from .row_slots import RowSlots, surviving_prefix
 from .speculators_format import native_config
 
 DFLASH_ARCHITECTURES = ("DFlashDraftModel",)
@@ -80,7 +82,7 @@ class DFlashHead(nn.Module):
 
     def block(self, noise, pos, ctx_kv, ctx_valid):
         """noise [b, q, H] embedded block; pos [b, q]; ctx_kv per layer (k, v) [b, kv_heads, P, hd];
-        ctx_valid [b, P] -> normed hidden [b, q, H]."""
+        ctx_valid [b, P] -> normed hidden [b, q, H].  The stateless form: tests and training."""
         b, q, _ = noise.shape
         allowed = torch.cat([ctx_valid[:, None, :].expand(b, q, -1),
                              ctx_valid.new_ones(b, q, q)], dim=2)
@@ -89,32 +91,15 @@ class DFlashHead(nn.Module):
     def layers_over(self, x, pos, allowed, ctx_kv):
         """x [b, q, H] embedded blocks; pos [b, q]; allowed [b, q, P + q] over [context, blocks];
         ctx_kv per layer (k, v) [b, kv_heads, P, hd] -> normed hidden [b, q, H]."""
+        return self.layers_through(x, pos, allowed, [keep_and_join([], past) for past in ctx_kv])
+
+    def layers_through(self, x, pos, allowed, extends):
+        """x [b, q, H]; pos [b, q]; allowed [b, q, P + q]; extends: per layer the `extend` that
+        appends the block's K/V after P context keys -> normed hidden [b, q, H]."""
         rope = self.rope(x, pos)
-        for layer, past in zip(self.layers, ctx_kv):
-            x = layer(x, rope, allowed, keep_and_join([], past))
+        for layer, extend in zip(self.layers, extends):
+            x = layer(x, rope, allowed, extend)
         return self.norm(x)
-
-
-@dataclass
-class _RowContext:
-    """Cached context K/V of one row: entry i holds position pos[i], which carried tokens[i]."""
-    tokens: list[int] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    kv: list[tuple] | None = None  # per layer (k, v) [kv_heads, n, head_dim]
-
-    def crop(self, n: int) -> None:
-        self.tokens, self.pos = self.tokens[:n], self.pos[:n]
-        if self.kv is not None:
-            self.kv = [(k[:, :n], v[:, :n]) for k, v in self.kv]
-
-    def append(self, kv: list[tuple], pos: list[int], tokens: list[int]) -> None:
-        kv = [(k[0], v[0]) for k, v in kv]
-        if self.kv is None:
-            self.kv = kv
-        else:
-            self.kv = [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1)) for (k0, v0), (k1, v1) in zip(self.kv, kv)]
-        self.pos += pos
-        self.tokens += tokens
 
 
 class DFlashDrafter(Drafter):
@@ -125,30 +110,63 @@ class DFlashDrafter(Drafter):
         self.device = target.device  # where the head, its caches and its draws live
         self.embed, self.lm_head = target.embed_tokens, target.lm_head
         self.needs = DrafterNeeds(hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
-        self.rows: dict[int, _RowContext] = {}
+        # context K/V per row, positions 0, 1, ...; between calls it holds committed entries only
+        self.kv = SlotCache(0, self.device)
+        self.slots = RowSlots(self.kv)
+        self.context: dict[int, list[int]] = {}  # the tokens at the positions a row has entries for
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def release(self, row_ids: list[int]) -> None:
+        self.slots.drop(row_ids)
         for rid in row_ids:
-            self.rows.pop(rid, None)
+            self.context.pop(rid, None)
 
-    def _reconcile(self, rid: int, ids: torch.Tensor, num_new: int | None, feats,
-                   start: int | None) -> _RowContext:
-        """ids [n] committed tokens (CPU).  Keep cached entries (positions 0, 1, ...) whose token
-        is still the committed one and that the new features do not cover; then add the new
-        features."""
-        st = self.rows.setdefault(rid, _RowContext())
-        n_ids = int(ids.shape[0])
-        limit = start if feats is not None else n_ids
-        common, _ = surviving_prefix(st.tokens, ids, num_new)
-        st.crop(min(common, limit, n_ids - 1))
-        if feats is not None and feats.shape[0]:
-            n = min(feats.shape[0], n_ids - 1 - start)
-            pos = list(range(start, start + n))
-            dtype = self.head.fc.weight.dtype
-            kv = self.head.context_kv(feats[None, :n].to(dtype), torch.tensor([pos], device=self.device))
-            st.append(kv, pos, ids[start:start + n].tolist())
-        return st
+    def _catch_up(self, inp: DraftInput) -> None:
+        """Keep each row's cached entries whose token is still the committed one and that the
+        new features do not cover, then add entries for the features handed over: O(new)."""
+        for rid in self.slots.align(inp.row_ids):
+            self.context[rid] = []
+        feeds = []  # per row: (features [m, F] or None, first position)
+        for r, (rid, ids) in enumerate(zip(inp.row_ids, inp.token_ids)):
+            have, n_ids = self.context[rid], int(ids.shape[0])
+            feats = inp.hidden_states[r] if inp.hidden_states else None
+            start = inp.hidden_start[r] if inp.hidden_start else 0
+            num_new = inp.num_new_committed[r] if inp.num_new_committed else None
+            common, _ = surviving_prefix(have, ids, num_new)
+            keep = min(common, start if feats is not None else n_ids, n_ids - 1)
+            self.kv.truncate(r, keep)
+            del have[keep:]
+            end = min(start + feats.shape[0], n_ids - 1) if feats is not None else keep
+            if end <= start:  # no new features: the row drafts from the entries it kept
+                feeds.append((None, keep))
+                continue
+            if start > keep:
+                raise RuntimeError(f"dflash drafter, row {rid}: needs target features from "
+                                   f"position {keep} but got them from {start}")
+            feeds.append((feats[keep - start:end - start], keep))
+            have += ids[keep:end].tolist()
+        width = max((f.shape[0] for f, _ in feeds if f is not None), default=0)
+        if width:
+            self._add_context(feeds, width)
+
+    def _add_context(self, feeds: list, width: int) -> None:
+        """Append each row's new context entries as one padded block."""
+        b, dev, dtype = len(feeds), self.device, self.head.fc.weight.dtype
+        feat_dim = next(f.shape[-1] for f, _ in feeds if f is not None)
+        feats = torch.zeros(b, width, feat_dim, dtype=dtype, device=dev)
+        # first positions and lengths are host values: laid out there, copied over once
+        first = torch.tensor([p for _, p in feeds], device="cpu")
+        count = torch.tensor([0 if f is None else f.shape[0] for f, _ in feeds], device="cpu")
+        for r, (f, _) in enumerate(feeds):
+            if f is not None:
+                feats[r, :f.shape[0]] = f.to(dtype)
+        steps = torch.arange(width, device="cpu")
+        pos = (first[:, None] + steps).to(dev)
+        real = (steps[None, :] < count[:, None]).to(dev)
+        self.kv.reserve(pos)
+        for layer, (k, v) in enumerate(self.head.context_kv(feats, pos)):
+            self.kv.extend_for(layer)(k, v)
+        self.kv.keep(real)
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:
@@ -156,12 +174,7 @@ class DFlashDrafter(Drafter):
         block_len = min(inp.num_draft_tokens, self.cfg.block_size - 1) + 1
         if block_len < 2:
             return DraftProposal.empty(batch, self.device)
-        states = [self._reconcile(rid, toks,
-                                  inp.num_new_committed[r] if inp.num_new_committed else None,
-                                  inp.hidden_states[r] if inp.hidden_states else None,
-                                  inp.hidden_start[r] if inp.hidden_start else None)
-                  for r, (rid, toks) in enumerate(zip(inp.row_ids, inp.token_ids))]
-        ctx_kv, ctx_valid = self._stack_context(states)
+        self._catch_up(inp)
         dev = self.device
         ids = torch.full((batch, block_len), self.cfg.mask_token_id, dtype=torch.long, device=dev)
         # each row's last committed token and its position: host values, copied over once
@@ -170,7 +183,16 @@ class DFlashDrafter(Drafter):
                + torch.arange(block_len, device=dev))
         dtype = self.head.fc.weight.dtype
         noise = self.embed(ids).to(dtype) * self.cfg.embed_scale
-        hidden = self.head.block(noise, pos, ctx_kv, ctx_valid)[:, 1:]
+        # every block position sees the row's context and the whole block
+        allowed = torch.cat([self.kv.valid[:, None, :].expand(batch, block_len, -1),
+                             self.kv.valid.new_ones(batch, block_len, block_len)], dim=2)
+        committed = self.kv.width
+        self.kv.reserve(pos)
+        try:
+            extends = [self.kv.extend_for(i) for i in range(len(self.head.layers))]
+            hidden = self.head.layers_through(noise, pos, allowed, extends)[:, 1:]
+        finally:
+            self.kv.crop(committed)  # forget the block
         logits = self._logits(hidden)  # [batch, block_len - 1, vocab]
         if inp.sampling.greedy:
             return DraftProposal.chain(logits.argmax(-1))
@@ -179,24 +201,6 @@ class DFlashDrafter(Drafter):
         drafts = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r] or self.generator)[:, 0]
                               for r in range(batch)])
         return DraftProposal.chain(drafts, probs)
-
-    def _stack_context(self, states: list[_RowContext]):
-        """Pad rows' context K/V to one width: per layer (k, v) [b, kv_heads, P, hd], valid [b, P]."""
-        width = max(len(st.pos) for st in states)
-        s = self.head.layers[0].self_attn.shape
-        dtype = self.head.fc.weight.dtype
-        valid = torch.zeros(len(states), width, dtype=torch.bool, device=self.device)
-        out = []
-        for layer in range(len(self.head.layers)):
-            k = torch.zeros(len(states), s.kv_heads, width, s.head_dim, dtype=dtype, device=self.device)
-            v = torch.zeros_like(k)
-            for r, st in enumerate(states):
-                n = len(st.pos)
-                if n:
-                    k[r, :, :n], v[r, :, :n] = st.kv[layer]
-                    valid[r, :n] = True
-            out.append((k, v))
-        return out, valid
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight

@@ -1,7 +1,7 @@
 """Drafting with an EAGLE-style head (EAGLE-1/2 or EAGLE-3): per-row head KV cache, chains, trees.
 
 A head is any module with
-    head(tokens [b, q], feats [b, q, F], positions [b, q], kv: HeadKV, mask [b, q, slots],
+    head(tokens [b, q], feats [b, q, F], positions [b, q], kv: SlotCache, mask [b, q, slots],
          from_target: bool) -> (out_feats [b, q, F'], logits [b, q, target_vocab])
 where the entry for committed token x_j reads the target feature of position j - 1
 (`from_target` True) and a draft entry reads the head's own previous output (False).
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.kv import SlotCache
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
 from .row_slots import RowSlots, surviving_prefix
-from .head_kv import HeadKV
 from .tree import TreeSettings, expand_tree
 
 
@@ -41,7 +41,7 @@ class EagleDrafter(Drafter):
         self.min_confidence = min_confidence
         self.needs = DrafterNeeds(hidden_layers=tuple(hidden_layers))
         self.tree = tree
-        self.kv = HeadKV(head.num_layers, device=self.device)
+        self.kv = SlotCache(0, self.device)
         self.slots = RowSlots(self.kv)
         self.context: dict[int, list[int]] = {}  # x_0..x_m: the row has entries for x_1..x_m
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # last entry's (feat, logits)
@@ -143,11 +143,11 @@ class EagleDrafter(Drafter):
         block = torch.ones(width, width, dtype=torch.bool, device=dev).tril() & real[:, None, :]
         block = block | torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself: no NaN
         mask = torch.cat([self.kv.valid[:, None, :].expand(b, width, -1), block], dim=2)
-        start = self.kv.extend(positions)
+        self.kv.reserve(positions)
         # [b] entry to score
         last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds], device=dev)
         out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last)
-        self.kv.valid[:, start:] = real
+        self.kv.keep(real)
         for r, (toks, _, _) in enumerate(feeds):
             if toks:
                 self.last[row_ids[r]] = (out[r, len(toks) - 1], logits[r, 0])
@@ -185,7 +185,7 @@ class EagleDrafter(Drafter):
             visible[:, chain_start:] = True
             mask = torch.cat([visible, visible.new_ones(b, 1)], dim=1)[:, None, :]
             positions = (base + step + 1)[:, None]
-            self.kv.extend(positions)
+            self.kv.reserve(positions)
             out, out_logits = self.head(tokens[:, step:step + 1].clamp(min=0), feats[:, None],
                                         positions, self.kv, mask, False)
             feats, logits = out[:, 0], out_logits[:, 0]
@@ -207,7 +207,7 @@ class EagleDrafter(Drafter):
             mask = torch.cat([visible, itself], dim=2)
             state["level"] += 1
             positions = (base + state["level"])[:, None].expand(b, k)
-            self.kv.extend(positions)
+            self.kv.reserve(positions)
             out, logits = self.head(tokens, feats, positions, self.kv, mask, False)
             state["feats"], state["visible"] = out, mask  # a node sees what its parent saw + itself
             return torch.log_softmax(logits.double(), dim=-1)

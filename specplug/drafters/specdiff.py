@@ -35,11 +35,13 @@ import os
 
 import torch
 
+from ..engine.kv import SlotCache
 from ..sampling import probs_from_logits
 from ..types import ROOT, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .diffusion_model import DiffusionLM, load_diffusion_lm
+from .row_slots import RowSlots, common_prefix
 
 UNMASK_ORDERS = ("origin", "entropy", "p2", "left_to_right")
 
@@ -58,11 +60,15 @@ class SpecDiffDrafter(Drafter):
         self.approx_kv_cache = approx_kv_cache
         self.device = model.embed_tokens.weight.device  # the target's (build() puts it there)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.cache: dict[int, tuple[list[int], list]] = {}  # row id -> (tokens, per layer (k, v))
+        # approx_kv_cache: context K/V per row (rows in the engine's order), and their tokens
+        self.kv = SlotCache(0, self.device)
+        self.slots = RowSlots(self.kv)
+        self.cached: dict[int, list[int]] = {}
 
     def release(self, row_ids: list[int]) -> None:
+        self.slots.drop(row_ids)
         for rid in row_ids:
-            self.cache.pop(rid, None)
+            self.cached.pop(rid, None)
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:
@@ -140,15 +146,16 @@ class SpecDiffDrafter(Drafter):
             # [rows, gamma] entries
             idx = (torch.tensor(first, device=self.device)[:, None]
                    + torch.arange(gamma, device=self.device))
-            out, _ = self._forward(feeds, [0] * len(ctx), [None] * len(ctx), idx)
+            out, _ = self._forward(feeds, [0] * len(ctx), None, idx)
         else:
-            past = [self.cache[rid] for rid in rids]
-            cached = [len(p[0]) for p in past]
+            cached = [len(self.cached[rid]) for rid in rids]
             feeds = [c[n:] + b for c, n, b in zip(ctx, cached, block.tolist())]
             first = [len(c) - n - shift for c, n in zip(ctx, cached)]
             idx = (torch.tensor(first, device=self.device)[:, None]
                    + torch.arange(gamma, device=self.device))
-            out, new_kv = self._forward(feeds, cached, past, idx)
+            # expanded row e is a candidate of cache row e // num_candidates
+            owner = torch.arange(len(ctx), device=self.device) // self.num_candidates
+            out, new_kv = self._forward(feeds, cached, self.kv.gather_rows(owner), idx)
             if step == 0:
                 self._store(ctx, rids, cached, new_kv)
         out[..., self.model.mask_token_id] = float("-inf")
@@ -156,9 +163,10 @@ class SpecDiffDrafter(Drafter):
             out[..., self.target_vocab:] = float("-inf")  # padded vocab rows are no tokens
         return out
 
-    def _forward(self, feeds: list[list[int]], starts: list[int], past: list, score=None):
-        """Ragged rows: feeds[r] at positions starts[r]..., after past[r]'s cached K/V;
-        score [rows, m]: the entries whose logits come back (default all)."""
+    def _forward(self, feeds: list[list[int]], starts: list[int], past, score=None):
+        """Ragged rows: feeds[r] at positions starts[r]..., after past's cached K/V (per layer
+        (k, v) [rows, kv_heads, P, hd] and valid [rows, P], or None); score [rows, m]: the
+        entries whose logits come back (default all)."""
         b, width = len(feeds), max(len(f) for f in feeds)
         dev = self.device
         # host lists, laid out on the host and copied over once
@@ -174,39 +182,42 @@ class SpecDiffDrafter(Drafter):
             new = new & torch.ones(width, width, dtype=torch.bool, device=dev).tril()
         # padding queries see themselves: no NaN
         new = new | torch.eye(width, dtype=torch.bool, device=dev)
-        stacked, valid = _stack_past(past, self.model)
+        kv, valid = past if past is not None else (None, new.new_zeros(b, 0))
         allowed = torch.cat([valid[:, None, :].expand(b, width, -1), new], dim=2)
-        return self.model(ids, pos, allowed, stacked, score)
+        return self.model(ids, pos, allowed, kv or None, score)
 
     # -- approximate context cache -------------------------------------------------------------
     def _reconcile_cache(self, row_ids, contexts) -> None:
         """Crop each row's cached K/V to the prefix it shares with the context, minus the last
         token (always re-fed: with shifted logits its output scores block position 0)."""
-        for rid in [r for r in self.cache if r not in set(row_ids)]:
-            del self.cache[rid]
-        for rid, ctx in zip(row_ids, contexts):
-            toks, kv = self.cache.get(rid, ([], None))
-            n = 0
-            limit = min(len(toks), len(ctx) - 1)
-            while n < limit and toks[n] == ctx[n]:
-                n += 1
-            kv = None if kv is None or n == 0 else [(k[:, :n], v[:, :n]) for k, v in kv]
-            self.cache[rid] = (toks[:n], kv)
+        for rid in self.slots.align(row_ids):
+            self.cached[rid] = []
+        for r, (rid, ctx) in enumerate(zip(row_ids, contexts)):
+            toks = self.cached[rid]
+            n = min(common_prefix(toks, ctx), len(ctx) - 1)
+            self.kv.truncate(r, n)
+            del toks[n:]
 
     def _store(self, ctx, rids, cached, new_kv) -> None:
-        """Keep the K/V of context tokens fed this step (all but the last token), once per row."""
-        seen = set()
-        for e, (rid, c, n) in enumerate(zip(rids, ctx, cached)):
-            if rid in seen or len(c) - 1 <= n:
-                seen.add(rid)
-                continue
-            seen.add(rid)
-            m = len(c) - 1 - n
-            add = [(k[e, :, :m], v[e, :, :m]) for k, v in new_kv]
-            toks, kv = self.cache[rid]
-            kv = add if kv is None else [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
-                                         for (k0, v0), (k1, v1) in zip(kv, add)]
-            self.cache[rid] = (toks + c[n:len(c) - 1], kv)
+        """Keep the K/V of context tokens fed this step (all but the last token), once per row:
+        new_kv per layer (k, v) [rows, kv_heads, width, hd] of the expanded rows."""
+        first = list(range(0, len(ctx), self.num_candidates))  # a row's first candidate
+        counts = [len(ctx[e]) - 1 - cached[e] for e in first]
+        width = max(counts)
+        if width <= 0:
+            return
+        # first positions and counts are host values: laid out there, copied over once
+        steps = torch.arange(width, device="cpu")
+        pos = torch.tensor([cached[e] for e in first], device="cpu")[:, None] + steps
+        real = steps[None, :] < torch.tensor(counts, device="cpu")[:, None]
+        rows = torch.tensor(first, device=self.device)
+        self.kv.reserve(pos.to(self.device))
+        for layer, (k, v) in enumerate(new_kv):
+            self.kv.extend_for(layer)(k[rows, :, :width], v[rows, :, :width])
+        self.kv.keep(real.to(self.device))
+        for e, m in zip(first, counts):
+            if m > 0:
+                self.cached[rids[e]] += ctx[e][cached[e]:cached[e] + m]
 
     # -- output ------------------------------------------------------------------------------
     def _to_target(self, ctx, block) -> list[list[int]]:
@@ -224,28 +235,6 @@ def _top_mask(score: torch.Tensor, want: int) -> torch.Tensor:
     """[rows, n] bool marking each row's `want` highest scores."""
     order = score.argsort(dim=1, descending=True, stable=True)
     return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :want], True)
-
-
-def _stack_past(past: list, model: DiffusionLM):
-    """Per row (tokens, per layer (k, v) [kv_heads, n, hd]) or None -> padded per-layer
-    (k, v) [b, kv_heads, P, hd] (None when nothing is cached) and valid [b, P]."""
-    lens = [0 if p is None or p[1] is None else len(p[0]) for p in past]
-    width = max(lens)
-    weight = model.embed_tokens.weight
-    valid = torch.zeros(len(past), width, dtype=torch.bool, device=weight.device)
-    if width == 0:
-        return None, valid
-    s = model.shape
-    out = []
-    for layer in range(s.layers):
-        k = weight.new_zeros(len(past), s.kv_heads, width, s.head_dim)
-        v = torch.zeros_like(k)
-        for r, (p, n) in enumerate(zip(past, lens)):
-            if n:
-                k[r, :, :n], v[r, :, :n] = p[1][layer]
-                valid[r, :n] = True
-        out.append((k, v))
-    return out, valid
 
 
 def _merge_chains(per_row: list[list[list[int]]], device: torch.device) -> DraftProposal:

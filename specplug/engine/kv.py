@@ -1,35 +1,131 @@
-"""A batched KV cache over HF models where rolling back a token is flipping one bit.
+"""The one KV cache of specplug: batched, position-indexed, where rolling back a token is
+flipping one bit.
 
-Every forward appends a block of `q` slots to all rows.  Slots that hold rejected draft tokens,
-padding, or tokens a row has since dropped stay in memory but are masked out of attention; their
-positions are reused by the next tokens, so RoPE positions stay contiguous per row.  Trailing
+It serves the embedded engine's target, the draft model (HF models: `forward` hands them the
+transformers `DynamicCache` inside), and every drafter with its own decoder layers (EAGLE heads,
+DFlash, SpecDiff: `extend_for(layer)` is the `extend` those layers attend through).
+
+Every block appends `q` slots to all rows (`reserve`).  Slots that hold rejected drafts, padding,
+or tokens a row has since dropped stay in memory but are masked out of attention: `valid[r, s]`
+says whether row r may attend slot s, `pos[r, s]` is the position the slot holds.  A row's
+positions are reused by its next tokens, so RoPE positions stay contiguous per row.  Trailing
 slots that no row uses are cropped, and when holes pile up the cache is compacted.
 """
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys/values in a buffer with spare room at the end.  Appending a block writes
+    it in place, O(block); the buffer doubles when full, so a token costs O(1) copies amortised,
+    where DynamicLayer's torch.cat copies the layer's whole cache on every step.  Cropping (a
+    finished draft) moves the end back.  `keys`/`values` read the used part, and assigning them
+    (row selection, compaction) replaces the buffer."""
+
+    _keys = _values = None
+    used = 0  # slots in use
+
+    @property
+    def keys(self):
+        return None if self._keys is None else self._keys[:, :, :self.used]
+
+    @keys.setter
+    def keys(self, value):  # [b, kv_heads, slots, head_dim]
+        self._keys = value
+        self.used = 0 if value is None else value.shape[2]
+
+    @property
+    def values(self):
+        return None if self._values is None else self._values[:, :, :self.used]
+
+    @values.setter
+    def values(self, value):  # after `keys`, with as many slots
+        self._values = value
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key_states, value_states [b, kv_heads, q, head_dim] -> all keys, values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.used + key_states.shape[2]
+        if not self._writable(key_states):
+            # autograd (training) or an inference tensor outside inference mode: no writes in
+            # place, a new tensor as DynamicLayer makes
+            keys = torch.cat([self.keys, key_states], 2)
+            values = torch.cat([self.values, value_states], 2)
+            self.keys, self.values = keys, values
+            return keys, values
+        if end > self._keys.shape[2]:
+            self._grow(max(end, 2 * self._keys.shape[2], 16))
+        self._keys[:, :, self.used:end] = key_states
+        self._values[:, :, self.used:end] = value_states
+        self.used = end
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """tokens_to_remove < 0: drop that many slots from the end (DynamicLayer's convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count, got {tokens_to_remove}")
+        self.used = max(self.used + tokens_to_remove, 0)
+
+    def _writable(self, block: torch.Tensor) -> bool:
+        if block.requires_grad or self._keys.requires_grad:
+            return False
+        return not self._keys.is_inference() or torch.is_inference_mode_enabled()
+
+    def _grow(self, capacity: int) -> None:
+        b, heads, _, dim = self._keys.shape
+        keys = self._keys.new_empty(b, heads, capacity, dim)
+        values = self._values.new_empty(b, heads, capacity, dim)
+        keys[:, :, :self.used], values[:, :, :self.used] = self.keys, self.values
+        self._keys, self._values = keys, values
 
 
 class SlotCache:
-    def __init__(self, batch: int, device: torch.device | str | None = None):
-        # the target's: masks and bookkeeping live beside it (None: torch's default device)
+    def __init__(self, batch: int = 0, device: torch.device | str | None = None):
+        # the target's: keys, masks and bookkeeping live beside it (None: torch's default device)
         self.device = torch.device(device) if device is not None else torch.get_default_device()
-        self.cache = DynamicCache()
+        # per layer keys/values [batch, kv_heads, slots, head_dim]; an HF model takes it as
+        # past_key_values like the DynamicCache it would make itself
+        self.cache = Cache(layer_class_to_replicate=GrowingLayer)
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)  # [batch, slots]
         # [batch, slots] position each slot holds
-        self.slot_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        # [batch] committed tokens cached
+        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        # [batch] tokens kept (`keep`) and not rolled back since
         self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._block = 0
+        self._block = 0  # width of the last reserved block: what `keep` picks from
 
     @property
     def batch(self) -> int:
         return self.valid.shape[0]
 
+    @property
+    def width(self) -> int:
+        return self.valid.shape[1]
+
+    # -- appending ----------------------------------------------------------------------------
+    def reserve(self, positions: torch.Tensor) -> int:
+        """Append a block of (invalid) slots at positions [batch, q]; returns its first slot."""
+        start = self.width
+        self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], 1)
+        self.pos = torch.cat([self.pos, positions], 1)
+        self._block = positions.shape[1]
+        return start
+
+    def extend_for(self, layer: int):
+        """The `extend(k, v)` a decoder layer attends through: appends the reserved block's
+        k, v [batch, kv_heads, q, head_dim] to `layer` and returns all its keys and values."""
+        return lambda k, v: self.cache.update(k, v, layer)
+
     def forward(self, model, input_ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                 block_mask: torch.Tensor | None = None, output_hidden_states: bool = False):
-        """Run `model` on a new block appended after the cached slots.
+        """Run the HF `model` on a new block appended after the cached slots.
 
         input_ids, positions, real: [batch, q]; real marks non-padding inputs.
         block_mask: [batch, q, q] bool, which block inputs each input may see (a tree's ancestor
@@ -46,66 +142,79 @@ class SlotCache:
         dtype = model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-        out = model(input_ids=input_ids.clamp(min=0), position_ids=positions,
-                    attention_mask=mask[:, None], past_key_values=self.cache, use_cache=True,
-                    output_hidden_states=output_hidden_states)
-        self.valid = torch.cat(
-            [self.valid, torch.zeros(batch, q, dtype=torch.bool, device=self.device)], dim=1)
-        self.slot_pos = torch.cat([self.slot_pos, positions], dim=1)
-        self._block = q  # width of the block `commit` will pick from
-        return out
+        self.reserve(positions)
+        return model(input_ids=input_ids.clamp(min=0), position_ids=positions,
+                     attention_mask=mask[:, None], past_key_values=self.cache, use_cache=True,
+                     output_hidden_states=output_hidden_states)
+
+    # -- keeping and dropping -----------------------------------------------------------------
+    def keep(self, mask: torch.Tensor) -> None:
+        """mask [batch, q] bool over the last reserved block: the slots rows now hold."""
+        start = self.width - self._block
+        self.valid[:, start:] |= mask
+        self.length += mask.sum(1)
 
     def commit(self, keep: list[list[int]]) -> None:
         """keep[r]: indices into the last block, in position order, that row r now holds."""
-        start = self.valid.shape[1] - self._block
+        # host lists (what verification accepted): one bool block built there, copied once
+        mask = torch.zeros(self.batch, self._block, dtype=torch.bool, device="cpu")
         for r, idx in enumerate(keep):
-            if idx:
-                cols = torch.tensor(idx, dtype=torch.long, device=self.device) + start
-                self.valid[r, cols] = True
-                self.length[r] += len(idx)
+            mask[r, idx] = True
+        self.keep(mask.to(self.device))
         self._trim()
 
     def truncate(self, row: int, length: int) -> None:
-        """Drop row's cached tokens from position `length` on (rollback)."""
-        self.valid[row] &= self.slot_pos[row] < length
+        """Drop row's cached entries from position `length` on (rollback)."""
+        self.valid[row] &= self.pos[row] < length
         self.length[row] = self.length[row].clamp(max=length)
 
+    def crop(self, width: int) -> None:
+        """Forget every slot from `width` on (a finished draft), then trim."""
+        drop = self.width - width
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.valid, self.pos = self.valid[:, :width], self.pos[:, :width]
+        self._block = 0
+        self._trim()
+
+    # -- rows ---------------------------------------------------------------------------------
     def select_rows(self, rows: list[int]) -> None:
-        if not rows:
-            self.__init__(0, self.device)
-            return
+        """Keep rows `rows`, in that order (RowSlots aligns the cache with an engine's batch)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        self.valid, self.slot_pos, self.length = self.valid[idx], self.slot_pos[idx], self.length[idx]
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        self.valid, self.pos, self.length = self.valid[idx], self.pos[idx], self.length[idx]
         self._trim()
 
     def add_rows(self, n: int) -> None:
         """Append n empty rows (all slots invalid)."""
-        if self.batch == 0:
-            self.__init__(n, self.device)
-            return
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
-                pad = layer.keys.new_zeros((n,) + tuple(layer.keys.shape[1:]))
-                layer.keys = torch.cat([layer.keys, pad])
-                layer.values = torch.cat([layer.values, pad.clone()])
-        slots = self.valid.shape[1]
-        new = dict(dtype=torch.long, device=self.device)
-        self.valid = torch.cat([self.valid, torch.zeros(n, slots, dtype=torch.bool, device=self.device)])
-        self.slot_pos = torch.cat([self.slot_pos, torch.zeros(n, slots, **new)])
-        self.length = torch.cat([self.length, torch.zeros(n, **new)])
+        for layer in self._layers():
+            pad = layer.keys.new_zeros((n,) + tuple(layer.keys.shape[1:]))
+            layer.keys, layer.values = torch.cat([layer.keys, pad]), torch.cat([layer.values, pad])
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(n, self.width)])
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(n, self.width)])
+        self.length = torch.cat([self.length, self.length.new_zeros(n)])
+
+    def gather_rows(self, rows: torch.Tensor):
+        """rows [m] cache rows, repeats allowed -> per layer (k, v) [m, kv_heads, slots, hd] and
+        valid [m, slots]: a read-only copy for callers that score several blocks per row."""
+        kv = [(layer.keys[rows], layer.values[rows]) for layer in self._layers()]
+        return kv, self.valid[rows]
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def _layers(self):
+        return [layer for layer in self.cache.layers
+                if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4]
 
     def _trim(self) -> None:
         """Crop slots no row uses at the end; compact when over half the slots are holes."""
         used = self.valid.any(dim=0).nonzero()
-        # the host decides how far to crop the cache: one sync per step
+        # the host decides how far to crop the cache: one sync per call
         keep_slots = int(used[-1]) + 1 if len(used) else 0
-        drop = self.valid.shape[1] - keep_slots
+        drop = self.width - keep_slots
         if drop > 0:
             self.cache.crop(-drop)
-            self.valid, self.slot_pos = self.valid[:, :keep_slots], self.slot_pos[:, :keep_slots]
+            self.valid, self.pos = self.valid[:, :keep_slots], self.pos[:, :keep_slots]
         if keep_slots > 64 and int(self.valid.sum(1).max()) * 2 < keep_slots:
             self._compact()
 
@@ -114,10 +223,10 @@ class SlotCache:
         width = int(self.valid.sum(1).max())
         # stable sort puts valid slots first in their original (position) order
         order = torch.sort((~self.valid).long(), dim=1, stable=True).indices[:, :width]
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
-                gather = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-                layer.keys = layer.keys.gather(2, gather)
-                layer.values = layer.values.gather(2, gather)
+        for layer in self._layers():
+            heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
+            gather = order[:, None, :, None].expand(-1, heads, -1, head_dim)
+            # both read before either is replaced: `values` reads as many slots as `keys` holds
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         self.valid = self.valid.gather(1, order)
-        self.slot_pos = self.slot_pos.gather(1, order)
+        self.pos = self.pos.gather(1, order)

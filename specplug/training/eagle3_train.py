@@ -1,7 +1,7 @@
 """Train an EAGLE-3 head on a data folder of target features (see data.py); export it in the
 SpecForge/SafeAILab layout that specplug.drafters.eagle3 (and vLLM/SGLang) load.
 
-The trained module IS `specplug.drafters.eagle3.Eagle3Head`, run through the same HeadKV
+The trained module IS `specplug.drafters.eagle3.Eagle3Head`, run through the same SlotCache
 attention as at inference, so what trains is what drafts.  Training unrolls `ttt_steps`
 drafting steps (EAGLE-3's training-time test): for entry e (token x_{e+1} at position e + 1,
 target feature g_e),
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..drafters.eagle3 import Eagle3Head
-from ..drafters.head_kv import HeadKV
+from ..engine.kv import SlotCache
 from .data import Sequence, load_sequences
 from .trainer import LoopConfig, train_loop
 
@@ -137,13 +137,13 @@ def unrolled_loss(head: Eagle3Head, batch: dict, teacher_weight: torch.Tensor,
     real0 = e[None, :] < (n - 1)[:, None]  # [b, E] entries that exist
     causal = torch.ones(E, E, dtype=torch.bool).tril()[None] & real0[:, None, :]
     eye = torch.eye(E, dtype=torch.bool).expand(b, E, E)
-    kv = HeadKV(1, batch=b)
+    kv = SlotCache(b, device=aux.device)
     feats, total, weight_sum, metrics = aux, 0.0, 0.0, {}
     for k in range(ttt_steps):
         tok = padded[:, 1 + k:1 + k + E]
         pos = (e + 1 + k).expand(b, E)
         mask = torch.cat([causal] + [eye] * k, dim=2) if k else causal | eye
-        kv.extend(pos)
+        kv.reserve(pos)
         out, logits = head(tok, feats, pos, kv, mask, k == 0)
         with torch.no_grad():
             teacher = torch.softmax(final[:, k + 1:k + 1 + E] @ teacher_weight.T, dim=-1)
