@@ -189,22 +189,25 @@ def headline_table(runs: list[dict]) -> str:
 
 
 def vllm_compare_table(directory: str) -> str:
-    """integrations/vllm/README.md: specplug's drafter through the plugin against vLLM's own
-    implementation of the same method, from benchmarks/vllm_compare.py's JSON files."""
-    lines = ["| file | pair | no spec tok/s | specplug tok/s | vLLM tok/s | specplug ÷ vLLM "
-             "| τ specplug / vLLM | drafts specplug / vLLM | load (1 min) |", "|" + "---|" * 9]
+    """integrations/vllm/README.md: two ways of running the same weights in vLLM, A over B
+    (specplug's drafter through the plugin over vLLM's own implementation of the method, or the
+    plugin in compile mode over eager), from benchmarks/vllm_compare.py's JSON files."""
+    lines = ["| file | pair: A vs B | no spec tok/s | A tok/s | B tok/s | A ÷ B "
+             "| τ A / B | drafts A / B | load (1 min) |", "|" + "---|" * 9]
     for path in sorted(glob.glob(os.path.join(directory, "vllm_compare_*.json"))):
         with open(path) as f:
             run = json.load(f)
         load = run.get("load_average_1min", {})
         for name, pair in sorted(run.get("pairs", {}).items()):
-            sp, vl = pair["specplug"], pair["vllm"]
+            first, second = pair.get("sides", ["specplug", "vllm"])
+            a, b = pair[first], pair[second]
             lines.append("| " + " | ".join([
-                os.path.basename(path), name, _fmt(run["no_spec"]["tokens_per_second"], ".1f"),
-                _fmt(sp["tokens_per_second"], ".1f"), _fmt(vl["tokens_per_second"], ".1f"),
+                os.path.basename(path), f"{name}: {first} vs {second}",
+                _fmt(run["no_spec"]["tokens_per_second"], ".1f"),
+                _fmt(a["tokens_per_second"], ".1f"), _fmt(b["tokens_per_second"], ".1f"),
                 spread_text(pair["tokens_per_second_ratio"],
                             pair.get("tokens_per_second_ratio_spread")),
-                f"{sp['tau']:.2f} / {vl['tau']:.2f}", f"{sp['num_drafts']} / {vl['num_drafts']}",
+                f"{a['tau']:.2f} / {b['tau']:.2f}", f"{a['num_drafts']} / {b['num_drafts']}",
                 f"{load.get('start', '?')}–{load.get('end', '?')}"]) + " |")
     return "\n".join(lines)
 

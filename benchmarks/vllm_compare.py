@@ -16,8 +16,14 @@ Pairs:
   ngram  specplug n-gram (max_ngram N, min 1)      vs  vLLM "ngram" (prompt_lookup_max N, min 1)
   draft  specplug draft model (HF forward in-loop) vs  vLLM "draft_model" (paged, same weights)
   eagle3 specplug EAGLE-3 drafter through the plugin (custom_class, target features from vLLM's
-         own aux hidden-state outputs, default compile mode) vs vLLM "eagle3" on the same head
-         converted by `specplug convert --to speculators`
+         own aux hidden-state outputs) vs vLLM "eagle3" on the same head converted by
+         `specplug convert --to speculators`
+  hybrid specplug hybrid (suffix lookup + the --eagle3 head) through the plugin, two ways: in
+         vLLM's default compile mode ("compile") vs with enforce_eager ("eager", what the
+         forward hooks needed before the plugin read vLLM's aux outputs)
+Every engine runs eager (enforce_eager, the CPU default of specplug's vLLM sessions) unless
+--compile asks for vLLM's default compile mode; the hybrid pair sets it per side.  The mode vLLM
+reports for each engine is recorded in the JSON (compilation_modes).
 Every engine runs without prefix caching: the timed repeats would otherwise skip the prompts'
 prefill on one side (the plugin's hidden-state drafters need it off).
 """
@@ -31,7 +37,8 @@ import tempfile
 
 def pairs(draft: str | None, gamma: int, max_ngram: int, eagle3: tuple[str, str] | None = None
           ) -> dict[str, dict[str, dict]]:
-    """name -> {"specplug": job fields, "vllm": job fields} for the same weights.
+    """name -> {side: job fields} for the same weights, two sides a pair, the first one's
+    tokens/s over the second's reported ("specplug" / "vllm", or "compile" / "eager").
     eagle3: (specplug head folder, the same head in speculators format)."""
     out = {"ngram": {
         "specplug": {"specplug": {"method": "ngram", "num_draft_tokens": gamma,
@@ -50,6 +57,10 @@ def pairs(draft: str | None, gamma: int, max_ngram: int, eagle3: tuple[str, str]
                                       "via_plugin": True}},
             "vllm": {"speculative_config": {"method": "eagle3", "model": converted,
                                             "num_speculative_tokens": gamma}}}
+        hybrid = {"specplug": {"method": "hybrid", "path": head, "num_draft_tokens": gamma,
+                               "options": {"lookup": "suffix"}}}
+        out["hybrid"] = {"compile": dict(hybrid, llm_kwargs={"enforce_eager": False}),
+                         "eager": dict(hybrid, llm_kwargs={"enforce_eager": True})}
     return out
 
 
@@ -83,26 +94,28 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
             arms.update({f"{name}-{side}": fields for side, fields in sides.items()})
     load_before = os.getloadavg()
     batch = {"prompt_ids": prompt_ids, "max_new_tokens": max_new, "ignore_eos": ignore_eos}
-    runs = _interleaved(arms, base_job, batch, repeats, workdir)
+    runs, modes = _interleaved(arms, base_job, batch, repeats, workdir)
     plain_ids = [r["output_token_ids"] for r in runs["plain"][0]["requests"]]
     result = {"target": target, "draft": draft, "eagle3": eagle3, "gamma": gamma,
               "max_new_tokens": max_new, "num_prompts": len(prompt_ids), "repeats": repeats,
               "llm_kwargs": base_job["llm_kwargs"], "no_spec": _brief(runs["plain"]),
               "pairs": {}}
-    for name in todo:
+    result["compilation_modes"] = modes
+    for name, sides in todo.items():
         if only and name not in only:
             continue
-        row = {}
-        for side in ("specplug", "vllm"):
+        row = {"sides": list(sides)}
+        for side in sides:
             got = runs[f"{name}-{side}"]
             row[side] = _brief(got)
             row[side]["speedup_vs_no_spec"] = _spread(got, runs["plain"])
             row[side]["identical_to_no_spec"] = all(
                 [r["output_token_ids"] for r in g["requests"]] == plain_ids for g in got)
-        ratio = _spread(runs[f"{name}-specplug"], runs[f"{name}-vllm"])
+        first, second = sides
+        ratio = _spread(runs[f"{name}-{first}"], runs[f"{name}-{second}"])
         row["tokens_per_second_ratio"] = ratio["median"]
         row["tokens_per_second_ratio_spread"] = ratio
-        row["tau_ratio"] = round(row["specplug"]["tau"] / row["vllm"]["tau"], 3)
+        row["tau_ratio"] = round(row[first]["tau"] / row[second]["tau"], 3)
         result["pairs"][name] = row
     result["load_average_1min"] = {"start": round(load_before[0], 2),
                                    "end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
@@ -110,25 +123,29 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
 
 
 def _interleaved(arms: dict[str, dict], base_job: dict, batch: dict, repeats: int,
-                 workdir: str) -> dict[str, list[dict]]:
-    """arm -> one result per repetition: every engine up at once, a warm-up each, then the
-    engines take turns, the first one rotating every repetition."""
+                 workdir: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """(arm -> one result per repetition, arm -> vLLM's compilation mode): every engine up at
+    once, a warm-up each, then the engines take turns, the first one rotating every repetition.
+    An arm's own llm_kwargs are laid over the shared ones."""
     from specplug.integrations.vllm.subprocess_job import vllm_env, vllm_python
     from specplug.jobfile import SessionClient
-    clients = {}
+    clients, modes = {}, {}
     try:
         for name, fields in arms.items():
             clients[name] = SessionClient(vllm_python(), "specplug.integrations.vllm.generate",
                                           vllm_env(False), os.path.join(workdir, f"{name}.log"),
                                           cwd=workdir)
-            clients[name].call({"open": {**base_job, **fields}}, timeout=1800)
+            llm_kwargs = {**base_job["llm_kwargs"], **fields.get("llm_kwargs", {})}
+            opened = clients[name].call({"open": {**base_job, **fields, "llm_kwargs": llm_kwargs}},
+                                        timeout=1800)
+            modes[name] = opened.get("environment", {}).get("compilation_mode", "unknown")
             clients[name].call({"run": dict(batch, max_tokens=8)})
         names = list(arms)
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for rep in range(repeats):
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 runs[name].append(clients[name].call({"run": batch}))
-        return runs
+        return runs, modes
     finally:
         for client in clients.values():
             client.close()
@@ -194,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the first turn of N MT-Bench questions (one per category first), with "
                         "the target's chat template, instead of --prompts-file")
     p.add_argument("--eagle3", help="specplug EAGLE-3 head folder for the eagle3 pair")
-    p.add_argument("--pairs", nargs="+", help="run only these pairs (ngram, draft, eagle3)")
+    p.add_argument("--pairs", nargs="+",
+                   help="run only these pairs (ngram, draft, eagle3, hybrid)")
+    p.add_argument("--compile", action="store_true",
+                   help="vLLM's default compile mode for every engine (default: enforce_eager)")
     p.add_argument("--dtype", default="float32", help="vLLM dtype of every engine")
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -214,14 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             prompts = target_prompts(args.target, args.prompts_file, args.mtbench)
             target, draft, ignore_eos, llm_kwargs = args.target, args.draft, False, {}
         llm_kwargs["dtype"] = args.dtype
+        llm_kwargs["enforce_eager"] = not args.compile
         result = compare(target, draft, prompts, args.gamma, args.max_new_tokens, args.max_ngram,
                          tmp, ignore_eos, args.repeats, llm_kwargs, args.eagle3, args.pairs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     for name, row in result["pairs"].items():
-        print(f"{name}: specplug/vLLM tokens/s {row['tokens_per_second_ratio']}x, "
-              f"tau {row['specplug']['tau']} vs {row['vllm']['tau']}")
+        first, second = row["sides"]
+        print(f"{name}: {first}/{second} tokens/s {row['tokens_per_second_ratio']}x, "
+              f"tau {row[first]['tau']} vs {row[second]['tau']}")
     return 0
 
 

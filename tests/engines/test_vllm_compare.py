@@ -26,3 +26,6 @@ def test_compare_alternates_engines_and_reports_the_spread(tmp_path):
     # greedy, every repetition: specplug's n-gram through the plugin gives vLLM's plain tokens
     assert row["specplug"]["identical_to_no_spec"] is True
     assert run["no_spec"]["total_new_tokens"] == 16 * run["num_prompts"]
+    # eager unless --compile: the mode vLLM itself reports, per engine
+    assert set(run["compilation_modes"]) == {"plain", "ngram-specplug", "ngram-vllm"}
+    assert run["llm_kwargs"]["enforce_eager"] is True
