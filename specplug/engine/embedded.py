@@ -11,6 +11,7 @@ rows whose budget is 0 are not drafted for, the others' proposals are cut to the
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -52,8 +53,12 @@ def tree_block_mask(proposal: DraftProposal) -> torch.Tensor:
 class EmbeddedEngine:
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None,
                  num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams(),
-                 budget: SpeculationBudget | None = None):
+                 budget: SpeculationBudget | None = None, compile_target: bool = False):
         self.model = model.eval()
+        # compile_target: the target's forward through torch.compile (dynamic shapes).  Off by
+        # default: measured on CPU (benchmarks/compile_target.py) it does not pay, since every
+        # cache update breaks the graph and the growing shapes recompile
+        self.target = torch.compile(self.model, dynamic=True) if compile_target else self.model
         self.device = model.device  # every tensor the engine makes lives here
         self.budget = budget if drafter else None
         self.tokenizer = tokenizer
@@ -90,70 +95,77 @@ class EmbeddedEngine:
         stats.total_new_tokens += sum(o.num_new_tokens for o in outputs)
         return outputs, stats
 
-    # -- one static batch ---------------------------------------------------------------------
+    # -- one static batch: prefill, then steps ------------------------------------------------
     def _run_batch(self, requests: list[Request], stats: SpecStats) -> list[RequestOutput]:
-        rows = []
-        for req in requests:
-            gen = None
-            if req.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(req.seed)
-            rows.append(Row(self._next_row_id, req, list(req.prompt_ids), gen))
-            self._next_row_id += 1
+        rows = [self._new_row(req) for req in requests]
         cache = SlotCache(len(rows), self.device)
         with stats.timer("prefill"):
-            self._prefill(rows, cache)
+            self.prefill(rows, cache)
         active = [r for r in rows if not r.finish_reason]
         self._drop_finished(rows, active, cache)
         first_step = True
         while active:
-            step_start = time.perf_counter()
-            timed = dict.fromkeys(("draft", "verify", "sample", "cache"), 0.0)
-            t = time.perf_counter()
-            limits = self.budget.plan([r.row_id for r in active]) if self.budget else None
-            proposal = self._propose(active, limits)
-            timed["draft"] = time.perf_counter() - t
-            t = time.perf_counter()
-            logits, feats = self._verify_forward(active, cache, proposal)
-            timed["verify"] = time.perf_counter() - t
-            if limits is not None:
-                stats.budgets.append(sum(limits))
-            t = time.perf_counter()
-            result = verify(logits, proposal, self.sampling, [r.generator for r in active])
-            timed["sample"] = time.perf_counter() - t
-            t = time.perf_counter()
-            # the host decides what each row keeps and when it stops: one sync per step
-            num_nodes = proposal.num_nodes.tolist()
-            accepted = result.num_accepted.tolist()
-            nodes_kept = result.accepted_nodes.tolist()
-            out_tokens = result.tokens.tolist()
-            keep = []
-            for i, row in enumerate(active):
-                n_acc = accepted[i]
-                path = [0] + [j + 1 for j in nodes_kept[i][:n_acc]]
-                keep.append(path)
-                if feats is not None:
-                    row.pending_hidden.append(feats[i, path])
-                n_new = row.append(out_tokens[i][:n_acc + 1], self.eos_ids, self.tokenizer)
-                row.accept_lengths.append(n_new)
-                stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
-                if self.budget:
-                    self.budget.observe_row(row.row_id, num_nodes[i], n_acc)
-            if self.budget:
-                self.budget.observe_verify(len(active) + sum(num_nodes), timed["verify"] * 1e3)
-                if not first_step:  # the first drafting also takes in the prompts
-                    self.budget.observe_draft(sum(num_nodes), timed["draft"] * 1e3)
+            active = self.step(active, cache, stats, first_step)
             first_step = False
-            cache.commit(keep)
-            still = [r for r in active if not r.finish_reason]
-            if len(still) < len(active):
-                self._drop_finished(active, still, cache)
-            active = still
-            timed["cache"] = time.perf_counter() - t
-            total = time.perf_counter() - step_start
-            for k, v in timed.items():
-                stats.timing_ms[k] += v * 1e3
-            stats.timing_ms["other"] += (total - sum(timed.values())) * 1e3
         return [r.output(self.tokenizer) for r in rows]
+
+    def _new_row(self, req: Request) -> Row:
+        gen = None
+        if req.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(req.seed)
+        self._next_row_id += 1
+        return Row(self._next_row_id - 1, req, list(req.prompt_ids), gen)
+
+    def step(self, active: list[Row], cache: SlotCache, stats: SpecStats,
+             first_step: bool = False) -> list[Row]:
+        """One speculative step for the rows in `cache`: draft, one target pass over each row's
+        last token and its draft nodes, verify, commit.  Returns the rows still running (the
+        cache keeps just those).  Each phase's time goes to stats.timing_ms (and the budget)."""
+        clock = _PhaseClock()
+        limits = self.budget.plan([r.row_id for r in active]) if self.budget else None
+        with clock("draft"):
+            proposal = self._propose(active, limits)
+        with clock("verify"):
+            logits, feats = self._verify_forward(active, cache, proposal)
+        with clock("sample"):
+            result = verify(logits, proposal, self.sampling, [r.generator for r in active])
+        with clock("cache"):
+            num_nodes = self._commit(active, cache, proposal, result, feats, stats)
+            if self.budget:  # before finished rows are dropped (and forgotten by the budget)
+                for row, n, kept in zip(active, num_nodes, result.num_accepted.tolist()):
+                    self.budget.observe_row(row.row_id, n, kept)
+            still = [r for r in active if not r.finish_reason]
+            self._drop_finished(active, still, cache)
+        if limits is not None:
+            stats.budgets.append(sum(limits))
+        if self.budget:
+            self.budget.observe_verify(len(active) + sum(num_nodes), clock.ms["verify"])
+            if not first_step:  # the first drafting also takes in the prompts
+                self.budget.observe_draft(sum(num_nodes), clock.ms["draft"])
+        clock.add_to(stats.timing_ms)
+        return still
+
+    def _commit(self, rows: list[Row], cache: SlotCache, proposal: DraftProposal, result,
+                feats, stats: SpecStats) -> list[int]:
+        """Append each row's accepted tokens, keep their slots in the cache; returns the draft
+        nodes each row had."""
+        # the host decides what each row keeps and when it stops: one sync per step
+        num_nodes = proposal.num_nodes.tolist()
+        accepted = result.num_accepted.tolist()
+        nodes_kept = result.accepted_nodes.tolist()
+        out_tokens = result.tokens.tolist()
+        keep = []
+        for i, row in enumerate(rows):
+            n_acc = accepted[i]
+            path = [0] + [j + 1 for j in nodes_kept[i][:n_acc]]
+            keep.append(path)
+            if feats is not None:
+                row.pending_hidden.append(feats[i, path])
+            n_new = row.append(out_tokens[i][:n_acc + 1], self.eos_ids, self.tokenizer)
+            row.accept_lengths.append(n_new)
+            stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
+        cache.commit(keep)
+        return num_nodes
 
     def _drop_finished(self, before: list[Row], after: list[Row], cache: SlotCache) -> None:
         if len(after) == len(before):
@@ -168,14 +180,15 @@ class EmbeddedEngine:
 
     # -- model calls --------------------------------------------------------------------------
     def _forward(self, cache, ids, pos, real, block_mask=None):
-        out = cache.forward(self.model, ids, pos, real, block_mask,
+        out = cache.forward(self.target, ids, pos, real, block_mask,
                             output_hidden_states=bool(self.hidden_layers))
         feats = None
         if self.hidden_layers:
             feats = torch.cat([out.hidden_states[i] for i in self.hidden_layers], dim=-1)
         return out.logits, feats
 
-    def _prefill(self, rows: list[Row], cache: SlotCache) -> None:
+    def prefill(self, rows: list[Row], cache: SlotCache) -> None:
+        """Run the prompts of `rows` (the cache's rows, in order) and commit each first token."""
         lens = [len(r.tokens) for r in rows]
         width = max(lens)
         # the prompts are host lists: padded on the host, copied to the device once
@@ -233,6 +246,29 @@ class EmbeddedEngine:
         pos = base + depth
         block_mask = None if proposal.is_chain() else tree_block_mask(proposal)
         return self._forward(cache, ids, pos, real, block_mask)
+
+
+class _PhaseClock:
+    """Wall time per named phase of one step, in ms: `with clock("verify"): ...`."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[phase] = self.ms.get(phase, 0.0) + (time.perf_counter() - t) * 1e3
+
+    def add_to(self, timing_ms: dict) -> None:
+        """Each phase's ms, and the rest of the step as "other"."""
+        total = (time.perf_counter() - self._start) * 1e3
+        for phase, ms in self.ms.items():
+            timing_ms[phase] += ms
+        timing_ms["other"] += total - sum(self.ms.values())
 
 
 def _scatter_rows(proposal: DraftProposal, index: list[int], batch: int) -> DraftProposal:
