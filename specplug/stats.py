@@ -9,6 +9,16 @@ from dataclasses import dataclass, field, fields
 TIMING_KEYS = ("prefill", "draft", "verify", "sample", "cache", "other")
 
 
+@contextmanager
+def elapsed_ms(into: dict[str, float], key: str):
+    """Add the wall time of the `with` block, in ms, to into[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[key] = into.get(key, 0.0) + (time.perf_counter() - start) * 1e3
+
+
 @dataclass
 class SpecStats:
     num_prompts: int = 0
@@ -24,13 +34,8 @@ class SpecStats:
     counts_unavailable: str | None = None
     budgets: list[int] = field(default_factory=list)  # draft tokens budgeted per step (budget on)
 
-    @contextmanager
     def timer(self, key: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timing_ms[key] += (time.perf_counter() - start) * 1e3
+        return elapsed_ms(self.timing_ms, key)
 
     def record_step(self, num_draft: int, num_accepted: int) -> None:
         """One verify step of one row."""

@@ -11,13 +11,12 @@ rows whose budget is 0 are not drafted for, the others' proposals are cut to the
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
 from ..budget import SpeculationBudget
 from ..drafters.base import Drafter
-from ..stats import SpecStats
+from ..stats import SpecStats, elapsed_ms
 from ..types import PAD, DraftInput, DraftProposal, SamplingParams
 from ..verify import verify
 from ..sampling import next_tokens
@@ -255,13 +254,8 @@ class _PhaseClock:
         self.ms: dict[str, float] = {}
         self._start = time.perf_counter()
 
-    @contextmanager
     def __call__(self, phase: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[phase] = self.ms.get(phase, 0.0) + (time.perf_counter() - t) * 1e3
+        return elapsed_ms(self.ms, phase)
 
     def add_to(self, timing_ms: dict) -> None:
         """Each phase's ms, and the rest of the step as "other"."""
