@@ -190,7 +190,7 @@ def tiny_models(folder: str) -> tuple[str, str, list[list[int]]]:
 def target_prompts(target: str, prompts_file: str | None, mtbench: int | None) -> list[list[int]]:
     """Token ids: one prompt a line of prompts_file (plain), or MT-Bench first turns through the
     target's chat template."""
-    from specplug.api import encode_prompts
+    from specplug.prompts import encode_prompts
     from specplug.models.loading import load_tokenizer
     tok = load_tokenizer(target)
     if mtbench:

@@ -11,7 +11,8 @@ import torch
 from .budget import SpeculationBudget
 from .drafters.base import DrafterSpec, build_drafter, family_of
 from .engine.embedded import EmbeddedEngine
-from .engine.rows import Request, RequestOutput
+from .engine.rows import RequestOutput
+from .prompts import encode_prompts, requests_for  # noqa: F401 (encode_prompts: api's own)
 from .stats import SpecStats
 from .types import SamplingParams
 
@@ -46,28 +47,9 @@ class GenerateConfig:
 
 
 def resolve_method(cfg: GenerateConfig) -> str:
-    """No --method: `--drafter ngram` means n-gram lookup, a drafter folder means its family
-    (from its config), no drafter means the plain target.  `--method none` is always plain."""
-    if cfg.method:
-        return cfg.method
-    if not cfg.drafter:
-        return "none"
-    if cfg.drafter == "ngram":
-        return "ngram"
-    from .drafters.detect import detect_method
-    return detect_method(cfg.drafter)
-
-
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
-    ids = []
-    for p in prompts:
-        if chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids.append(tokenizer.encode(text, add_special_tokens=False))
-        else:
-            ids.append(tokenizer.encode(p))
-    return ids
+    """cfg's drafter family: its method, or what its drafter folder holds (detect.py)."""
+    from .drafters.detect import resolve_method as resolve
+    return resolve(cfg.method, cfg.drafter)
 
 
 def environment() -> dict:
@@ -126,25 +108,12 @@ def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[Requ
         model, tokenizer = load_target(cfg.target, cfg.dtype)
     cfg.method = resolve_method(cfg)
     engine = build_embedded(cfg, model, tokenizer)
-    prompt_ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
-    requests = [Request(ids, cfg.max_new_tokens, tuple(cfg.stop),
-                        None if cfg.seed is None else cfg.seed + i, prompt)
-                for i, (ids, prompt) in enumerate(zip(prompt_ids, cfg.prompts))]
-    return engine.generate(requests, cfg.batch_size)
+    return engine.generate(requests_for(cfg, tokenizer), cfg.batch_size)
 
 
 def _generate_other_engine(cfg: GenerateConfig):
-    import importlib.util
-    if cfg.engine not in ("vllm", "sglang"):
-        raise ValueError(f"unknown engine {cfg.engine!r}; known: embedded, vllm, sglang")
-    if importlib.util.find_spec(cfg.engine) is None:
-        raise RuntimeError(f"--engine {cfg.engine} needs {cfg.engine} in this Python: "
-                           f"pip install 'specplug[{cfg.engine}]'")
-    if cfg.engine == "vllm":
-        from .integrations.vllm.generate import run_vllm
-        return run_vllm(cfg)
-    from .integrations.sglang.generate import run_sglang
-    return run_sglang(cfg)
+    from .runners import runner
+    return runner(cfg.engine)(cfg)
 
 
 def write_stats(path: str, payload: dict) -> None:

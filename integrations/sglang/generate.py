@@ -26,6 +26,7 @@ import time
 
 from specplug.drafters.base import DrafterSpec, family_of
 from specplug.jobfile import run_job_files
+from specplug.runners import register_runner
 from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
@@ -152,14 +153,12 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
 
 
 def _from_config(cfg):
-    from specplug.api import encode_prompts, resolve_method
+    from specplug.drafters.detect import resolve_method
     from specplug.models.loading import load_tokenizer
-    cfg.method = resolve_method(cfg)
-    tokenizer = load_tokenizer(cfg.target)
-    ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
-    requests = [Request(p, cfg.max_new_tokens, tuple(cfg.stop), None, prompt)
-                for p, prompt in zip(ids, cfg.prompts)]
-    path = cfg.drafter if cfg.drafter and cfg.drafter != "ngram" else None
+    from specplug.prompts import drafter_folder, requests_for
+    cfg.method = resolve_method(cfg.method, cfg.drafter)
+    requests = requests_for(cfg, load_tokenizer(cfg.target), seeded=False)
+    path = drafter_folder(cfg)
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, path, dict(cfg.options))
     return cfg.target, requests, drafter, cfg.gamma, cfg.sampling, cfg.batch_size
 
@@ -305,6 +304,9 @@ def _result_or_error(job: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     return run_job_files(argv, "specplug.integrations.sglang.generate", run_job,
                          open_session=_JobSession)
+
+
+register_runner("sglang", run_sglang)  # `specplug generate --engine sglang` (specplug/runners.py)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from specplug.drafters.base import family_of
 from specplug.engine.rows import Request, RequestOutput
 from specplug.jobfile import run_job_files
+from specplug.runners import register_runner
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
@@ -135,15 +136,12 @@ def _timed(session: VllmSession, requests: list[Request], sampling: SamplingPara
 
 def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
     """`specplug generate --engine vllm`: cfg is a specplug.api.GenerateConfig."""
-    from specplug.api import encode_prompts, resolve_method
+    from specplug.drafters.detect import resolve_method
     from specplug.models.loading import load_tokenizer
-    cfg.method = resolve_method(cfg)
-    tokenizer = load_tokenizer(cfg.target)
-    ids = encode_prompts(tokenizer, cfg.prompts, cfg.chat_template)
-    requests = [Request(p, cfg.max_new_tokens, tuple(cfg.stop),
-                        None if cfg.seed is None else cfg.seed + i, prompt)
-                for i, (p, prompt) in enumerate(zip(ids, cfg.prompts))]
-    path = cfg.drafter if cfg.drafter and cfg.drafter != "ngram" else None
+    from specplug.prompts import drafter_folder, requests_for
+    cfg.method = resolve_method(cfg.method, cfg.drafter)
+    requests = requests_for(cfg, load_tokenizer(cfg.target))
+    path = drafter_folder(cfg)
     options = dict(cfg.options)
     # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's
     via_plugin = str(options.pop("via_plugin", "0")).lower() in ("1", "true", "yes")
@@ -267,6 +265,9 @@ def _freeze_vllm_import() -> None:
 def main(argv: list[str] | None = None) -> int:
     return run_job_files(argv, "specplug.integrations.vllm.generate", run_job, _freeze_vllm_import,
                          _JobSession)
+
+
+register_runner("vllm", run_vllm)  # `specplug generate --engine vllm` (specplug/runners.py)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,15 @@ def detect_method(path: str) -> str:
     if cfg.get("mask_token_id") is not None and cfg.get("model_type") in ("Dream", "dream", "llada"):
         return "specdiff"
     return "draft"  # any other HF causal LM is a classic draft model
+
+
+def resolve_method(method: str | None, drafter: str | None) -> str:
+    """No method given: `--drafter ngram` means n-gram lookup, a drafter folder means its family
+    (from its config), no drafter means the plain target.  Method "none" is always plain."""
+    if method:
+        return method
+    if not drafter:
+        return "none"
+    if drafter == "ngram":
+        return "ngram"
+    return detect_method(drafter)
