@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # more generated blocks, written only when the report rebuilds the repo's own docs (no --readme):
 # file -> block name; each sits between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`
 DOC_BLOCKS = {os.path.join(REPO, "README.md"): "headline",
-              os.path.join(REPO, "integrations", "vllm", "README.md"): "vllm-compare"}
+              os.path.join(REPO, "integrations", "vllm", "README.md"): "vllm-compare",
+              DEFAULT_README: "compile-target"}
 
 
 class ReportError(ValueError):
@@ -212,6 +213,24 @@ def vllm_compare_table(directory: str) -> str:
     return "\n".join(lines)
 
 
+def compile_target_table(directory: str) -> str:
+    """benchmarks/README.md: the embedded engine with the target's forward through
+    torch.compile against eager, from benchmarks/compile_target.py's JSON files."""
+    lines = ["| file | method | batch | eager tok/s | compiled tok/s | compiled ÷ eager "
+             "| same tokens | compile warm-up s | graph breaks |", "|" + "---|" * 9]
+    for path in sorted(glob.glob(os.path.join(directory, "compile_target_*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        rate = run["tokens_per_second"]
+        lines.append("| " + " | ".join([
+            os.path.basename(path), run["method"], str(run["batch_size"]),
+            _fmt(rate["eager"]["median"], ".2f"), _fmt(rate["compiled"]["median"], ".2f"),
+            spread_text(run["compiled_over_eager"]["median"], run["compiled_over_eager"]),
+            "yes" if run["identical_outputs"] else "NO", _fmt(run["warmup_s"]["compiled"], ".0f"),
+            str(run["dynamo"]["graph_breaks"])]) + " |")
+    return "\n".join(lines)
+
+
 def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = True,
            docs: dict[str, str] | None = None) -> dict:
     """Table + plots from the JSON in directory; returns what was written.  docs: more files
@@ -225,7 +244,8 @@ def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = Tr
     if readme:
         update_readme(readme, render_section(runs, paths, os.path.dirname(os.path.abspath(readme))))
     render = {"headline": lambda: headline_table(runs),
-              "vllm-compare": lambda: vllm_compare_table(directory)}
+              "vllm-compare": lambda: vllm_compare_table(directory),
+              "compile-target": lambda: compile_target_table(directory)}
     for doc, name in (docs or {}).items():
         begin, end = markers(name)
         update_readme(doc, "\n".join([begin, "", render[name](), "", end]), begin, end)

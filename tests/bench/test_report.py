@@ -115,3 +115,15 @@ def test_report_fills_the_generated_blocks_of_other_docs(results, tmp_path):
     assert (f"| vllm_compare_tiny.json | draft: specplug vs vllm | {compare['no_spec']['tokens_per_second']:.1f} | "
             f"{draft['specplug']['tokens_per_second']:.1f} | {draft['vllm']['tokens_per_second']:.1f}"
             f" | {draft['tokens_per_second_ratio']:.3f}× (1 run) |") in vllm_doc
+
+
+def test_compile_target_table_reads_its_json(tmp_path):
+    spread = {"min": 0.9, "median": 0.95, "max": 1.01, "per_rep": [0.9, 0.95, 1.01]}
+    run = {"method": "none", "batch_size": 10, "identical_outputs": False,
+           "tokens_per_second": {"eager": {"median": 20.0}, "compiled": {"median": 19.0}},
+           "compiled_over_eager": spread, "warmup_s": {"eager": 3.0, "compiled": 61.4},
+           "dynamo": {"graph_breaks": 27}}
+    (tmp_path / "compile_target_x.json").write_text(json.dumps(run))
+    table = report_mod.compile_target_table(str(tmp_path))
+    assert ("| compile_target_x.json | none | 10 | 20.00 | 19.00 | 0.950× (0.900–1.010, 3 reps) "
+            "| NO | 61 | 27 |") in table
