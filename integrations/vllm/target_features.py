@@ -138,13 +138,19 @@ class TargetFeatures:
         bounds = self.runner.query_start_loc.np[:num_reqs + 1].tolist()
         if bounds[-1] > positions.shape[-1]:
             return  # the layout is not this forward's (a dummy run): nothing to file
+        if bounds[-1] == 0:
+            return
         # a new tensor: the aux buffers are overwritten by the next forward
         feats = torch.cat([now[i][:bounds[-1]] for i in self.indices], dim=-1)  # [tokens, n * H]
         pos = positions.reshape(-1)
+        # each request's first position, copied to the host once per forward (not once per
+        # request: on a GPU each read would be a sync); an empty slice reads a neighbour's
+        first = torch.tensor([min(a, bounds[-1] - 1) for a in bounds[:-1]], device=pos.device)
+        starts = pos[first].tolist()
         for r, req_id in enumerate(batch.req_ids[:num_reqs]):
             a, b = bounds[r], bounds[r + 1]
             if b > a:
-                self.rows.write(req_id, int(pos[a]), feats[a:b])
+                self.rows.write(req_id, int(starts[r]), feats[a:b])
 
     # -- proposer side ------------------------------------------------------------------------
     def take(self, req_id: str, start: int, stop: int) -> torch.Tensor:
