@@ -2,8 +2,9 @@
 flipping one bit.
 
 It serves the embedded engine's target, the draft model (HF models: `forward` hands them the
-transformers `DynamicCache` inside), and every drafter with its own decoder layers (EAGLE heads,
-DFlash, SpecDiff: `extend_for(layer)` is the `extend` those layers attend through).
+transformers `Cache` inside, made of GrowingLayers), and every drafter with its own decoder
+layers (EAGLE heads, DFlash, SpecDiff: `extend_for(layer)` is the `extend` those layers attend
+through).
 
 Every block appends `q` slots to all rows (`reserve`).  Slots that hold rejected drafts, padding,
 or tokens a row has since dropped stay in memory but are masked out of attention: `valid[r, s]`
