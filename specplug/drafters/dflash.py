@@ -136,7 +136,7 @@ class DFlashDrafter(Drafter):
             keep = min(common, start if feats is not None else n_ids, n_ids - 1)
             self.kv.truncate(r, keep)
             del have[keep:]
-            end = min(start + feats.shape[0], n_ids - 1) if feats is not None else keep
+            end = start if feats is None else min(start + feats.shape[0], n_ids - 1)
             if end <= start:  # no new features: the row drafts from the entries it kept
                 feeds.append((None, keep))
                 continue

@@ -83,6 +83,22 @@ def test_cached_context_matches_full_recompute(tmp_path, target, tok):
     assert checked >= 6
 
 
+def test_row_handed_no_features_drafts_from_its_cache(tmp_path, target, tok):
+    """A row with no new features this call (hidden_states entry None, as the embedded engine
+    hands a row with none pending) keeps the context entries it has and drafts as before."""
+    from specplug.types import DraftInput
+    path = random_dflash(str(tmp_path / "d"), target, target_layer_ids=(0, 1), block_size=5)
+    drafter = _dflash(path, target, tok)
+    ctx = torch.tensor([5, 9, 17, 3, 40, 8])
+    with torch.no_grad():
+        hs = target(input_ids=ctx[None, :-1], output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[i + 1] for i in drafter.cfg.target_layer_ids], dim=-1)[0]
+    first = drafter.propose(DraftInput([7], [ctx], 4, hidden_states=[feats], hidden_start=[0]))
+    again = drafter.propose(DraftInput([7], [ctx], 4, num_new_committed=[0],
+                                       hidden_states=[None], hidden_start=[0]))
+    assert again.tokens.tolist() == first.tokens.tolist()
+
+
 def test_copy_head_reaches_gamma_plus_one(tmp_path, tok):
     """A head built to reproduce repeat_target drafts every block right: tau = block size."""
     model = repeat_target()
