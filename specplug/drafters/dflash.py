@@ -151,22 +151,15 @@ class DFlashDrafter(Drafter):
 
     def _add_context(self, feeds: list, width: int) -> None:
         """Append each row's new context entries as one padded block."""
-        b, dev, dtype = len(feeds), self.device, self.head.fc.weight.dtype
+        b, dtype = len(feeds), self.head.fc.weight.dtype
         feat_dim = next(f.shape[-1] for f, _ in feeds if f is not None)
-        feats = torch.zeros(b, width, feat_dim, dtype=dtype, device=dev)
-        # first positions and lengths are host values: laid out there, copied over once
-        first = torch.tensor([p for _, p in feeds], device="cpu")
-        count = torch.tensor([0 if f is None else f.shape[0] for f, _ in feeds], device="cpu")
+        feats = torch.zeros(b, width, feat_dim, dtype=dtype, device=self.device)
         for r, (f, _) in enumerate(feeds):
             if f is not None:
                 feats[r, :f.shape[0]] = f.to(dtype)
-        steps = torch.arange(width, device="cpu")
-        pos = (first[:, None] + steps).to(dev)
-        real = (steps[None, :] < count[:, None]).to(dev)
-        self.kv.reserve(pos)
-        for layer, (k, v) in enumerate(self.head.context_kv(feats, pos)):
-            self.kv.extend_for(layer)(k, v)
-        self.kv.keep(real)
+        pos, real = self.kv.ragged_block([p for _, p in feeds],
+                                         [0 if f is None else f.shape[0] for f, _ in feeds])
+        self.kv.append(pos, self.head.context_kv(feats, pos), real)
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput) -> DraftProposal:

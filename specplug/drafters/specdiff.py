@@ -153,8 +153,10 @@ class SpecDiffDrafter(Drafter):
             first = [len(c) - n - shift for c, n in zip(ctx, cached)]
             idx = (torch.tensor(first, device=self.device)[:, None]
                    + torch.arange(gamma, device=self.device))
-            # expanded row e is a candidate of cache row e // num_candidates
-            owner = torch.arange(len(ctx), device=self.device) // self.num_candidates
+            # expanded row e is a candidate of cache row e // num_candidates (one candidate:
+            # the cache's rows as they are, no copy)
+            owner = (torch.arange(len(ctx), device=self.device) // self.num_candidates
+                     if self.num_candidates > 1 else None)
             out, new_kv = self._forward(feeds, cached, self.kv.gather_rows(owner), idx)
             if step == 0:
                 self._store(ctx, rids, cached, new_kv)
@@ -206,15 +208,9 @@ class SpecDiffDrafter(Drafter):
         width = max(counts)
         if width <= 0:
             return
-        # first positions and counts are host values: laid out there, copied over once
-        steps = torch.arange(width, device="cpu")
-        pos = torch.tensor([cached[e] for e in first], device="cpu")[:, None] + steps
-        real = steps[None, :] < torch.tensor(counts, device="cpu")[:, None]
+        pos, real = self.kv.ragged_block([cached[e] for e in first], [max(m, 0) for m in counts])
         rows = torch.tensor(first, device=self.device)
-        self.kv.reserve(pos.to(self.device))
-        for layer, (k, v) in enumerate(new_kv):
-            self.kv.extend_for(layer)(k[rows, :, :width], v[rows, :, :width])
-        self.kv.keep(real.to(self.device))
+        self.kv.append(pos, [(k[rows, :, :width], v[rows, :, :width]) for k, v in new_kv], real)
         for e, m in zip(first, counts):
             if m > 0:
                 self.cached[rids[e]] += ctx[e][cached[e]:cached[e] + m]

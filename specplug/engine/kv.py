@@ -119,6 +119,23 @@ class SlotCache:
         self._block = positions.shape[1]
         return start
 
+    def ragged_block(self, first: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host lists -> (positions [batch, w], real [batch, w]) on the cache's device, w =
+        max(counts): row r's entries sit at first[r], first[r] + 1, ..., counts[r] of them real.
+        Laid out on the host and copied over once."""
+        steps = torch.arange(max(counts), device="cpu")
+        pos = torch.tensor(first, dtype=torch.long, device="cpu")[:, None] + steps
+        real = steps[None, :] < torch.tensor(counts, device="cpu")[:, None]
+        return pos.to(self.device), real.to(self.device)
+
+    def append(self, positions: torch.Tensor, kv: list, real: torch.Tensor) -> None:
+        """Append finished entries: positions, real [batch, q]; kv per layer (k, v)
+        [batch, kv_heads, q, head_dim].  Rows keep their `real` slots."""
+        self.reserve(positions)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.update(k, v, layer)
+        self.keep(real)
+
     def extend_for(self, layer: int):
         """The `extend(k, v)` a decoder layer attends through: appends the reserved block's
         k, v [batch, kv_heads, q, head_dim] to `layer` and returns all its keys and values."""
@@ -196,9 +213,12 @@ class SlotCache:
         self.pos = torch.cat([self.pos, self.pos.new_zeros(n, self.width)])
         self.length = torch.cat([self.length, self.length.new_zeros(n)])
 
-    def gather_rows(self, rows: torch.Tensor):
+    def gather_rows(self, rows: torch.Tensor | None = None):
         """rows [m] cache rows, repeats allowed -> per layer (k, v) [m, kv_heads, slots, hd] and
-        valid [m, slots]: a read-only copy for callers that score several blocks per row."""
+        valid [m, slots]: a read-only copy for callers that score several blocks per row.
+        rows None: every row as it is, without a copy."""
+        if rows is None:
+            return [(layer.keys, layer.values) for layer in self._layers()], self.valid
         kv = [(layer.keys[rows], layer.values[rows]) for layer in self._layers()]
         return kv, self.valid[rows]
 

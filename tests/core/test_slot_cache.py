@@ -79,3 +79,18 @@ def test_gather_rows_repeats_rows():
     kv, valid = cache.gather_rows(torch.tensor([1, 1, 0]))
     assert torch.equal(kv[0][0], k[[1, 1, 0]])
     assert valid.tolist() == [[True, False], [True, False], [True, True]]
+    # no rows named: the cache's own tensors, not a copy
+    kv, valid = cache.gather_rows()
+    assert kv[0][0].data_ptr() == cache.cache.layers[0].keys.data_ptr()
+    assert valid is cache.valid
+
+
+def test_append_a_ragged_block():
+    cache = SlotCache(2, "cpu")
+    pos, real = cache.ragged_block([4, 0], [1, 3])
+    assert pos.tolist() == [[4, 5, 6], [0, 1, 2]]
+    assert real.tolist() == [[True, False, False], [True, True, True]]
+    k = torch.randn(2, HEADS, 3, DIM)
+    cache.append(pos, [(k, k)], real)
+    assert cache.length.tolist() == [1, 3]
+    assert _visible(cache, 0) == {4: k[0, 0, 0].tolist()}
