@@ -15,8 +15,6 @@ counted (graphs, graph breaks, recompiles).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 
@@ -58,10 +56,11 @@ def summarise(result: dict, meta: dict) -> dict:
     from .metrics import environment, spread
     runs = result["runs"]
     rate = {arm: [s["tokens_per_second"] for _, s in reps] for arm, reps in runs.items()}
+    ratio = [c / e for c, e in zip(rate["compiled"], rate["eager"])]
     tokens = {arm: [o.output_token_ids for o in reps[0][0]] for arm, reps in runs.items()}
     return dict(meta, warmup_s=result["warmup_s"],
                 tokens_per_second={arm: spread(r) for arm, r in rate.items()},
-                compiled_over_eager=spread([c / e for c, e in zip(rate["compiled"], rate["eager"])]),
+                compiled_over_eager=spread(ratio),
                 identical_outputs=tokens["compiled"] == tokens["eager"],
                 timing_ms={arm: reps[-1][1]["timing_ms"] for arm, reps in runs.items()},
                 dynamo=_dynamo_counters(), environment=environment())
@@ -89,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats: at least 3 (min/median/max)")
+    from specplug.api import write_stats
+
     from .vllm_compare import target_prompts
     prompts = target_prompts(args.target, None, args.mtbench)
     result = run_arms(args.target, prompts, args.max_new_tokens, args.batch_size, args.repeats,
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats, "method": args.method or "none"}
     out = summarise(result, meta)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)  # never a half-written file
+    write_stats(args.out, out)  # never a half-written file
     r = out["compiled_over_eager"]
     print(f"compiled / eager tokens/s: {r['median']}x ({r['min']}-{r['max']}), "
           f"identical outputs: {out['identical_outputs']}")

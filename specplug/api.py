@@ -10,9 +10,10 @@ import torch
 
 from .budget import SpeculationBudget
 from .drafters.base import DrafterSpec, build_drafter, family_of
+from .drafters.detect import resolve_method
 from .engine.embedded import EmbeddedEngine
 from .engine.rows import RequestOutput
-from .prompts import encode_prompts, requests_for  # noqa: F401 (encode_prompts: api's own)
+from .prompts import drafter_folder, requests_for
 from .stats import SpecStats
 from .types import SamplingParams
 
@@ -44,12 +45,6 @@ class GenerateConfig:
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
-
-
-def resolve_method(cfg: GenerateConfig) -> str:
-    """cfg's drafter family: its method, or what its drafter folder holds (detect.py)."""
-    from .drafters.detect import resolve_method as resolve
-    return resolve(cfg.method, cfg.drafter)
 
 
 def environment() -> dict:
@@ -85,12 +80,12 @@ def load_target(path: str, dtype: str = "float32"):
 
 def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
     from .models.loading import target_info
-    method = resolve_method(cfg)
+    method = resolve_method(cfg.method, cfg.drafter)
     drafter = None
     if method != "none":
         if family_of(method).needs_weights and not cfg.drafter:
             raise ValueError(f"method {method!r} needs --drafter PATH")
-        path = cfg.drafter if cfg.drafter != "ngram" else None
+        path = drafter_folder(cfg)
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"drafter path not found: {path}")
         drafter = build_drafter(DrafterSpec(method, path, dict(cfg.options)),
@@ -106,7 +101,7 @@ def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[Requ
         return _generate_other_engine(cfg)
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.dtype)
-    cfg.method = resolve_method(cfg)
+    cfg.method = resolve_method(cfg.method, cfg.drafter)
     engine = build_embedded(cfg, model, tokenizer)
     return engine.generate(requests_for(cfg, tokenizer), cfg.batch_size)
 

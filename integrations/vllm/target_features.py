@@ -150,7 +150,7 @@ class TargetFeatures:
         for r, req_id in enumerate(batch.req_ids[:num_reqs]):
             a, b = bounds[r], bounds[r + 1]
             if b > a:
-                self.rows.write(req_id, int(starts[r]), feats[a:b])
+                self.rows.write(req_id, starts[r], feats[a:b])
 
     # -- proposer side ------------------------------------------------------------------------
     def take(self, req_id: str, start: int, stop: int) -> torch.Tensor:

@@ -119,7 +119,8 @@ class SlotCache:
         self._block = positions.shape[1]
         return start
 
-    def ragged_block(self, first: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def ragged_block(self, first: list[int], counts: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Host lists -> (positions [batch, w], real [batch, w]) on the cache's device, w =
         max(counts): row r's entries sit at first[r], first[r] + 1, ..., counts[r] of them real.
         Laid out on the host and copied over once."""
