@@ -129,9 +129,9 @@ class EmbeddedEngine:
         with clock("sample"):
             result = verify(logits, proposal, self.sampling, [r.generator for r in active])
         with clock("cache"):
-            num_nodes = self._commit(active, cache, proposal, result, feats, stats)
+            num_nodes, accepted = self._commit(active, cache, proposal, result, feats, stats)
             if self.budget:  # before finished rows are dropped (and forgotten by the budget)
-                for row, n, kept in zip(active, num_nodes, result.num_accepted.tolist()):
+                for row, n, kept in zip(active, num_nodes, accepted):
                     self.budget.observe_row(row.row_id, n, kept)
             still = [r for r in active if not r.finish_reason]
             self._drop_finished(active, still, cache)
@@ -145,9 +145,9 @@ class EmbeddedEngine:
         return still
 
     def _commit(self, rows: list[Row], cache: SlotCache, proposal: DraftProposal, result,
-                feats, stats: SpecStats) -> list[int]:
+                feats, stats: SpecStats) -> tuple[list[int], list[int]]:
         """Append each row's accepted tokens, keep their slots in the cache; returns the draft
-        nodes each row had."""
+        nodes each row had and how many of them it accepted."""
         # the host decides what each row keeps and when it stops: one sync per step
         num_nodes = proposal.num_nodes.tolist()
         accepted = result.num_accepted.tolist()
@@ -164,7 +164,7 @@ class EmbeddedEngine:
             row.accept_lengths.append(n_new)
             stats.record_step(num_nodes[i], n_new - 1 if n_new == n_acc + 1 else n_new)
         cache.commit(keep)
-        return num_nodes
+        return num_nodes, accepted
 
     def _drop_finished(self, before: list[Row], after: list[Row], cache: SlotCache) -> None:
         if len(after) == len(before):
