@@ -38,7 +38,7 @@ pytest_pair() {
     shift
     while (($#)); do
         local -n args="$2"  # the array named by $2
-        "$PY" -m pytest -q -p no:cacheprovider -m "$mark" "${args[@]}" > "$LOGS/${#labels[@]}.log" 2>&1 &
+        "$PY" -m pytest -q -p no:cacheprovider --durations=12 -m "$mark" "${args[@]}" > "$LOGS/${#labels[@]}.log" 2>&1 &
         pids+=($!) labels+=("$1")
         unset -n args
         shift 2
@@ -51,7 +51,9 @@ pytest_pair() {
 }
 
 start=$SECONDS
-make --no-print-directory engines > "$LOGS/engines.log" 2>&1 &
+# the install's own end time, printed after phase 1: says whether phase 1 waited on it
+{ make --no-print-directory engines > "$LOGS/engines.log" 2>&1; rc=$?
+  echo "$SECONDS" > "$LOGS/engines.end"; exit $rc; } &
 engines=$!
 if ! make --no-print-directory "${SETUP[@]}"; then
     wait $engines
@@ -66,7 +68,8 @@ if ! wait $engines; then
     tail -40 "$LOGS/engines.log" >&2
     exit 1
 fi
-echo "=== phase 1 (in-process tests, and what is left of the engine installs): $((SECONDS - start)) s ==="
+echo "=== phase 1 (in-process tests, and what is left of the engine installs): $((SECONDS - start)) s;" \
+    "the engine installs ended $(($(cat "$LOGS/engines.end") - start)) s into it ==="
 
 start=$SECONDS
 pytest_pair engine "engine tests: vLLM (real engine on CPU)" VLLM_TESTS \
