@@ -19,13 +19,9 @@ SETUP=("${@:2}")
 LOGS="$(mktemp -d)"
 trap 'rm -rf "$LOGS"' EXIT
 
-# measured alone (s): tests/core + tests/slow 426, the rest 296: group B also takes
-# tests/core/test_cli.py (its tests' durations add up to ~56, mostly waiting on subprocesses)
-GROUP_A=(tests/slow)
-GROUP_B=(tests --ignore=tests/slow)
-for f in tests/core/test_*.py; do
-    if [[ $f != tests/core/test_cli.py ]]; then GROUP_A+=("$f") GROUP_B+=("--ignore=$f"); fi
-done
+# in CI beside the engine installs (s): tests/core + tests/slow ~530, the rest ~510
+GROUP_A=(tests/slow tests/core)
+GROUP_B=(tests --ignore=tests/slow --ignore=tests/core)
 SGLANG_TESTS=(tests/engines/test_sglang_*.py)
 VLLM_TESTS=(tests --ignore-glob='tests/engines/test_sglang_*')
 
