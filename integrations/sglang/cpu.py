@@ -6,8 +6,10 @@ its PyPI install lacks.  `cpu_standins/` holds specplug's replacements, all pure
                      verify, KV copies, and the intel_amx backend's decode/extend attention
                      (written as loops: correct, not fast)
   sitecustomize.py   tells SGLang's intel_amx backend the CPU has AMX (else SGLang falls back to
-                     torch_native attention, where speculative decoding does not run); active
-                     only with SGLANG_USE_CPU_ENGINE=1
+                     torch_native attention, where speculative decoding does not run), and has
+                     SGLang fork its scheduler and detokenizer instead of spawning them (a
+                     spawned child imports SGLang and torch again); active only with
+                     SGLANG_USE_CPU_ENGINE=1
   torchvision/       placeholders for the names SGLang's multimodal processors import (the PyPI
                      torchvision wheel is a CUDA build); text-only models never use them
 They act through PYTHONPATH, so that every process SGLang starts (scheduler, detokenizer) gets
