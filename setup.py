@@ -25,7 +25,7 @@ setup(
     # Compatible ranges for `pip install specplug`; make/CI install the exact locks/*.txt.  The
     # upper bound on transformers: its major releases rename generate()/cache arguments (5.0 did).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "transformers>=4.56,<6",
         "safetensors",
         "tokenizers",

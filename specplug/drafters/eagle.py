@@ -26,7 +26,7 @@ from ..checkpoint_io import CheckpointError, check_keys, load_state_dict, read_c
 from ..vocab import VocabMap
 from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle_runtime import EagleDrafter
-from .decoder_layer import DecoderLayer, LayerShape, Rope, layer_keys
+from .decoder_layer import DecoderLayer, LayerShape, Ragged, Rope, layer_keys
 from .tree import TreeSettings
 
 EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
@@ -56,18 +56,25 @@ class EagleHead(nn.Module):
         return len(self.layers)
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None):
+                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None,
+                real: torch.Tensor | None = None):
         """tokens [b, q], feats [b, q, H_target] (target features or the head's own outputs:
         both live in the target's feature space), positions [b, q], mask [b, q, slots];
-        logits_at [b] (optional): score only that entry of each row.
+        logits_at [b] (optional): score only that entry of each row; real [b, q] (optional):
+        the entries that are not padding, the only ones the position-wise work runs on.
         Returns (predicted features [b, q, H_target], logits [b, q, target_vocab], or [b, 1, V]
         with logits_at)."""
+        ragged = Ragged(real) if real is not None else None
+        if ragged is not None:
+            tokens, feats = ragged.pack(tokens), ragged.pack(feats)
         x = self.fc(torch.cat([self.embed(tokens).to(feats.dtype), feats], dim=-1))
         rope = self.rope(x, positions)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x) if i > 0 else x
-            x = x + layer.self_attn(h, rope, mask, kv.extend_for(i))
+            x = x + layer.self_attn(h, rope, mask, kv.extend_for(i), ragged)
             x = layer.feed_forward(x)
+        if ragged is not None:
+            x = ragged.unpack(x)
         out = self.l2s(x) if self.l2s is not None else x
         if logits_at is None:
             scored = out

@@ -32,7 +32,7 @@ from ..vocab import VocabMap
 from .base import DrafterSpec, Family, TargetInfo, register_drafter
 from .eagle import _check_loaded, _embedding, strip_prefixes, where
 from .eagle_runtime import EagleDrafter
-from .decoder_layer import DecoderLayer, LayerShape, RMSNorm, Rope, layer_keys
+from .decoder_layer import DecoderLayer, LayerShape, Ragged, RMSNorm, Rope, layer_keys
 from .speculators_format import native_config
 from .tree import TreeSettings
 
@@ -60,20 +60,29 @@ class Eagle3Head(nn.Module):
     num_layers = 1
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
-                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None):
+                kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None,
+                real: torch.Tensor | None = None):
         """tokens [b, q]; feats [b, q, n_aux * H_target] from the target, else [b, q, H] (the
         head's previous output); positions [b, q]; mask [b, q, slots]; logits_at [b] (optional):
-        score only that entry of each row (a catch-up pass needs the last one alone).
+        score only that entry of each row (a catch-up pass needs the last one alone); real
+        [b, q] (optional): the entries that are not padding, the only ones the position-wise
+        work runs on (padding's outputs are zeros).
         Returns (out [b, q, H] before the final norm, logits [b, q, target_vocab], or [b, 1, V]
         with logits_at)."""
+        ragged = Ragged(real) if real is not None else None
+        if ragged is not None:
+            tokens, feats = ragged.pack(tokens), ragged.pack(feats)
         h = self.fc(feats) if from_target else feats
         layer = self.midlayer
         emb = layer.input_layernorm(self.embed(tokens).to(h.dtype))
         normed = layer.hidden_norm(h)
         residual = normed if self.norm_before_residual else h
-        x = residual + layer.self_attn(torch.cat([emb, normed], -1), self.rope(h, positions),
-                                       mask, kv.extend_for(0))
+        rope = self.rope(h, positions)
+        x = residual + layer.self_attn(torch.cat([emb, normed], -1), rope, mask, kv.extend_for(0),
+                                       ragged)
         x = layer.feed_forward(x)
+        if ragged is not None:
+            x = ragged.unpack(x)
         if logits_at is None:
             scored = x
         else:

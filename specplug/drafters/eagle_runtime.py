@@ -2,7 +2,8 @@
 
 A head is any module with
     head(tokens [b, q], feats [b, q, F], positions [b, q], kv: SlotCache, mask [b, q, slots],
-         from_target: bool) -> (out_feats [b, q, F'], logits [b, q, target_vocab])
+         from_target: bool, logits_at [b] = None, real [b, q] = None)
+      -> (out_feats [b, q, F'], logits [b, q, target_vocab])
 where the entry for committed token x_j reads the target feature of position j - 1
 (`from_target` True) and a draft entry reads the head's own previous output (False).
 
@@ -146,7 +147,10 @@ class EagleDrafter(Drafter):
         self.kv.reserve(positions)
         # [b] entry to score
         last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds], device=dev)
-        out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last)
+        # only the real entries go through the head's projections and MLP: rows catching up on
+        # prompts of mixed lengths leave most of the block padding
+        out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last,
+                                real=real)
         self.kv.keep(real)
         for r, (toks, _, _) in enumerate(feeds):
             if toks:

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaRM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-from specplug.drafters.decoder_layer import DecoderLayer, LayerShape, RMSNorm, Rope
+from specplug.drafters.decoder_layer import DecoderLayer, LayerShape, Ragged, RMSNorm, Rope
 
 BASE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 96, "rms_norm_eps": 1e-6, "max_position_embeddings": 256}
@@ -56,6 +56,38 @@ def test_layer_equals_hf_on_the_same_weights(case):
         want = want[0] if isinstance(want, tuple) else want
         got = ours(x, rope(x, positions), causal, lambda k, v: (k, v))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["qwen2-bias-gqa", "qwen3-qk-norm"])
+def test_packed_real_entries_give_the_padded_block_s_outputs(case):
+    """Rows fed 5, 2 and 0 tokens in a block of 5: the layer run on the packed real entries
+    (Ragged) equals the padded run on those entries, and the keys/values it hands the cache
+    equal the padded run's at every real entry."""
+    _, _, ours, rope = _pair(case, torch.float32)
+    b, q = 3, 5
+    real = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
+    x = torch.randn(b, q, BASE["hidden_size"])
+    positions = torch.arange(q).expand(b, q) + torch.tensor([[0], [40], [7]])
+    mask = torch.ones(q, q, dtype=torch.bool).tril() & real[:, None, :]
+    mask = mask | torch.eye(q, dtype=torch.bool)  # padding sees itself
+    written = {}
+
+    def record(name):
+        def extend(k, v):
+            written[name] = (k, v)
+            return k, v
+        return extend
+
+    ragged = Ragged(real)
+    with torch.no_grad():
+        padded = ours(x, rope(x, positions), mask, record("padded"))
+        packed = ours(ragged.pack(x), rope(x, positions), mask, record("packed"), ragged)
+    assert packed.shape == (int(real.sum()), BASE["hidden_size"])
+    torch.testing.assert_close(ragged.unpack(packed)[real], padded[real], atol=1e-5, rtol=1e-5)
+    for i in range(2):  # keys, values [b, kv_heads, q, head_dim]
+        got, want = written["packed"][i], written["padded"][i]
+        torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_rmsnorm_upcasts_like_hf_in_bfloat16():
