@@ -14,9 +14,9 @@ DEFAULT_README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "READM
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # more generated blocks, written only when the report rebuilds the repo's own docs (no --readme):
 # file -> block name; each sits between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`
-DOC_BLOCKS = {os.path.join(REPO, "README.md"): "headline",
-              os.path.join(REPO, "integrations", "vllm", "README.md"): "vllm-compare",
-              DEFAULT_README: "compile-target"}
+DOC_BLOCKS = {os.path.join(REPO, "README.md"): ("headline",),
+              os.path.join(REPO, "integrations", "vllm", "README.md"): ("vllm-compare",),
+              DEFAULT_README: ("compile-target", "vllm-compare")}
 
 
 class ReportError(ValueError):
@@ -232,9 +232,9 @@ def compile_target_table(directory: str) -> str:
 
 
 def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = True,
-           docs: dict[str, str] | None = None) -> dict:
+           docs: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Table + plots from the JSON in directory; returns what was written.  docs: more files
-    whose generated blocks are rewritten (file -> block name, see DOC_BLOCKS)."""
+    whose generated blocks are rewritten (file -> block names, see DOC_BLOCKS)."""
     runs = load_runs(directory)
     paths = []
     if plots:
@@ -246,8 +246,9 @@ def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = Tr
     render = {"headline": lambda: headline_table(runs),
               "vllm-compare": lambda: vllm_compare_table(directory),
               "compile-target": lambda: compile_target_table(directory)}
-    for doc, name in (docs or {}).items():
-        begin, end = markers(name)
-        update_readme(doc, "\n".join([begin, "", render[name](), "", end]), begin, end)
+    for doc, names in (docs or {}).items():
+        for name in names:
+            begin, end = markers(name)
+            update_readme(doc, "\n".join([begin, "", render[name](), "", end]), begin, end)
     return {"runs": [r["name"] for r in runs], "table": table, "plots": paths,
             "docs": sorted(docs or {})}

@@ -95,14 +95,20 @@ def test_report_fills_the_generated_blocks_of_other_docs(results, tmp_path):
     shutil.copytree(out, runs_dir)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     shutil.copy(os.path.join(repo, "benchmarks", "results", "vllm_compare_tiny.json"), runs_dir)
-    docs = {}
+    docs, both = {}, []
     for name in ("headline", "vllm-compare"):
         begin, end = report_mod.markers(name)
         doc = tmp_path / f"{name}.md"
         doc.write_text(f"intro\n\n{begin}\nstale 9.99x\n{end}\n\noutro\n")
-        docs[str(doc)] = name
+        docs[str(doc)] = (name,)
+        both.append(f"{begin}\nstale 9.99x\n{end}")
+    (tmp_path / "both.md").write_text("\n\nmiddle\n\n".join(both) + "\n")  # two blocks, one file
+    docs[str(tmp_path / "both.md")] = ("headline", "vllm-compare")
     with contextlib.redirect_stdout(io.StringIO()):
         report_mod.report(str(runs_dir), str(tmp_path / "R.md"), plots=False, docs=docs)
+    combined = (tmp_path / "both.md").read_text()
+    assert "9.99x" not in combined and "\n\nmiddle\n\n" in combined
+    assert "| vllm_compare_tiny.json |" in combined and "| embedded/ngram |" in combined
     head = (tmp_path / "headline.md").read_text()
     assert head.startswith("intro\n\n") and head.endswith("\n\noutro\n") and "9.99x" not in head
     spec = next(a for a in json.loads((out / "tiny_ngram.json").read_text())["arms"]
