@@ -193,8 +193,8 @@ def vllm_compare_table(directory: str) -> str:
     """integrations/vllm/README.md: two ways of running the same weights in vLLM, A over B
     (specplug's drafter through the plugin over vLLM's own implementation of the method, or the
     plugin in compile mode over eager), from benchmarks/vllm_compare.py's JSON files."""
-    lines = ["| file | pair: A vs B | no spec tok/s | A tok/s | B tok/s | A ÷ B "
-             "| τ A / B | drafts A / B | load (1 min) |", "|" + "---|" * 9]
+    lines = ["| file | pair: A vs B | vLLM mode | no spec tok/s | A tok/s | B tok/s | A ÷ B "
+             "| τ A / B | drafts A / B | load (1 min) |", "|" + "---|" * 10]
     for path in sorted(glob.glob(os.path.join(directory, "vllm_compare_*.json"))):
         with open(path) as f:
             run = json.load(f)
@@ -203,7 +203,7 @@ def vllm_compare_table(directory: str) -> str:
             first, second = pair.get("sides", ["specplug", "vllm"])
             a, b = pair[first], pair[second]
             lines.append("| " + " | ".join([
-                os.path.basename(path), f"{name}: {first} vs {second}",
+                os.path.basename(path), f"{name}: {first} vs {second}", _vllm_mode(run, name),
                 _fmt(run["no_spec"]["tokens_per_second"], ".1f"),
                 _fmt(a["tokens_per_second"], ".1f"), _fmt(b["tokens_per_second"], ".1f"),
                 spread_text(pair["tokens_per_second_ratio"],
@@ -211,6 +211,17 @@ def vllm_compare_table(directory: str) -> str:
                 f"{a['tau']:.2f} / {b['tau']:.2f}", f"{a['num_drafts']} / {b['num_drafts']}",
                 f"{load.get('start', '?')}–{load.get('end', '?')}"]) + " |")
     return "\n".join(lines)
+
+
+def _vllm_mode(run: dict, pair: str) -> str:
+    """The mode vLLM reported for the pair's engines (recorded since the runs took --compile),
+    else what the run asked for."""
+    modes = sorted({m for arm, m in run.get("compilation_modes", {}).items()
+                    if arm.startswith(pair + "-")})
+    if modes:
+        return " / ".join(modes)
+    eager = run.get("llm_kwargs", {}).get("enforce_eager", True)  # the sessions' default
+    return "eager (asked)" if eager else "compile (asked)"
 
 
 def compile_target_table(directory: str) -> str:
