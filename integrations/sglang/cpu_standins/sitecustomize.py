@@ -17,7 +17,6 @@ import os
 import sys
 
 
-
 def _claim_amx(module) -> None:
     module.override_platform(has_amx=True).install()
 
