@@ -128,19 +128,15 @@ class EagleDrafter(Drafter):
         b = len(feeds)
         feat_dim = next(f[1].shape[-1] for f in feeds if f[1] is not None)
         dev = self.device
-        # token ids and positions are host lists: laid out on the host, copied over once
+        # token ids are host lists: laid out on the host, copied over once
         tokens = torch.zeros(b, width, dtype=torch.long, device="cpu")
-        positions = torch.zeros(b, width, dtype=torch.long, device="cpu")
-        real = torch.zeros(b, width, dtype=torch.bool, device="cpu")
         feats = torch.zeros(b, width, feat_dim, dtype=self._dtype(), device=dev)
-        for r, (toks, f, first) in enumerate(feeds):
-            m = len(toks)
-            if m:
-                tokens[r, :m] = torch.tensor(toks, device="cpu")
-                feats[r, :m] = f.to(feats.dtype)
-                positions[r, :m] = torch.arange(first, first + m, device="cpu")
-                real[r, :m] = True
-        tokens, positions, real = tokens.to(dev), positions.to(dev), real.to(dev)
+        for r, (toks, f, _) in enumerate(feeds):
+            if toks:
+                tokens[r, :len(toks)] = torch.tensor(toks, device="cpu")
+                feats[r, :len(toks)] = f.to(feats.dtype)
+        tokens = tokens.to(dev)
+        positions, real = self.kv.ragged_block([f[2] for f in feeds], [len(f[0]) for f in feeds])
         block = torch.ones(width, width, dtype=torch.bool, device=dev).tril() & real[:, None, :]
         block = block | torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself: no NaN
         mask = torch.cat([self.kv.valid[:, None, :].expand(b, width, -1), block], dim=2)
