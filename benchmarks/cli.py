@@ -102,11 +102,22 @@ def _method(args) -> tuple[str, str | None]:
     return ("draft", drafter) if drafter else ("ngram", None)
 
 
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = _bench_parser()
+    p.prog = "specplug bench sweep"
+    p.description = ("The same arms at several batch sizes: one bench run per size "
+                     "(<stem>_b<batch>.json), then the speedup against batch size.")
+    p.add_argument("--batch-sizes", required=True, metavar="B1,B2,...",
+                   help="batch sizes to run, e.g. 1,4,10,32 (--batch-size is ignored)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return _report_main(argv[1:])
-    args = _bench_parser().parse_args(argv)
+    sweep = bool(argv) and argv[0] == "sweep"
+    args = (_sweep_parser() if sweep else _bench_parser()).parse_args(argv[1:] if sweep else argv)
     from specplug.datasets import DatasetError
     from specplug.models.loading import ModelLoadError
     from specplug.jobfile import EngineSessionError
@@ -127,17 +138,27 @@ def main(argv: list[str] | None = None) -> int:
             chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,
             output=args.output, name=args.name, budget=args.budget, repeats=args.repeats,
             block=args.block)
-        result = run_bench(cfg, progress=not args.no_progress)
+        configs = [cfg]
+        if sweep:
+            from .batch_sweep import parse_batch_sizes, sweep_configs
+            configs = sweep_configs(cfg, parse_batch_sizes(args.batch_sizes))
+        results = []
+        for one in configs:  # each run's JSON is written as soon as it is done
+            results.append(run_bench(one, progress=not args.no_progress))
+            path = write_json(results[-1], one.output)
+            plots = plot_run(results[-1], os.path.join(one.output, "plots"))
+            print(results_table([results[-1]]))
+            print(f"wrote {path} and {len(plots)} plots under {os.path.join(one.output, 'plots')}")
     except (DatasetError, ModelLoadError, EngineUnavailable, ValueError, OSError) as e:
         print(f"specplug bench: error: {e}", file=sys.stderr)
         return 2
     except EngineSessionError as e:  # the engine's own failure: its line and where its log is
         print(f"specplug bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
-    path = write_json(result, cfg.output)
-    plots = plot_run(result, os.path.join(cfg.output, "plots"))
-    print(results_table([result]))
-    print(f"wrote {path} and {len(plots)} plots under {os.path.join(cfg.output, 'plots')}")
+    if sweep:
+        from .batch_sweep import plot_sweeps, sweep_table
+        print(sweep_table(results))
+        plot_sweeps(results, os.path.join(cfg.output, "plots"))
     return 0
 
 

@@ -104,7 +104,8 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
             drafter = build_drafter(dspec, target_info(t.model, t.tokenizer))
             spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
                                   sampling=t.sampling,
-                                  budget=SpeculationBudget(t.gamma) if with_budget else None)
+                                  budget=(SpeculationBudget(t.gamma, verify_pads_rows=True)
+                                          if with_budget else None))
             name = f"embedded/{label}" + ("/budget" if with_budget else "")
             arms.append(Arm(name, "embedded", dspec.method, "spec",
                             runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,

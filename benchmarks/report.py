@@ -5,6 +5,7 @@ import glob
 import json
 import os
 
+from .batch_sweep import plot_sweeps, sweep_table
 from .plots import plot_run
 from .runner import SCHEMA
 
@@ -16,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> block name; each sits between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`
 DOC_BLOCKS = {os.path.join(REPO, "README.md"): ("headline",),
               os.path.join(REPO, "integrations", "vllm", "README.md"): ("vllm-compare",),
-              DEFAULT_README: ("compile-target", "vllm-compare")}
+              DEFAULT_README: ("batch-sweep", "compile-target", "vllm-compare")}
 
 
 class ReportError(ValueError):
@@ -251,12 +252,14 @@ def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = Tr
     if plots:
         for run in runs:
             paths += plot_run(run, os.path.join(directory, "plots"))
+        paths += plot_sweeps(runs, os.path.join(directory, "plots"))
     table = results_table(runs)
     if readme:
         update_readme(readme, render_section(runs, paths, os.path.dirname(os.path.abspath(readme))))
     render = {"headline": lambda: headline_table(runs),
               "vllm-compare": lambda: vllm_compare_table(directory),
-              "compile-target": lambda: compile_target_table(directory)}
+              "compile-target": lambda: compile_target_table(directory),
+              "batch-sweep": lambda: sweep_table(runs)}
     for doc, names in (docs or {}).items():
         for name in names:
             begin, end = markers(name)

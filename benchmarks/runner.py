@@ -53,6 +53,7 @@ class BenchConfig:
     budget: str = "off"  # embedded drafter arms with the speculation budget: on | off | both
     repeats: int = 3  # passes over the prompts; speedups are reported as min/median/max of them
     block: int = 0  # requests per block (arms take turns every block); 0 = batch_size
+    sweep: str | None = None  # the batch sweep this run belongs to (batch_sweep.py), if any
 
     def run_name(self) -> str:
         if self.name:

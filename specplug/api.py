@@ -92,7 +92,9 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
                                 target_info(model, tokenizer))
     # a tree drafter's depth is the number of draft tokens on its longest path
     depth = int(cfg.options.get("tree_depth") or cfg.gamma)
-    budget = SpeculationBudget(depth) if cfg.budget and drafter is not None else None
+    # the embedded engine verifies the batch as one block padded to the widest row
+    budget = (SpeculationBudget(depth, verify_pads_rows=True)
+              if cfg.budget and drafter is not None else None)
     return EmbeddedEngine(model, tokenizer, drafter, depth, cfg.sampling, budget)
 
 

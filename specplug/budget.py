@@ -13,9 +13,23 @@ Speculation pays only while a draft token's expected gain beats its cost.  Per e
             adding the best remaining token while its gain / cost beats the current E / T is
             optimal; with many rows the fixed cost a is spread thin and drafting stops first.
 
+Padded verify (`verify_pads_rows`): an engine that verifies the batch as one rectangular block
+(the embedded engine: every row padded to the widest row's nodes) pays for rows x (1 + widest)
+tokens, whatever the other rows drafted.  Measured on SmolLM2 at batch 10 (fp32, CPU), 0.85
+draft tokens per step in all raised the verify step from 225 to 300 ms: the block was twice as
+wide.  There the budget picks one width w for the whole batch, maximising
+E(w) / (a + b * rows * (1 + w) + d * rows * w).
+
+Drafter confidence: a drafter that scores its nodes (`DraftProposal.scores`, each node's path
+probability) is cut after drafting instead: node gains are its scores times a calibration factor
+(accepted / predicted over recent steps, so an over-confident drafter is discounted), and the
+same marginal rule (or the same one-width choice, padded) keeps the best nodes.
+
 Exploration: a row that gets no drafts learns nothing new, so after `explore_every` steps in
 which nobody drafted, one row (in turn) gets a single draft token: the estimates stay fresh at a
-cost of one verify token every few steps.  The other way round, a drafter that always proposes
+cost of one verify token every few steps.  Each probe that does not bring drafting back doubles
+the wait (up to `explore_max`).  In a padded batch a probe widens every row, so there the first
+wait is `explore_every` x rows.  The other way round, a drafter that always proposes
 its whole chain feeds every verify the same token count, from which the per-token cost b cannot
 be told apart from the fixed cost a; until the counts differ, every `explore_every`-th step
 drafts nothing, which measures the other end of the line.
@@ -75,13 +89,18 @@ class SpeculationBudget:
     acceptance_decay: float = 0.8  # weight of a row's history against its newest step
     prior_acceptance: float = 0.5  # until anything was seen
     explore_every: int = 8  # idle steps before one row gets one probing draft token
+    explore_max: int = 128  # the longest wait between probes (the wait doubles per idle probe)
+    # the engine verifies rows x (1 + widest row's nodes) tokens (padding included)
+    verify_pads_rows: bool = False
     verify: LinearCost = field(default_factory=LinearCost)
     draft_ms_per_token: float = 0.0
     _rows: dict = field(default_factory=dict)  # row id -> [accepted, tried] (decayed)
     _all: list = field(default_factory=lambda: [0.0, 0.0])
     _idle_steps: int = 0
+    _explore_gap: int = 0  # steps to wait before the next probe (0: explore_every)
     _probe: int = 0
     _flat_steps: int = 0
+    _calibration: list = field(default_factory=lambda: [2.0, 2.0])  # accepted, predicted
 
     def acceptance(self, row_id) -> float:
         acc, tried = self._rows.get(row_id, self._all)
@@ -106,9 +125,65 @@ class SpeculationBudget:
             self._flat_steps += 1
             if self._flat_steps % self.explore_every == 0:
                 return k
-        gain = float(len(row_ids))
-        time = a + b * len(row_ids)
-        best = [(-alpha, i) for i, alpha in enumerate(alphas) if alpha > 0]
+        gains = [[alpha ** i for i in range(1, self.max_tokens + 1)] for alpha in alphas]
+        if self.verify_pads_rows:
+            w = self._best_width(gains, a, b, self.draft_ms_per_token)
+            k = [w if alpha > 0 else 0 for alpha in alphas]
+        else:
+            k = self._best_tokens(gains, a, b, step_cost)
+        return self._probe_when_idle(k, [1] * len(k))
+
+    def limits_before_scoring(self, row_ids: list) -> list[int]:
+        """For a drafter that scores its nodes: every row drafts in full (cut() keeps the best
+        afterwards), unless not even drafts certain to be accepted could pay this step; then
+        nobody drafts, which saves the drafting too, bar the odd probing token."""
+        full = [self.max_tokens] * len(row_ids)
+        a, b = self.verify.coefficients()
+        if not row_ids or not self.verify.has_spread or b <= 0:
+            return full  # cut() explores
+        best = min(self.calibration(), 1.0)  # a node's gain is its score (<= 1) times this
+        gains = [[best] * self.max_tokens for _ in row_ids]
+        if self.verify_pads_rows:
+            pays = self._best_width(gains, a, b, self.draft_ms_per_token) > 0
+        else:
+            pays = any(self._best_tokens(gains, a, b, b + self.draft_ms_per_token))
+        return full if pays else self._probe_when_idle([0] * len(row_ids), [1] * len(row_ids))
+
+    def cut(self, scores: list[list[float]]) -> list[int]:
+        """After drafting: how many of each row's nodes to keep, best first.  scores: per row,
+        the drafter's path probability of each node it proposed, best first.  Drafting is done,
+        so only verify cost counts against them."""
+        if not scores:
+            return []
+        a, b = self.verify.coefficients()
+        if not self.verify.has_spread:
+            # a token's verify cost is not known yet: explore cheaply, one node per row on
+            # every other step and none in between, so the steps differ in width
+            self._flat_steps += 1
+            return [min(1, len(s)) if self._flat_steps % 2 else 0 for s in scores]
+        scale = self.calibration()
+        gains = [[scale * p for p in s] for s in scores]
+        if self.verify_pads_rows:
+            w = self._best_width(gains, a, b, 0.0)
+            k = [min(w, len(s)) for s in scores]
+        else:
+            k = self._best_tokens(gains, a, b, b)
+        return self._probe_when_idle(k, [len(s) for s in scores])
+
+    def calibration(self) -> float:
+        """Accepted over predicted drafts, recent steps weighted most (prior: 1)."""
+        accepted, predicted = self._calibration
+        return min(max(accepted / predicted, 0.05), 2.0)
+
+    def _best_tokens(self, gains: list[list[float]], a: float, b: float,
+                     step_cost: float) -> list[int]:
+        """Rows verified ragged: add the best remaining token (each costs step_cost) while its
+        gain per ms beats the step's tokens per ms.  gains[r][i]: row r's (i+1)-th token,
+        non-increasing along i."""
+        k = [0] * len(gains)
+        gain = float(len(gains))
+        time = a + b * len(gains)
+        best = [(-g[0], i) for i, g in enumerate(gains) if g and g[0] > 0]
         heapq.heapify(best)
         while best:
             neg_g, i = heapq.heappop(best)
@@ -116,17 +191,47 @@ class SpeculationBudget:
                 break  # the best remaining token no longer raises tokens per ms
             k[i] += 1
             gain, time = gain - neg_g, time + step_cost
-            if k[i] < self.max_tokens:
-                heapq.heappush(best, (neg_g * alphas[i], i))
-        if any(k):
-            self._idle_steps = 0
-        else:
-            self._idle_steps += 1
-            if self._idle_steps >= self.explore_every:
-                self._idle_steps = 0
-                self._probe = (self._probe + 1) % len(row_ids)
-                k[self._probe] = 1
+            if k[i] < len(gains[i]):
+                heapq.heappush(best, (-gains[i][k[i]], i))
         return k
+
+    def _best_width(self, gains: list[list[float]], a: float, b: float, d: float) -> int:
+        """Rows verified as one padded block: the width w (draft tokens per row) that maximises
+        tokens per ms, each row gaining its first w gains."""
+        rows = len(gains)
+        gain, best_w = float(rows), 0
+        best_rate = gain / (a + b * rows) if a + b * rows > 0 else 0.0
+        for w in range(1, max(len(g) for g in gains) + 1):
+            gain += sum(g[w - 1] for g in gains if len(g) >= w)
+            rate = gain / (a + b * rows * (1 + w) + d * rows * w)
+            if rate > best_rate:
+                best_w, best_rate = w, rate
+        return best_w
+
+    def _probe_when_idle(self, k: list[int], room: list[int]) -> list[int]:
+        """Nobody drafting for a while: one row (in turn, among those with room) gets one
+        token, and each probe that changes nothing doubles the wait for the next."""
+        if any(k):
+            self._idle_steps, self._explore_gap = 0, 0
+            return k
+        self._idle_steps += 1
+        # in a padded block a probe widens every row: it comes as many times less often
+        first_gap = self.explore_every * (len(k) if self.verify_pads_rows else 1)
+        gap = self._explore_gap or min(first_gap, self.explore_max)
+        rows = [i for i, n in enumerate(room) if n > 0]
+        if self._idle_steps >= gap and rows:
+            self._idle_steps = 0
+            self._explore_gap = min(2 * gap, self.explore_max)
+            self._probe = (self._probe + 1) % len(rows)
+            k[rows[self._probe]] = 1
+        return k
+
+    def fed_tokens(self, nodes: list[int]) -> int:
+        """Tokens a verify forward pays for: every row's last token and its nodes (each row
+        padded to the widest, when the engine pads)."""
+        if self.verify_pads_rows:
+            return len(nodes) * (1 + max(nodes, default=0))
+        return len(nodes) + sum(nodes)
 
     def observe_verify(self, tokens: int, ms: float) -> None:
         """One verify forward: `tokens` fed in all (rows + drafts), `ms` it took."""
@@ -149,6 +254,12 @@ class SpeculationBudget:
         for stats in (self._rows.setdefault(row_id, [0.0, 0.0]), self._all):
             stats[0] = stats[0] * self.acceptance_decay + accepted
             stats[1] = stats[1] * self.acceptance_decay + tried
+
+    def observe_scores(self, predicted: float, accepted: int) -> None:
+        """A step's scored nodes: the sum of their scores, and how many were accepted."""
+        if predicted > 0:
+            c = self._calibration
+            c[0], c[1] = 0.9 * c[0] + accepted, 0.9 * c[1] + predicted
 
     def forget(self, row_ids: list) -> None:
         for r in row_ids:
@@ -173,27 +284,38 @@ class StepBudget:
         self.clock = clock or time.perf_counter
         self._drafted: dict = {}  # row id -> tokens handed out at the last call
         self._fed = 0  # tokens the last step verified: one per row + its drafts
+        self._predicted = 0.0  # the scores of the drafts handed out at the last call, summed
         self._end: float | None = None
         self._start = 0.0
 
-    def begin(self, row_ids: list, committed: list[int]) -> list[int]:
+    def begin(self, row_ids: list, committed: list[int], scored: bool = False) -> list[int]:
+        """scored: the drafter scores its nodes, so rows draft in full now (or nobody does,
+        see limits_before_scoring) and budget.cut() keeps the best after drafting."""
         now = self.clock()
         known = all(r in self._drafted for r in row_ids)
         if self._end is not None and known and self._fed:
             self.budget.observe_verify(self._fed, (now - self._end) * 1e3)
+        accepted = 0
         for r, n in zip(row_ids, committed):
             if self._drafted.get(r):
                 self.budget.observe_row(r, self._drafted[r], max(0, n - 1))
+                accepted += min(max(0, n - 1), self._drafted[r])
+        self.budget.observe_scores(self._predicted, accepted)
+        self._predicted = 0.0
         self._start = now
+        if scored:
+            return self.budget.limits_before_scoring(list(row_ids))
         return self.budget.plan(list(row_ids))
 
     def forget(self, row_ids: list) -> None:
         """Rows that left the engine: their acceptance history goes with them."""
         self.budget.forget(row_ids)
 
-    def end(self, row_ids: list, drafted: list[int]) -> None:
+    def end(self, row_ids: list, drafted: list[int], predicted: float = 0.0) -> None:
+        """drafted: tokens handed out per row; predicted: their scores summed (scored drafts)."""
         now = self.clock()
         self.budget.observe_draft(sum(drafted), (now - self._start) * 1e3)
         self._drafted = dict(zip(row_ids, drafted))
-        self._fed = len(row_ids) + sum(drafted)
+        self._fed = self.budget.fed_tokens(drafted)
+        self._predicted = predicted
         self._end = now

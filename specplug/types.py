@@ -82,21 +82,27 @@ class DraftProposal:
     # None: drafts are deterministic (argmax, top-k, lookup) and verified as point masses,
     # which is lossless too (see verify.py).
     draft_probs: torch.Tensor | None = None
+    # [batch, num_nodes] float32: the drafter's estimate that each node is accepted (its path
+    # probability: never above its parent's), 0 on PAD.  None: the drafter has no confidence.
+    # The speculation budget keeps the best nodes by it.
+    scores: torch.Tensor | None = None
 
     @staticmethod
-    def chain(tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftProposal":
+    def chain(tokens: torch.Tensor, draft_probs: torch.Tensor | None = None,
+              scores: torch.Tensor | None = None) -> "DraftProposal":
         """tokens [batch, gamma] padded with PAD at the end of short rows."""
         batch, n = tokens.shape
         parents = torch.arange(-1, n - 1, dtype=torch.long, device=tokens.device)
         parents = parents.expand(batch, n).clone()
-        return DraftProposal(tokens.long(), parents, draft_probs)
+        return DraftProposal(tokens.long(), parents, draft_probs, scores)
 
     @staticmethod
     def from_rows(rows: list[tuple[list[int], list[int]]],
-                  device: torch.device | str | None = None) -> "DraftProposal":
+                  device: torch.device | str | None = None,
+                  scores: list[list[float]] | None = None) -> "DraftProposal":
         """rows: per row (tokens, parents) lists of any length -> padded proposal on `device`
-        (None: torch's default device; a chain when every row is one).  Built on the host,
-        copied over once."""
+        (None: torch's default device; a chain when every row is one).  scores: per row, each
+        node's path probability.  Built on the host, copied over once."""
         width = max((len(t) for t, _ in rows), default=0)
         tokens = torch.full((len(rows), width), PAD, dtype=torch.long, device="cpu")
         parents = torch.full((len(rows), width), ROOT, dtype=torch.long, device="cpu")
@@ -105,9 +111,16 @@ class DraftProposal:
             parents[r, :len(pars)] = torch.tensor(pars, dtype=torch.long, device="cpu")
         device = torch.get_default_device() if device is None else device
         tokens, parents = tokens.to(device), parents.to(device)
+        node_scores = None
+        if scores is not None:
+            node_scores = torch.zeros((len(rows), width), dtype=torch.float32, device="cpu")
+            for r, row_scores in enumerate(scores):
+                node_scores[r, :len(row_scores)] = torch.tensor(row_scores, dtype=torch.float32,
+                                                           device="cpu")
+            node_scores = node_scores.to(device)
         if all(p == list(range(-1, len(p) - 1)) for _, p in rows):
-            return DraftProposal.chain(tokens)
-        return DraftProposal(tokens, parents)
+            return DraftProposal.chain(tokens, scores=node_scores)
+        return DraftProposal(tokens, parents, scores=node_scores)
 
     @staticmethod
     def empty(batch: int, device: torch.device | str | None = None) -> "DraftProposal":
@@ -123,6 +136,40 @@ class DraftProposal:
         real = self.tokens != PAD
         # the engine needs to know on the host: chains and trees take different verify paths
         return bool(((self.parents == expect) | ~real).all())
+
+    def select(self, keep: torch.Tensor) -> "DraftProposal":
+        """The nodes where keep ([batch, num_nodes] bool; a kept node's parent is kept too),
+        moved to the front of their row in their order, the width cut to the longest row."""
+        keep = keep & (self.tokens != PAD)
+        # stable: kept nodes first, each row's kept nodes in their old order (parents first)
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        width = int(keep.sum(dim=1).max()) if keep.numel() else 0  # a shape: the host decides
+        new_index = torch.empty_like(order)
+        new_index.scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                           .expand_as(order).contiguous())
+        order = order[:, :width]
+        kept = keep.gather(1, order)
+        tokens = self.tokens.gather(1, order).masked_fill(~kept, PAD)
+        old_parents = self.parents.gather(1, order)
+        parents = torch.where(old_parents >= 0, new_index.gather(1, old_parents.clamp(min=0)),
+                              ROOT)
+        probs = scores = None
+        if self.draft_probs is not None:
+            probs = self.draft_probs.gather(
+                1, order[..., None].expand(-1, -1, self.draft_probs.shape[-1]))
+        if self.scores is not None:
+            scores = self.scores.gather(1, order).masked_fill(~kept, 0.0)
+        return DraftProposal(tokens, parents, probs, scores)
+
+    def keep_best(self, counts: torch.Tensor) -> "DraftProposal":
+        """Each row's counts[r] ([batch]) best-scored nodes (ties: the earlier node), so a kept
+        node's parent, scored at least as high and earlier, is kept too."""
+        n = self.tokens.shape[1]
+        # rank within the row by (score descending, index ascending)
+        key = self.scores.masked_fill(self.tokens == PAD, -1.0).double()
+        key = key - torch.arange(n, device=key.device, dtype=torch.float64) * 1e-9
+        rank = torch.argsort(torch.argsort(key, dim=1, descending=True), dim=1)
+        return self.select(rank < counts[:, None])
 
     def depths(self) -> torch.Tensor:
         """[batch, num_nodes] depth of each node (root's children have depth 1), 0 on PAD."""

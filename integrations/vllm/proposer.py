@@ -149,20 +149,32 @@ class SpecplugProposer:
         drafts: list[list[int]] = [[] for _ in range(num_rows)]
         if not active:
             return drafts
-        # the budget sees what each row committed this step: accepted drafts + the bonus token
-        limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active])
+        # the budget sees what each row committed this step: accepted drafts + the bonus token;
+        # a drafter that scores its nodes drafts in full and is cut after drafting instead
+        scored = self.steps is not None and drafter.scores_nodes
+        limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active],
+                                   scored=scored)
                   if self.steps else [self.num_draft_tokens] * len(active))
+        full = all(k == self.num_draft_tokens for k in limits)  # else no drafts, or a probe
         chosen = [j for j, k in enumerate(limits) if k > 0]
+        predicted = 0.0
         if chosen:
             proposal = drafter.propose(self._draft_input(
                 [active[j] for j in chosen], [row_ids[j] for j in chosen],
                 [contexts[j] for j in chosen], max(limits[j] for j in chosen)))
-            for j, chain in zip(chosen, proposal_to_lists(proposal)):
+            chains = proposal_to_lists(proposal)
+            if scored:  # scores of a chain fall along it, so the best k are its first k
+                scores = [row[:len(c)] for row, c in zip(proposal.scores.tolist(), chains)]
+                kept = (self.steps.budget.cut(scores) if full
+                        else [min(len(c), limits[j]) for c, j in zip(chains, chosen)])
+                chains = [c[:k] for c, k in zip(chains, kept)]
+                predicted = sum(sum(s[:k]) for s, k in zip(scores, kept))
+            for j, chain in zip(chosen, chains):
                 i = active[j]
                 room = self.max_model_len - int(num_tokens_no_spec[i])
                 drafts[i] = chain[:min(limits[j], room)]
         if self.steps:
-            self.steps.end(row_ids, [len(drafts[i]) for i in active])
+            self.steps.end(row_ids, [len(drafts[i]) for i in active], predicted)
         return drafts
 
     def _draft_input(self, rows: list[int], row_ids: list[int], contexts: list[np.ndarray],

@@ -45,6 +45,9 @@ class Drafter(ABC):
     (row_slots.surviving_prefix), so a step costs O(new tokens), not O(context).
     """
     needs: DrafterNeeds = DrafterNeeds()
+    # its proposals carry DraftProposal.scores: a speculation budget lets it draft in full and
+    # keeps the best nodes by them, instead of limiting it beforehand from past acceptance
+    scores_nodes: bool = False
 
     @abstractmethod
     def propose(self, inp: DraftInput) -> DraftProposal:

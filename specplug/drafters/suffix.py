@@ -55,6 +55,8 @@ class _Row:
 
 
 class SuffixDrafter(Drafter):
+    scores_nodes = True  # each node's path probability: how often its path followed the match
+
     def __init__(self, options: SuffixOptions = SuffixOptions(),
                  device: torch.device | str | None = None):
         options.check()
@@ -67,12 +69,14 @@ class SuffixDrafter(Drafter):
         self._serial = 0
 
     def propose(self, inp: DraftInput) -> DraftProposal:
-        rows = []
+        rows, scores = [], []
         for rid, ids in zip(inp.row_ids, inp.token_ids):
             row = self._catch_up(rid, ids)
-            rows.append(self._draft(row.tokens[-self.opt.max_match:], row.index,
-                                    inp.num_draft_tokens))
-        return DraftProposal.from_rows(rows, self.device)
+            tokens, parents, probs = self._draft(row.tokens[-self.opt.max_match:], row.index,
+                                                 inp.num_draft_tokens)
+            rows.append((tokens, parents))
+            scores.append(probs)
+        return DraftProposal.from_rows(rows, self.device, scores)
 
     def release(self, row_ids: list[int]) -> None:
         """Finished rows: their outputs join the global index, the oldest ones leave it."""
@@ -105,25 +109,28 @@ class SuffixDrafter(Drafter):
         row.tokens += new
         return row
 
-    def _draft(self, tail: list[int], own: SuffixIndex, gamma: int) -> tuple[list[int], list[int]]:
-        """(tokens, parents) below the longest match of `tail` in the row's or global index."""
+    def _draft(self, tail: list[int], own: SuffixIndex, gamma: int
+               ) -> tuple[list[int], list[int], list[float]]:
+        """(tokens, parents, path probabilities) below the longest match of `tail` in the row's
+        or the global index."""
         node, m = own.longest_match(tail, self.opt.max_match)
         other, m_other = self.finished.longest_match(tail, self.opt.max_match)
         if m_other > m:
             node, m = other, m_other
         if node is None or gamma <= 0:
-            return [], []
+            return [], [], []
         budget = min(self.opt.tree_nodes or gamma, math.ceil(self.opt.spec_factor * m))
         depth = min(gamma, self.depth - m)
         if not self.opt.tree_nodes:
             return _best_chain(node, budget, depth, self.opt.min_prob)
         picked = best_continuations(node, budget, depth, self.opt.min_prob)
-        return [t for t, _, _ in picked], [p for _, p, _ in picked]
+        return [t for t, _, _ in picked], [p for _, p, _ in picked], [q for _, _, q in picked]
 
 
-def _best_chain(node, length: int, depth: int, min_prob: float) -> tuple[list[int], list[int]]:
+def _best_chain(node, length: int, depth: int, min_prob: float
+                ) -> tuple[list[int], list[int], list[float]]:
     """Follow the most frequent continuation while its path probability stays >= min_prob."""
-    tokens, prob = [], 1.0
+    tokens, probs, prob = [], [], 1.0
     while node.children and len(tokens) < min(length, depth):
         total = sum(c.count for c in node.children.values())
         tok, child = max(node.children.items(), key=lambda kv: kv[1].count)
@@ -131,8 +138,9 @@ def _best_chain(node, length: int, depth: int, min_prob: float) -> tuple[list[in
         if prob < min_prob:
             break
         tokens.append(tok)
+        probs.append(prob)
         node = child
-    return tokens, list(range(-1, len(tokens) - 1))
+    return tokens, list(range(-1, len(tokens) - 1)), probs
 
 
 FAMILY = Family("suffix", needs_weights=False, reads_hidden_states=False,

@@ -6,7 +6,10 @@ One decode step for a batch of rows:
   3. verify -> accepted drafts + recovered/bonus token per row
   4. the cache keeps the accepted path's slots, the rest is masked out (rollback is free)
 With a SpeculationBudget (specplug/budget.py) step 1 is preceded by each row's draft budget:
-rows whose budget is 0 are not drafted for, the others' proposals are cut to their budget.
+rows whose budget is 0 are not drafted for, the others' proposals are cut to their budget.  A
+drafter that scores its nodes (suffix) drafts in full instead, and the budget keeps each row's
+best-scored nodes.  Either way the block is narrowed to the longest row kept: every row is
+padded to it, and the budget counts that padding as verify cost.
 """
 from __future__ import annotations
 
@@ -121,9 +124,19 @@ class EmbeddedEngine:
         last token and its draft nodes, verify, commit.  Returns the rows still running (the
         cache keeps just those).  Each phase's time goes to stats.timing_ms (and the budget)."""
         clock = _PhaseClock()
-        limits = self.budget.plan([r.row_id for r in active]) if self.budget else None
+        # a drafter that scores its nodes drafts in full and is cut by the budget afterwards
+        scored = self.budget is not None and self.drafter.scores_nodes
+        limits = None
+        if self.budget:
+            ids = [r.row_id for r in active]
+            limits = self.budget.limits_before_scoring(ids) if scored else self.budget.plan(ids)
         with clock("draft"):
-            proposal = self._propose(active, limits)
+            proposal = self._propose(active, limits, count_nodes=limits is not None and not scored)
+            predicted = 0.0
+            if scored and proposal.scores is not None:
+                # rows drafted in full are cut to their best nodes; a probe is kept as it is
+                full = all(k == self.num_draft_tokens for k in limits)
+                proposal, limits, predicted = self._cut_by_scores(proposal, full)
         with clock("verify"):
             logits, feats = self._verify_forward(active, cache, proposal)
         with clock("sample"):
@@ -133,12 +146,13 @@ class EmbeddedEngine:
             if self.budget:  # before finished rows are dropped (and forgotten by the budget)
                 for row, n, kept in zip(active, num_nodes, accepted):
                     self.budget.observe_row(row.row_id, n, kept)
+                self.budget.observe_scores(predicted, sum(accepted))
             still = [r for r in active if not r.finish_reason]
             self._drop_finished(active, still, cache)
         if limits is not None:
             stats.budgets.append(sum(limits))
         if self.budget:
-            self.budget.observe_verify(len(active) + sum(num_nodes), clock.ms["verify"])
+            self.budget.observe_verify(self.budget.fed_tokens(num_nodes), clock.ms["verify"])
             if not first_step:  # the first drafting also takes in the prompts
                 self.budget.observe_draft(sum(num_nodes), clock.ms["draft"])
         clock.add_to(stats.timing_ms)
@@ -208,9 +222,12 @@ class EmbeddedEngine:
                 r.pending_hidden.append(feats[i, :lens[i]])
             r.append([first[i]], self.eos_ids, self.tokenizer)
 
-    def _propose(self, rows: list[Row], limits: list[int] | None = None) -> DraftProposal:
+    def _propose(self, rows: list[Row], limits: list[int] | None = None,
+                 count_nodes: bool = False) -> DraftProposal:
         """limits: draft tokens per row (the speculation budget), None: num_draft_tokens each.
-        Rows with limit 0 are not drafted for; their features wait for their next draft."""
+        Rows with limit 0 are not drafted for; their features wait for their next draft.
+        count_nodes: a limit counts nodes (a tree keeps its first k, parents come before
+        children), as the budget's cost model does; else it is a depth."""
         if not self.drafter:
             return DraftProposal.empty(len(rows), self.device)
         limits = limits if limits is not None else [self.num_draft_tokens] * len(rows)
@@ -230,9 +247,28 @@ class EmbeddedEngine:
             generators=[r.generator for r in some])
         proposal = _scatter_rows(self.drafter.propose(inp), chosen, len(rows))
         # never draft past a row's limit or its token budget (extra tokens could not be kept)
-        room = torch.tensor([min(k, r.req.max_new_tokens - r.num_new - 1) + 1
+        room = torch.tensor([min(self.num_draft_tokens if count_nodes else k,
+                                 r.req.max_new_tokens - r.num_new - 1) + 1
                              for k, r in zip(limits, rows)], device=self.device)
-        return _limit_depth(proposal, room)
+        proposal = _limit_depth(proposal, room)
+        if count_nodes:
+            first = (proposal.tokens != PAD).cumsum(dim=1) <= torch.tensor(
+                limits, device=self.device)[:, None]
+            proposal = proposal.select(first)
+        return proposal
+
+    def _cut_by_scores(self, proposal: DraftProposal, cut: bool = True
+                       ) -> tuple[DraftProposal, list[int], float]:
+        """The budget's pick of each row's best-scored nodes (cut=False: all of them):
+        (proposal, nodes kept per row, their scores summed)."""
+        real = proposal.tokens != PAD
+        # the budget decides on the host: one copy of the scores, best first per row
+        ranked = proposal.scores.masked_fill(~real, -1.0).sort(dim=1, descending=True).values
+        scores = [[p for p in row if p >= 0] for row in ranked.tolist()]
+        counts = self.budget.cut(scores) if cut else [len(row) for row in scores]
+        predicted = sum(sum(row[:k]) for row, k in zip(scores, counts))
+        keep = torch.tensor(counts, dtype=torch.long, device=self.device)
+        return proposal.keep_best(keep), counts, predicted
 
     def _verify_forward(self, rows, cache, proposal: DraftProposal):
         batch, n = proposal.tokens.shape
@@ -274,11 +310,14 @@ def _scatter_rows(proposal: DraftProposal, index: list[int], batch: int) -> Draf
     parents = torch.full((batch, n), -1, dtype=torch.long, device=device)
     where = torch.tensor(index, dtype=torch.long, device=device)
     tokens[where], parents[where] = proposal.tokens, proposal.parents
-    probs = None
+    probs = scores = None
     if proposal.draft_probs is not None:
         probs = proposal.draft_probs.new_zeros((batch,) + proposal.draft_probs.shape[1:])
         probs[where] = proposal.draft_probs
-    return DraftProposal(tokens, parents, probs)
+    if proposal.scores is not None:
+        scores = proposal.scores.new_zeros((batch, n))
+        scores[where] = proposal.scores
+    return DraftProposal(tokens, parents, probs, scores)
 
 
 def _limit_depth(proposal: DraftProposal, budget: torch.Tensor) -> DraftProposal:
@@ -288,5 +327,5 @@ def _limit_depth(proposal: DraftProposal, budget: torch.Tensor) -> DraftProposal
     too_deep = proposal.depths() > (budget[:, None] - 1)
     if not too_deep.any():
         return proposal
-    return DraftProposal(proposal.tokens.masked_fill(too_deep, PAD), proposal.parents,
-                         proposal.draft_probs)
+    # compacted, so the verify block is only as wide as the longest row kept
+    return proposal.select(~too_deep)

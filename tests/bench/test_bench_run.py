@@ -241,3 +241,29 @@ def test_vllm_without_vllm_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECPLUG_VLLM_PYTHON", str(tmp_path / "no-python"))
     with pytest.raises(engines.EngineUnavailable, match=r"specplug\[vllm\]"):
         engines.check_engine("vllm")
+
+
+def test_sweep_runs_each_batch_size_and_reports_speedup_against_it(tiny_models, tmp_path, capsys):
+    from specplug.benchmarks.batch_sweep import sweep_table
+    from specplug.benchmarks.report import load_runs, report
+    out = tmp_path / "sw"
+    assert main(["sweep", "--batch-sizes", "2,1", "--suite", "mtbench", "--num-prompts", "2",
+                 "--target", tiny_models["target"], "--method", "suffix", "--budget", "both",
+                 "--no-anchors", "--max-new-tokens", "8", "--gamma", "3", "--dtype", "float64",
+                 "--repeats", "1", "--output", str(out), "--no-progress", "--name", "sw"]) == 0
+    runs = load_runs(str(out))
+    assert [(r["name"], r["config"]["batch_size"], r["config"]["sweep"]) for r in runs] == \
+           [("sw_b1", 1, "sw"), ("sw_b2", 2, "sw")]
+    table = sweep_table(runs).splitlines()
+    assert table[2] == "| arm | batch 1 | batch 2 |"
+    assert [row.split(" | ")[0] for row in table[4:]] == \
+           ["| embedded/suffix", "| embedded/suffix/budget"]
+    assert (out / "plots" / "sw_speedup_vs_batch.png").exists()
+    readme = tmp_path / "README.md"
+    report(str(out), None, plots=False, docs={str(readme): ("batch-sweep",)})
+    assert "| embedded/suffix/budget |" in readme.read_text()
+    # a bad size list: one line, nothing written
+    assert main(["sweep", "--batch-sizes", "1,x", "--suite", "mtbench", "--target",
+                 tiny_models["target"], "--output", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "--batch-sizes '1,x'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()

@@ -10,6 +10,7 @@ import pytest
 from specplug.budget import LinearCost, SpeculationBudget
 from specplug.drafters.draft_model import DraftModelDrafter
 from specplug.drafters.ngram import NgramDrafter
+from specplug.drafters.suffix import SuffixDrafter, SuffixOptions
 from specplug.engine import embedded
 from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
@@ -79,34 +80,48 @@ def tiny():
     return model, reqs, plain
 
 
-@pytest.mark.parametrize("which", ["ngram", "draft"])
-def test_greedy_identity_with_the_budget_on(tiny, which):
+def _drafter(which, model):
+    if which == "ngram":
+        return NgramDrafter()
+    if which == "suffix-tree":  # scores its nodes: cut after drafting, trees narrowed
+        return SuffixDrafter(SuffixOptions(tree_nodes=6))
+    return DraftModelDrafter(perturbed_copy(model, 0.1), 256)
+
+
+@pytest.mark.parametrize("which", ["ngram", "draft", "suffix-tree"])
+@pytest.mark.parametrize("pads", [False, True])
+def test_greedy_identity_with_the_budget_on(tiny, which, pads):
     model, reqs, plain = tiny
-    drafter = NgramDrafter() if which == "ngram" else DraftModelDrafter(perturbed_copy(model, 0.1), 256)
-    engine = EmbeddedEngine(model, None, drafter, 4, budget=SpeculationBudget(4))
+    engine = EmbeddedEngine(model, None, _drafter(which, model), 4,
+                            budget=SpeculationBudget(4, verify_pads_rows=pads))
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
     assert stats.num_accepted_tokens > 0 and len(stats.budgets) > 0
     assert "budget_histogram" in stats.summary()
 
 
-def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch):
+@pytest.mark.parametrize("which", ["draft", "suffix-tree"])
+def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, which):
     """Each verify token costs 20 ms more: drafting can no longer pay, and after the first
     measured steps the budget stops it (bar one probing token now and then) while the output
     stays the target's."""
     model, reqs, plain = tiny
     forward = EmbeddedEngine._verify_forward
 
+    pads = which != "draft"
+    budget = SpeculationBudget(4, verify_pads_rows=pads)
+
     def slow(self, rows, cache, proposal):
-        time.sleep(0.02 * (len(rows) + int(proposal.num_nodes.sum())))
+        fed = budget.fed_tokens(proposal.num_nodes.tolist())  # padded: rows x (1 + widest)
+        time.sleep((0.04 if pads else 0.02) * fed)
         return forward(self, rows, cache, proposal)
 
     monkeypatch.setattr(embedded.EmbeddedEngine, "_verify_forward", slow)
-    engine = EmbeddedEngine(model, None, DraftModelDrafter(perturbed_copy(model, 0.1), 256), 4,
-                            budget=SpeculationBudget(4))
+    engine = EmbeddedEngine(model, None, _drafter(which, model), 4, budget=budget)
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
-    assert stats.budgets[0] == 16  # nothing measured: explore
+    if which == "draft":
+        assert stats.budgets[0] == 16  # nothing measured: explore
     later = stats.budgets[4:]  # after a few measured steps: nothing but the odd probing token
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
 
@@ -166,3 +181,68 @@ def test_step_budget_skips_timing_a_step_that_took_in_a_new_row():
     clock.now += 0.02
     steps.begin([0, 1], [1, 1])
     assert steps.budget.verify.coefficients()[0] == pytest.approx(20.0)
+
+
+def padded_rate(w, alphas, a, b, d):
+    gain = sum(1 + sum(al ** i for i in range(1, w + 1)) for al in alphas)
+    return gain / (a + b * len(alphas) * (1 + w) + d * len(alphas) * w)
+
+
+@pytest.mark.parametrize("a,b,d,alphas", [
+    (40.0, 0.5, 0.3, [0.6]), (200.0, 9.0, 0.1, [0.3] * 10), (200.0, 9.0, 0.1, [0.95] * 10),
+    (30.0, 2.0, 0.0, [0.9, 0.1, 0.5]), (5.0, 5.0, 1.0, [0.99, 0.99])])
+def test_padded_plan_picks_the_best_common_width(a, b, d, alphas):
+    """An engine that pads every row to the widest pays rows x (1 + w): one width for all."""
+    plan = budget_with(a, b, d, dict(enumerate(alphas)))
+    plan.verify_pads_rows = True
+    got = plan.plan(list(range(len(alphas))))
+    assert len(set(got)) == 1
+    best = max(range(5), key=lambda w: padded_rate(w, alphas, a, b, d))
+    assert padded_rate(got[0], alphas, a, b, d) == pytest.approx(padded_rate(best, alphas, a, b, d))
+    if alphas == [0.3] * 10:  # SmolLM2 at batch 10 on a CPU: doubling the block does not pay
+        assert got == [0] * 10
+
+
+def test_fed_tokens_count_the_padding_when_the_engine_pads():
+    assert SpeculationBudget(4).fed_tokens([0, 3, 1]) == 3 + 4
+    assert SpeculationBudget(4, verify_pads_rows=True).fed_tokens([0, 3, 1]) == 3 * 4
+
+
+def scored_rate(k, scores, a, b):
+    gain = len(scores) + sum(sum(s[:n]) for s, n in zip(scores, k))
+    return gain / (a + b * (len(scores) + sum(k)))
+
+
+@pytest.mark.parametrize("a,b,scores", [
+    (40.0, 0.5, [[0.9, 0.8, 0.3, 0.01]]), (20.0, 2.0, [[0.95, 0.9], [0.2, 0.1], [0.6]]),
+    (5.0, 4.0, [[0.99, 0.5], [0.3]])])
+def test_cut_keeps_the_scored_nodes_that_pay_like_brute_force(a, b, scores):
+    plan = budget_with(a, b, 0.0, {})
+    got = plan.cut(scores)
+    best = max(itertools.product(*[range(len(s) + 1) for s in scores]),
+               key=lambda k: scored_rate(k, scores, a, b))
+    assert scored_rate(got, scores, a, b) == pytest.approx(scored_rate(best, scores, a, b))
+
+
+def test_cut_discounts_an_over_confident_drafter():
+    plan = budget_with(20.0, 2.0, 0.0, {})
+    scores = [[0.9, 0.8, 0.7]]
+    assert plan.cut(scores) == [3]
+    for _ in range(30):  # it promised 2.4 tokens a step and delivered 0.2
+        plan.observe_scores(2.4, 0)
+        plan.observe_scores(2.4, 1) if _ % 6 == 0 else None
+    assert plan.calibration() < 0.2
+    assert plan.cut(scores) == [0]
+
+
+def test_cut_in_a_padded_engine_keeps_one_width_and_probes_when_idle():
+    plan = budget_with(200.0, 9.0, 0.0, {})
+    plan.verify_pads_rows, plan.explore_every = True, 2
+    scores = [[0.3, 0.2]] * 10  # SmolLM2 at batch 10: 10 more tokens gain 3, cost 90 of 290 ms
+    got = [plan.cut(scores) for _ in range(20 + 40)]
+    probes = [i for i, k in enumerate(got) if sum(k)]
+    # a probe widens all 10 rows, so the first comes after 2 x 10 idle steps, the next after 40
+    assert probes == [19, 59]
+    assert all(sorted(got[i]) == [0] * 9 + [1] for i in probes)
+    sure = [[0.99, 0.98]] * 10  # every row's next two tokens are near-certain: worth the width
+    assert plan.cut(sure) == [2] * 10

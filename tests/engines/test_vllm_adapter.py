@@ -197,7 +197,7 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
     fresh = SpecplugProposer(fake_config(gamma=3, max_model_len=64), DraftModelDrafter(model, 256),
                              check_vllm=False)
     plans = iter([[3, 3], [0, 2], [0, 0], [1, 3]])
-    prop.steps.begin = lambda rows, committed: next(plans)
+    prop.steps.begin = lambda rows, committed, **kw: next(plans)
     assert isinstance(prop.steps, StepBudget)
     rows = [[3, 9, 27, 81, 11], [50, 60, 70, 80]]
     for step in range(4):
@@ -210,3 +210,30 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
             r += (w[:1] or [7]) + [5]
     # the budget saw what was handed out, per row
     assert prop.steps._drafted == {0: 1, 1: 3}
+
+
+def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
+    """suffix scores its nodes: the proposer drafts every row in full, hands the budget the
+    scores, and returns what budget.cut() kept; the scores of what was handed out are summed
+    for the budget's calibration."""
+    from specplug.drafters.suffix import SuffixDrafter
+    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
+                                                                          "budget": True}})
+    prop = SpecplugProposer(cfg, SuffixDrafter(), check_vllm=False)
+    full = SpecplugProposer(fake_config(gamma=3, max_model_len=64), SuffixDrafter(),
+                            check_vllm=False)
+    seen = []
+
+    def cut(scores):
+        seen.append(scores)
+        return [min(1, len(s)) for s in scores]
+
+    prop.steps.budget.cut = cut
+    rows = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5, 6]]
+    ids, lens = token_matrix(rows, 64)
+    got = prop.propose([[r[-1]] for r in rows], lens, ids)
+    want = full.propose([[r[-1]] for r in rows], lens, ids)
+    assert all(len(w) == 3 for w in want)  # both rows repeat: full chains
+    assert got == [w[:1] for w in want]
+    assert [len(s) for s in seen[0]] == [3, 3] and all(0 < p <= 1 for s in seen[0] for p in s)
+    assert prop.steps._predicted == pytest.approx(seen[0][0][0] + seen[0][1][0])
