@@ -114,9 +114,21 @@ class Ragged:
     [N, ...]; only attention needs the block's [b, q] layout.  A catch-up pass over prompts of
     mixed lengths is mostly padding: packing skips its projections and MLP."""
 
-    def __init__(self, real: torch.Tensor):  # real [b, q] bool
-        self.b, self.q = real.shape
-        self.index = real.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of real entries
+    def __init__(self, b: int, q: int, index: torch.Tensor):  # index [N]: flat real entries
+        self.b, self.q, self.index = b, q, index
+
+    @staticmethod
+    def from_counts(counts: list[int], q: int, device) -> "Ragged":
+        """Row r's first counts[r] entries are real.  Laid out from host counts and copied
+        over once: no device sync, unlike finding them in a mask."""
+        index = [r * q + j for r, n in enumerate(counts) for j in range(n)]
+        return Ragged(len(counts), q, torch.tensor(index, dtype=torch.long, device="cpu")
+                      .to(device))
+
+    @staticmethod
+    def from_mask(real: torch.Tensor) -> "Ragged":
+        """real [b, q] bool.  Finding the entries is a host sync (nonzero)."""
+        return Ragged(real.shape[0], real.shape[1], real.reshape(-1).nonzero().squeeze(1))
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """t [b, q, ...] -> [N, ...]."""

@@ -57,14 +57,13 @@ class EagleHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
                 kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None,
-                real: torch.Tensor | None = None):
+                ragged: Ragged | None = None):
         """tokens [b, q], feats [b, q, H_target] (target features or the head's own outputs:
         both live in the target's feature space), positions [b, q], mask [b, q, slots];
-        logits_at [b] (optional): score only that entry of each row; real [b, q] (optional):
-        the entries that are not padding, the only ones the position-wise work runs on.
+        logits_at [b] (optional): score only that entry of each row; ragged (optional): the
+        entries that are not padding, the only ones the position-wise work runs on.
         Returns (predicted features [b, q, H_target], logits [b, q, target_vocab], or [b, 1, V]
         with logits_at)."""
-        ragged = Ragged(real) if real is not None else None
         if ragged is not None:
             tokens, feats = ragged.pack(tokens), ragged.pack(feats)
         x = self.fc(torch.cat([self.embed(tokens).to(feats.dtype), feats], dim=-1))

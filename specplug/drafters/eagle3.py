@@ -61,15 +61,14 @@ class Eagle3Head(nn.Module):
 
     def forward(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
                 kv, mask: torch.Tensor, from_target: bool, logits_at: torch.Tensor | None = None,
-                real: torch.Tensor | None = None):
+                ragged: Ragged | None = None):
         """tokens [b, q]; feats [b, q, n_aux * H_target] from the target, else [b, q, H] (the
         head's previous output); positions [b, q]; mask [b, q, slots]; logits_at [b] (optional):
-        score only that entry of each row (a catch-up pass needs the last one alone); real
-        [b, q] (optional): the entries that are not padding, the only ones the position-wise
-        work runs on (padding's outputs are zeros).
+        score only that entry of each row (a catch-up pass needs the last one alone); ragged
+        (optional): the entries of the [b, q] block that are not padding, the only ones the
+        position-wise work runs on (padding's outputs are zeros).
         Returns (out [b, q, H] before the final norm, logits [b, q, target_vocab], or [b, 1, V]
         with logits_at)."""
-        ragged = Ragged(real) if real is not None else None
         if ragged is not None:
             tokens, feats = ragged.pack(tokens), ragged.pack(feats)
         h = self.fc(feats) if from_target else feats

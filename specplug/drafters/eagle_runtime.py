@@ -26,6 +26,7 @@ from ..engine.kv import SlotCache
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
+from .decoder_layer import Ragged
 from .row_slots import RowSlots, surviving_prefix
 from .tree import TreeSettings, expand_tree
 
@@ -145,8 +146,9 @@ class EagleDrafter(Drafter):
         last = torch.tensor([max(len(f[0]) - 1, 0) for f in feeds], device=dev)
         # only the real entries go through the head's projections and MLP: rows catching up on
         # prompts of mixed lengths leave most of the block padding
+        ragged = Ragged.from_counts([len(f[0]) for f in feeds], width, dev)
         out, logits = self.head(tokens, feats, positions, self.kv, mask, True, logits_at=last,
-                                real=real)
+                                ragged=ragged)
         self.kv.keep(real)
         for r, (toks, _, _) in enumerate(feeds):
             if toks:
