@@ -46,7 +46,7 @@ def _cell(arm: dict | None) -> str:
     tau = arm["summary"]["mean_accept_length"] if arm["summary"]["num_draft_tokens"] else None
     text = (f"{spread['median']:.3f}× ({spread['min']:.3f}–{spread['max']:.3f})" if spread
             else f"{arm['speedup']:.3f}×")
-    return text + (f", τ {tau:.2f}" if tau else "")
+    return text + (f", τ {tau:.2f}" if tau else ", no drafts")
 
 
 def sweep_table(runs: list[dict]) -> str:
