@@ -161,6 +161,8 @@ class SpeculationBudget:
             # every other step and none in between, so the steps differ in width
             self._flat_steps += 1
             return [min(1, len(s)) if self._flat_steps % 2 else 0 for s in scores]
+        if b <= 0:
+            return [len(s) for s in scores]  # verify tokens measured as free: keep everything
         scale = self.calibration()
         gains = [[scale * p for p in s] for s in scores]
         if self.verify_pads_rows:

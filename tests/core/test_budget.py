@@ -224,6 +224,14 @@ def test_cut_keeps_the_scored_nodes_that_pay_like_brute_force(a, b, scores):
     assert scored_rate(got, scores, a, b) == pytest.approx(scored_rate(best, scores, a, b))
 
 
+def test_cut_keeps_everything_when_verify_tokens_measure_free():
+    plan = SpeculationBudget(4)
+    for n in (1, 5, 9):  # the same time whatever the tokens: b fits to 0
+        plan.verify.observe(n, 30.0)
+    assert plan.verify.coefficients() == (pytest.approx(30.0), 0.0)
+    assert plan.cut([[0.9, 0.1], [0.05]]) == [2, 1]
+
+
 def test_cut_discounts_an_over_confident_drafter():
     plan = budget_with(20.0, 2.0, 0.0, {})
     scores = [[0.9, 0.8, 0.7]]
