@@ -174,7 +174,8 @@ def headline_table(runs: list[dict]) -> str:
              "(median, min–max) | τ | same tokens as plain |", "|" + "---|" * 7]
     for run in runs:
         cfg = run["config"]
-        if cfg.get("repeats", 1) < 2:
+        # batch sweeps have their own table (benchmarks/README.md): one row per arm and size
+        if cfg.get("repeats", 1) < 2 or cfg.get("sweep"):
             continue
         for arm in run["arms"]:
             if arm["role"] == "baseline":
