@@ -155,7 +155,8 @@ class SpecplugProposer:
         limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active],
                                    scored=scored)
                   if self.steps else [self.num_draft_tokens] * len(active))
-        full = all(k == self.num_draft_tokens for k in limits)  # else no drafts, or a probe
+        # the budget's whole length for every row: else no drafts, or a probe
+        full = scored and all(k == self.steps.budget.max_tokens for k in limits)
         chosen = [j for j, k in enumerate(limits) if k > 0]
         predicted = 0.0
         if chosen:

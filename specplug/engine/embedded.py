@@ -135,7 +135,7 @@ class EmbeddedEngine:
             predicted = 0.0
             if scored and proposal.scores is not None:
                 # rows drafted in full are cut to their best nodes; a probe is kept as it is
-                full = all(k == self.num_draft_tokens for k in limits)
+                full = all(k == self.budget.max_tokens for k in limits)
                 proposal, limits, predicted = self._cut_by_scores(proposal, full)
         with clock("verify"):
             logits, feats = self._verify_forward(active, cache, proposal)
