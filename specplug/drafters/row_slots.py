@@ -2,8 +2,10 @@
 state survives the tokens committed since its last call.
 
 Engines hand drafters a batch whose membership and order can change every step (rows finish,
-new requests join).  A drafter's cache (anything with select_rows(list) and add_rows(n)) is kept
-in the engine's order by `align`, so tensors line up with DraftInput rows.
+new requests join, the speculation budget skips rows for a step).  A drafter's SlotCache is kept
+in the engine's order by `align`, so tensors line up with DraftInput rows.  A row missing from
+a call is parked, not dropped: the budget may skip it for a few steps and it then resumes from its
+state.  Only `drop` (the engine's `release`, a request that left) forgets a row.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import torch
 
 class RowSlots:
     def __init__(self, cache):
-        self.cache = cache
+        self.cache = cache  # a SlotCache: the rows this call drafts for
         self.rows: list[int] = []  # request ids, in cache row order
+        self.parked = None  # a SlotCache of rows absent from the last call, once there were any
+        self.parked_rows: list[int] = []
 
     def drop(self, row_ids: list[int]) -> None:
         gone = set(row_ids)
@@ -21,13 +25,23 @@ class RowSlots:
         if len(keep) < len(self.rows):
             self.cache.select_rows(keep)
             self.rows = [self.rows[i] for i in keep]
+        keep = [i for i, rid in enumerate(self.parked_rows) if rid not in gone]
+        if len(keep) < len(self.parked_rows):
+            self.parked.select_rows(keep)
+            self.parked_rows = [self.parked_rows[i] for i in keep]
 
     def align(self, row_ids: list[int]) -> list[int]:
-        """Make the cache hold exactly row_ids, in that order.  Returns the ids that are new
-        (their rows start empty)."""
+        """Make the cache hold exactly row_ids, in that order: absent rows are parked, parked
+        rows come back.  Returns the ids that are new (their rows start empty)."""
         wanted = set(row_ids)
-        self.drop([rid for rid in self.rows if rid not in wanted])
-        new = [rid for rid in row_ids if rid not in set(self.rows)]
+        absent = [i for i, rid in enumerate(self.rows) if rid not in wanted]
+        if absent:
+            self._park(absent)
+        back = [rid for rid in row_ids if rid in set(self.parked_rows)]
+        if back:
+            self._unpark(back)
+        held = set(self.rows)
+        new = [rid for rid in row_ids if rid not in held]
         if new:
             self.cache.add_rows(len(new))
             self.rows += new
@@ -37,6 +51,25 @@ class RowSlots:
             self.cache.select_rows(order)
             self.rows = list(row_ids)
         return new
+
+    def _park(self, index: list[int]) -> None:
+        """Move cache rows `index` to the parked cache."""
+        moved = self.cache.split_off(index)
+        self.parked_rows += [self.rows[i] for i in index]
+        gone = set(index)
+        self.rows = [rid for i, rid in enumerate(self.rows) if i not in gone]
+        if self.parked is None:
+            self.parked = moved
+        else:
+            self.parked.absorb(moved)
+
+    def _unpark(self, row_ids: list[int]) -> None:
+        """Move parked rows `row_ids` back, after the cache's rows."""
+        where = {rid: i for i, rid in enumerate(self.parked_rows)}
+        self.cache.absorb(self.parked.split_off([where[rid] for rid in row_ids]))
+        returning = set(row_ids)
+        self.parked_rows = [rid for rid in self.parked_rows if rid not in returning]
+        self.rows += row_ids
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -5,6 +5,10 @@ One decode step for a batch of rows:
   2. the target runs once on [last committed token, draft nodes...] with a tree mask
   3. verify -> accepted drafts + recovered/bonus token per row
   4. the cache keeps the accepted path's slots, the rest is masked out (rollback is free)
+Rows are batched continuously, as the serving engines do: up to `batch_size` rows decode
+together, and a finished row's place goes to the next waiting request at once (its prompt is
+prefilled on its own, then its cache rows join the batch's).  Static batches would make every row
+wait for the batch's slowest one, so tokens a fast row gains by speculation would buy nothing.
 With a SpeculationBudget (specplug/budget.py) step 1 is preceded by each row's draft budget:
 rows whose budget is 0 are not drafted for, the others' proposals are cut to their budget.  A
 drafter that scores its nodes (suffix) drafts in full instead, and the budget keeps each row's
@@ -88,28 +92,41 @@ class EmbeddedEngine:
                 raise PromptTooLong(
                     f"prompt of {len(req.prompt_ids)} tokens + max_new_tokens {req.max_new_tokens} "
                     f"+ {self.num_draft_tokens + 1} verify slots exceeds the model's context of {limit}")
-        outputs: list[RequestOutput] = []
         start = time.perf_counter()
-        for i in range(0, len(requests), batch_size):
-            outputs += self._run_batch(requests[i:i + batch_size], stats)
+        outputs = self._run(requests, batch_size, stats)
         stats.wall_time_s += time.perf_counter() - start
         stats.num_prompts += len(requests)
         stats.total_new_tokens += sum(o.num_new_tokens for o in outputs)
         return outputs, stats
 
-    # -- one static batch: prefill, then steps ------------------------------------------------
-    def _run_batch(self, requests: list[Request], stats: SpecStats) -> list[RequestOutput]:
-        rows = [self._new_row(req) for req in requests]
-        cache = SlotCache(len(rows), self.device)
-        with stats.timer("prefill"):
-            self.prefill(rows, cache)
-        active = [r for r in rows if not r.finish_reason]
-        self._drop_finished(rows, active, cache)
-        first_step = True
-        while active:
-            active = self.step(active, cache, stats, first_step)
-            first_step = False
+    # -- continuous batching: admit waiting requests, step, retire finished rows -------------
+    def _run(self, requests: list[Request], batch_size: int, stats: SpecStats
+             ) -> list[RequestOutput]:
+        rows = [self._new_row(req) for req in requests]  # row ids follow request order
+        waiting = list(reversed(rows))
+        cache = SlotCache(0, self.device)
+        active: list[Row] = []
+        while waiting or active:
+            joined = []
+            while waiting and len(active) + len(joined) < max(1, batch_size):
+                joined.append(waiting.pop())
+            if joined:
+                with stats.timer("prefill"):
+                    active = self._admit(active, joined, cache)
+            if active:
+                # a step right after an admission also drafts over the new rows' prompts
+                active = self.step(active, cache, stats, first_step=bool(joined))
         return [r.output(self.tokenizer) for r in rows]
+
+    def _admit(self, active: list[Row], joined: list[Row], cache: SlotCache) -> list[Row]:
+        """Prefill `joined` on their own and add the ones still running to the batch (and its
+        cache rows, after the active ones).  Returns the new batch."""
+        fresh = SlotCache(len(joined), self.device)
+        self.prefill(joined, fresh)
+        running = [r for r in joined if not r.finish_reason]  # EOS or max_new_tokens=1
+        self._drop_finished(joined, running, fresh)
+        cache.absorb(fresh)
+        return active + running
 
     def _new_row(self, req: Request) -> Row:
         gen = None

@@ -214,6 +214,46 @@ class SlotCache:
         self.pos = torch.cat([self.pos, self.pos.new_zeros(n, self.width)])
         self.length = torch.cat([self.length, self.length.new_zeros(n)])
 
+    def absorb(self, other: "SlotCache") -> None:
+        """Append other's rows after these (continuous batching: newly prefilled requests join
+        a running batch).  The narrower of the two is padded with invalid slots."""
+        if self.batch == 0:
+            self.cache, self.valid, self.pos, self.length = (
+                other.cache, other.valid, other.pos, other.length)
+            self._block = 0
+            return
+        if other.batch == 0:
+            return
+        width = max(self.width, other.width)
+        mine, theirs = self._layers(), other._layers()
+        if len(mine) != len(theirs):
+            raise ValueError(f"caches of {len(mine)} and {len(theirs)} layers cannot be joined")
+        for layer, new in zip(mine, theirs):
+            keys = torch.cat([_pad_slots(layer.keys, width), _pad_slots(new.keys, width)])
+            values = torch.cat([_pad_slots(layer.values, width), _pad_slots(new.values, width)])
+            layer.keys, layer.values = keys, values
+        for name in ("valid", "pos"):
+            both = [_pad_slots(getattr(c, name), width, 1) for c in (self, other)]
+            setattr(self, name, torch.cat(both))
+        self.length = torch.cat([self.length, other.length])
+        self._block = 0
+
+    def split_off(self, rows: list[int]) -> "SlotCache":
+        """Move `rows` out, in that order, into a cache of their own; this one keeps the rest
+        (a drafter parks the rows the speculation budget skips: see RowSlots)."""
+        out = SlotCache(0, self.device)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for layer in self._layers():
+            moved = GrowingLayer()
+            moved.lazy_initialization(layer.keys[idx], layer.values[idx])
+            moved.keys, moved.values = layer.keys[idx], layer.values[idx]
+            out.cache.layers.append(moved)
+        out.valid, out.pos, out.length = self.valid[idx], self.pos[idx], self.length[idx]
+        out._trim()
+        gone = set(rows)
+        self.select_rows([i for i in range(self.batch) if i not in gone])
+        return out
+
     def gather_rows(self, rows: torch.Tensor | None = None):
         """rows [m] cache rows, repeats allowed -> per layer (k, v) [m, kv_heads, slots, hd] and
         valid [m, slots]: a read-only copy for callers that score several blocks per row.
@@ -252,3 +292,14 @@ class SlotCache:
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         self.valid = self.valid.gather(1, order)
         self.pos = self.pos.gather(1, order)
+
+
+def _pad_slots(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """t with zeros appended along its slot dimension `dim` up to `width` slots (keys/values
+    [b, kv_heads, slots, head_dim]: dim 2; valid/pos [b, slots]: dim 1)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim)
