@@ -25,6 +25,12 @@ probability) is cut after drafting instead: node gains are its scores times a ca
 (accepted / predicted over recent steps, so an over-confident drafter is discounted), and the
 same marginal rule (or the same one-width choice, padded) keeps the best nodes.
 
+A drafter without scores is planned before drafting (alpha_r ** i per token), which assumes
+each row fills the width it is given.  A lookup drafter proposes nothing for a row without a
+match, and in a padded block one row's long draft widens every row, so the engine cuts such
+proposals again after drafting, scoring each node alpha_r ** depth (shared among the siblings
+at that depth): the width then follows the rows that actually drafted.
+
 Exploration: a row that gets no drafts learns nothing new, so after `explore_every` steps in
 which nobody drafted, one row (in turn) gets a single draft token: the estimates stay fresh at a
 cost of one verify token every few steps.  Each probe that does not bring drafting back doubles
@@ -100,6 +106,7 @@ class SpeculationBudget:
     _explore_gap: int = 0  # steps to wait before the next probe (0: explore_every)
     _probe: int = 0
     _flat_steps: int = 0
+    probing: bool = False  # the last plan/cut is a probe: one row, one token, kept as it is
     _calibration: list = field(default_factory=lambda: [2.0, 2.0])  # accepted, predicted
 
     def acceptance(self, row_id) -> float:
@@ -108,8 +115,9 @@ class SpeculationBudget:
             return self.prior_acceptance
         return min(max(acc / tried, 0.0), 0.99)
 
-    def plan(self, row_ids: list) -> list[int]:
-        """Draft tokens per row this step, each in [0, max_tokens]."""
+    def plan(self, row_ids: list, recut: bool = False) -> list[int]:
+        """Draft tokens per row this step, each in [0, max_tokens].  recut: the engine cuts the
+        drafts again after drafting (cut(), which then counts the idle steps and probes)."""
         alphas = [self.acceptance(r) for r in row_ids]
         k = [0] * len(row_ids)
         if self.max_tokens <= 0 or not row_ids:
@@ -131,6 +139,8 @@ class SpeculationBudget:
             k = [w if alpha > 0 else 0 for alpha in alphas]
         else:
             k = self._best_tokens(gains, a, b, step_cost)
+        if recut and any(k):
+            return k
         return self._probe_when_idle(k, [1] * len(k))
 
     def limits_before_scoring(self, row_ids: list) -> list[int]:
@@ -149,10 +159,11 @@ class SpeculationBudget:
             pays = any(self._best_tokens(gains, a, b, b + self.draft_ms_per_token))
         return full if pays else self._probe_when_idle([0] * len(row_ids), [1] * len(row_ids))
 
-    def cut(self, scores: list[list[float]]) -> list[int]:
+    def cut(self, scores: list[list[float]], calibrate: bool = True) -> list[int]:
         """After drafting: how many of each row's nodes to keep, best first.  scores: per row,
         the drafter's path probability of each node it proposed, best first.  Drafting is done,
-        so only verify cost counts against them."""
+        so only verify cost counts against them.  calibrate=False: the scores come from the
+        rows' own measured acceptance (a drafter without scores), so they need no discount."""
         if not scores:
             return []
         a, b = self.verify.coefficients()
@@ -163,7 +174,7 @@ class SpeculationBudget:
             return [min(1, len(s)) if self._flat_steps % 2 else 0 for s in scores]
         if b <= 0:
             return [len(s) for s in scores]  # verify tokens measured as free: keep everything
-        scale = self.calibration()
+        scale = self.calibration() if calibrate else 1.0
         gains = [[scale * p for p in s] for s in scores]
         if self.verify_pads_rows:
             w = self._best_width(gains, a, b, 0.0)
@@ -213,6 +224,7 @@ class SpeculationBudget:
     def _probe_when_idle(self, k: list[int], room: list[int]) -> list[int]:
         """Nobody drafting for a while: one row (in turn, among those with room) gets one
         token, and each probe that changes nothing doubles the wait for the next."""
+        self.probing = False
         if any(k):
             self._idle_steps, self._explore_gap = 0, 0
             return k
@@ -226,6 +238,7 @@ class SpeculationBudget:
             self._explore_gap = min(2 * gap, self.explore_max)
             self._probe = (self._probe + 1) % len(rows)
             k[rows[self._probe]] = 1
+            self.probing = True
         return k
 
     def fed_tokens(self, nodes: list[int]) -> int:

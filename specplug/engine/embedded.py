@@ -143,10 +143,14 @@ class EmbeddedEngine:
         clock = _PhaseClock()
         # a drafter that scores its nodes drafts in full and is cut by the budget afterwards
         scored = self.budget is not None and self.drafter.scores_nodes
+        # planned blind, then cut again once each row's real draft is known (a verify token's
+        # cost must be known for the cut to weigh it)
+        recut = self.budget is not None and not scored and self.budget.verify.has_spread
         limits = None
         if self.budget:
             ids = [r.row_id for r in active]
-            limits = self.budget.limits_before_scoring(ids) if scored else self.budget.plan(ids)
+            limits = (self.budget.limits_before_scoring(ids) if scored
+                      else self.budget.plan(ids, recut=recut))
         with clock("draft"):
             proposal = self._propose(active, limits, count_nodes=limits is not None and not scored)
             predicted = 0.0
@@ -154,6 +158,10 @@ class EmbeddedEngine:
                 # rows drafted in full are cut to their best nodes; a probe is kept as it is
                 full = all(k == self.budget.max_tokens for k in limits)
                 proposal, limits, predicted = self._cut_by_scores(proposal, full)
+            elif recut and self._recut(limits):
+                alphas = [self.budget.acceptance(r.row_id) for r in active]
+                proposal.scores = acceptance_scores(proposal, alphas)
+                proposal, limits, _ = self._cut_by_scores(proposal, calibrate=False)
         with clock("verify"):
             logits, feats = self._verify_forward(active, cache, proposal)
         with clock("sample"):
@@ -274,15 +282,20 @@ class EmbeddedEngine:
             proposal = proposal.select(first)
         return proposal
 
-    def _cut_by_scores(self, proposal: DraftProposal, cut: bool = True
+    def _recut(self, limits: list[int]) -> bool:
+        """Whether a planned (unscored) proposal goes through the budget's cut after drafting:
+        when the plan drafted, and not as a probe (that one token is kept as it is)."""
+        return any(limits) and not self.budget.probing
+
+    def _cut_by_scores(self, proposal: DraftProposal, cut: bool = True, calibrate: bool = True
                        ) -> tuple[DraftProposal, list[int], float]:
         """The budget's pick of each row's best-scored nodes (cut=False: all of them):
-        (proposal, nodes kept per row, their scores summed)."""
+        (proposal, nodes kept per row, their scores summed).  calibrate: see budget.cut."""
         real = proposal.tokens != PAD
         # the budget decides on the host: one copy of the scores, best first per row
         ranked = proposal.scores.masked_fill(~real, -1.0).sort(dim=1, descending=True).values
         scores = [[p for p in row if p >= 0] for row in ranked.tolist()]
-        counts = self.budget.cut(scores) if cut else [len(row) for row in scores]
+        counts = self.budget.cut(scores, calibrate) if cut else [len(row) for row in scores]
         predicted = sum(sum(row[:k]) for row, k in zip(scores, counts))
         keep = torch.tensor(counts, dtype=torch.long, device=self.device)
         return proposal.keep_best(keep), counts, predicted
@@ -316,6 +329,23 @@ class _PhaseClock:
         for phase, ms in self.ms.items():
             timing_ms[phase] += ms
         timing_ms["other"] += total - sum(self.ms.values())
+
+
+def acceptance_scores(proposal: DraftProposal, alphas: list[float]) -> torch.Tensor:
+    """[batch, nodes] the chance each node is accepted, for a drafter that gives none: its row's
+    per-token acceptance alphas[r] to the power of its depth, split evenly among the nodes at
+    that depth (at most one of them can be accepted), and never above its parent's (the order
+    keep_best relies on); 0 on PAD."""
+    depth = proposal.depths()  # [batch, nodes], 0 on PAD
+    real = proposal.tokens != PAD
+    same = (depth[:, :, None] == depth[:, None, :]) & real[:, None, :]  # [batch, nodes, nodes]
+    alpha = torch.tensor(alphas, dtype=torch.float32, device=proposal.tokens.device)
+    scores = alpha[:, None] ** depth / same.sum(2).clamp(min=1)
+    for j in range(scores.shape[1]):  # parents precede children
+        par = proposal.parents[:, j]
+        above = scores.gather(1, par.clamp(min=0)[:, None])[:, 0]
+        scores[:, j] = torch.where(par >= 0, torch.minimum(scores[:, j], above), scores[:, j])
+    return torch.where(real, scores, torch.zeros_like(scores))
 
 
 def _scatter_rows(proposal: DraftProposal, index: list[int], batch: int) -> DraftProposal:

@@ -254,3 +254,84 @@ def test_cut_in_a_padded_engine_keeps_one_width_and_probes_when_idle():
     assert all(sorted(got[i]) == [0] * 9 + [1] for i in probes)
     sure = [[0.99, 0.98]] * 10  # every row's next two tokens are near-certain: worth the width
     assert plan.cut(sure) == [2] * 10
+
+
+def test_acceptance_scores_follow_depth_split_among_siblings_and_never_pass_a_parent():
+    import torch
+
+    from specplug.types import PAD, DraftProposal
+    chain = DraftProposal.chain(torch.tensor([[5, 6, 7], [8, PAD, PAD]]))
+    got = embedded.acceptance_scores(chain, [0.5, 0.9])
+    assert got.flatten().tolist() == pytest.approx([0.5, 0.25, 0.125, 0.9, 0.0, 0.0])
+    # a root with two children, the second with one child: depth 1 splits 0.8 in two, and the
+    # grandchild's 0.64 is capped at its parent's 0.4
+    tree = DraftProposal(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, -1, 1]]))
+    assert embedded.acceptance_scores(tree, [0.8])[0].tolist() == pytest.approx([0.4, 0.4, 0.4])
+
+
+class _BlindPlan(SpeculationBudget):
+    """Plans every row the whole width (as a plan before drafting does when the rows' acceptance
+    looks good) from fixed costs: verify 100 ms + 25 ms per fed token, drafting free."""
+
+    def __init__(self):
+        super().__init__(4, verify_pads_rows=True, prior_acceptance=0.9)
+        for tokens in (1, 101):
+            self.verify.observe(tokens, 100.0 + 25.0 * tokens)
+        self.observe_verify = lambda tokens, ms: None
+        self.observe_draft = lambda tokens, ms: None
+
+    def plan(self, row_ids, recut=False):
+        return [self.max_tokens] * len(row_ids)
+
+
+def _widths_by_drafting_rows(model, reqs, recut: bool) -> tuple[list, list]:
+    """Run the batch with the blind plan; per step, (rows whose draft had nodes before any cut,
+    the verified block's width), and the outputs."""
+    engine = EmbeddedEngine(model, None, NgramDrafter(), 4, budget=_BlindPlan())
+    drafting, widths = [], []
+    forward, propose = engine._verify_forward, engine._propose
+
+    def spy_forward(rows, cache, proposal):
+        widths.append(proposal.tokens.shape[1])
+        return forward(rows, cache, proposal)
+
+    def spy_propose(rows, limits=None, count_nodes=False):
+        proposal = propose(rows, limits, count_nodes)
+        drafting.append(int(proposal.num_nodes.gt(0).sum()))
+        return proposal
+
+    engine._verify_forward, engine._propose = spy_forward, spy_propose
+    if not recut:
+        engine._recut = lambda limits: False
+    outs, _ = engine.generate(reqs, batch_size=4)
+    return list(zip(drafting, widths)), [o.output_token_ids for o in outs]
+
+
+def test_unscored_drafts_are_cut_again_to_the_rows_that_drafted(tiny):
+    """Four rows in a padded block, every row planned the whole width.  At these costs one row's
+    chain widening all four rows cannot pay: the cut after drafting drops it, where keeping the
+    plan verifies it (lookup drafts: some rows find a match, some do not)."""
+    model = tiny[0]
+    reqs = [Request([10, 20, 30, 40, 10, 20, 30, 40, 10, 20], 8)] + [
+        Request([60 + 7 * i + j for j in range(6)], 8) for i in range(3)]
+    plain = [o.output_token_ids for o in EmbeddedEngine(model, None, None).generate(reqs, 4)[0]]
+    planned, out = _widths_by_drafting_rows(model, reqs, recut=False)
+    assert out == plain
+    assert any(rows == 1 and width > 0 for rows, width in planned), planned
+    recut, out = _widths_by_drafting_rows(model, reqs, recut=True)
+    assert out == plain
+    lone = [width for rows, width in recut if rows == 1]
+    assert lone and max(lone) == 0, recut
+
+
+def test_a_recut_that_keeps_nothing_still_probes():
+    """Planned blind, cut to nothing after drafting on every step: the cut counts the idle
+    steps, so a probing token still comes (else a drafter once cut would never be tried
+    again)."""
+    plan = budget_with(100.0, 25.0, 0.0, {r: 0.9 for r in range(4)})
+    plan.verify_pads_rows = True
+    kept = []
+    for _ in range(3 * 4 * plan.explore_every):
+        assert min(plan.plan(list(range(4)), recut=True)) > 0  # the plan alone would draft
+        kept.append(plan.cut([[0.9], [], [], []], calibrate=False))  # one row drafted
+    assert [1, 0, 0, 0] in kept and kept.count([0, 0, 0, 0]) >= len(kept) - 3, kept

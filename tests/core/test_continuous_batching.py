@@ -106,7 +106,7 @@ class _Alternating(SpeculationBudget):
         super().__init__(max_tokens)
         self.steps = 0
 
-    def plan(self, row_ids):
+    def plan(self, row_ids, recut=False):
         self.steps += 1
         return [self.max_tokens if (i + self.steps) % 2 else 0 for i in range(len(row_ids))]
 
