@@ -23,9 +23,12 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def sweep_configs(cfg: BenchConfig, batch_sizes: list[int]) -> list[BenchConfig]:
-    """One config per batch size; the block (arms' turns) follows the batch size."""
+    """One config per batch size.  Unless --block says otherwise, an arm's turn is four
+    batches' worth of requests: engines batch continuously, so a finished row's place goes to a
+    waiting request, and a block of one batch would leave none waiting."""
     stem = cfg.run_name()
-    return [dataclasses.replace(cfg, batch_size=b, block=0, name=f"{stem}_b{b}", sweep=stem)
+    return [dataclasses.replace(cfg, batch_size=b, block=cfg.block or 4 * b, name=f"{stem}_b{b}",
+                                sweep=stem)
             for b in batch_sizes]
 
 
