@@ -37,10 +37,11 @@ class GenerateConfig:
     stop: tuple[str, ...] = ()
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # drafter options (tree sizes, steps, ...)
-    # the automatic speculation budget (specplug/budget.py), embedded engine; off by default until
-    # it is shown to pay: with it on, the demo measured 0.97x / 0.91x (tau 1.06) where it is off
-    # the same drafter's tau is ~1.6
-    budget: bool = False
+    # the automatic speculation budget (specplug/budget.py): each row's draft length per step,
+    # 0 allowed, so speculation that does not pay turns itself off.  On by default (measured in
+    # benchmarks/README.md: never below the same drafter without it).  Embedded engine, and vLLM
+    # for drafters that run through specplug's proposer; SGLang drafts gamma every step.
+    budget: bool = True
 
     @property
     def sampling(self) -> SamplingParams:

@@ -77,9 +77,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoise-steps", type=int, help="specdiff: denoising steps k")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="other drafter options")
-    p.add_argument("--budget", action="store_true",
-                   help="let the automatic speculation budget pick each row's draft length every "
-                        "step (embedded engine and vLLM; default: gamma every step)")
+    p.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
+                   help="the automatic speculation budget picks each row's draft length every "
+                        "step, 0 allowed (default: on; embedded engine, and vLLM for specplug's "
+                        "own drafters); --no-budget drafts gamma every step")
     p.add_argument("--stats-output", help="write the stats JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 

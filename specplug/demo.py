@@ -46,12 +46,14 @@ def run_pair(target: str, dtype: str, method: str, drafter: str | None, options:
     from specplug.benchmarks.runner import BenchConfig, run_bench
 
     print(f"\n== {dtype}: SmolLM2-135M-Instruct, {torch.get_num_threads()} thread(s); "
-          f"drafter {method}{' ' + drafter if drafter else ''}; {args.num_prompts} MT-Bench "
+          f"drafter {method}{' ' + drafter if drafter else ''}"
+          f"{', speculation budget on' if args.budget else ''}; {args.num_prompts} MT-Bench "
           f"questions, {args.repeats} repetitions")
     cfg = BenchConfig(suite="mtbench", target=target, method=method, drafter=drafter,
                       options=dict(options), anchors=False, num_prompts=args.num_prompts,
                       max_new_tokens=args.max_new_tokens, gamma=args.gamma, dtype=dtype,
-                      repeats=args.repeats, name=f"demo_{dtype}")
+                      repeats=args.repeats, name=f"demo_{dtype}",
+                      budget="on" if args.budget else "off")
     run = run_bench(cfg, progress=False)
     plain, spec = run["arms"][0], run["arms"][1]
     sp = spec["speedup_spread"]
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", help="drafter method (default: the best shipped, see best_drafter)")
     ap.add_argument("--drafter", help="drafter folder for --method (e.g. the shipped EAGLE-3 head)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (benchmarks use 1)")
+    ap.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
+                    help="the automatic speculation budget (default on, as in `specplug "
+                         "generate`); --no-budget drafts gamma every step")
     ap.add_argument("--output", default="out/demo_stats.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

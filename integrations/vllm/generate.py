@@ -43,13 +43,15 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
     """(speculative_config, additional_config) that run specplug `method` inside vLLM.
     via_plugin: run eagle / eagle3 / dflash through specplug's own drafter (custom_class)
     instead of vLLM's implementation of the family; hybrid always runs through the plugin.
-    budget: the speculation budget picks each request's draft length (through the plugin)."""
+    budget: the speculation budget picks each request's draft length.  It lives in specplug's
+    proposer, so it applies to what runs through the plugin; a family vLLM implements itself
+    stays vLLM's own unless via_plugin (the budget being on by default must not reroute it)."""
     if method in (None, "none"):
         return None, {}
     # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
     # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer
     native = family_of(method).vllm_method
-    if native and not via_plugin and not budget:
+    if native and not via_plugin:
         if not path:
             raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
         return {"method": native, "model": path, "num_speculative_tokens": num_draft_tokens}, {}

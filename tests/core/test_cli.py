@@ -39,8 +39,8 @@ def test_generate_writes_stats_and_matches_plain(tiny_dirs):
         args = ["generate", "--target", tiny_dirs["target"], "--prompts-file", tiny_dirs["prompts"],
                 "--max-new-tokens", "12", "--batch-size", "2", "--method", method,
                 "--stats-output", str(stats_path)]
-        if method == "draft":
-            args += ["--drafter", tiny_dirs["draft"]]
+        if method == "draft":  # gamma every step: how much it accepts must not hang on timing
+            args += ["--drafter", tiny_dirs["draft"], "--no-budget"]
         res = run_cli(*args)
         assert res.returncode == 0, res.stderr
         assert "[BatchSummary]" in res.stdout
@@ -58,6 +58,9 @@ def test_generate_writes_stats_and_matches_plain(tiny_dirs):
         outs[method] = [r["output_token_ids"] for r in stats["requests"]]
         if method == "draft":
             assert s["mean_accept_length"] > 3.0  # draft == target
+            assert stats["config"]["budget"] is False and "budget_histogram" not in s
+        if method == "ngram":  # the budget is on by default: each step's choice is recorded
+            assert stats["config"]["budget"] is True and "budget_histogram" in s
     # float32 here: the same weights as target give identical greedy output
     assert outs["draft"] == outs["none"] == outs["ngram"]
 
