@@ -18,7 +18,9 @@ Padded verify (`verify_pads_rows`): an engine that verifies the batch as one rec
 tokens, whatever the other rows drafted.  Measured on SmolLM2 at batch 10 (fp32, CPU), 0.85
 draft tokens per step in all raised the verify step from 225 to 300 ms: the block was twice as
 wide.  There the budget picks one width w for the whole batch, maximising
-E(w) / (a + b * rows * (1 + w) + d * rows * w).
+E(w) / (t(rows * (1 + w)) + d * rows * w), where t(N) is what steps of N tokens took lately
+(LinearCost.at; the line where N was not seen lately): a step's cost can jump past one token a
+row (another matmul kernel, the tree mask), which one line through all steps cannot show.
 
 Drafter confidence: a drafter that scores its nodes (`DraftProposal.scores`, each node's path
 probability) is cut after drafting instead: node gains are its scores times a calibration factor
@@ -54,15 +56,34 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LinearCost:
-    """t(N) = a + b * N (ms), weighted least squares with forgetting factor `decay`."""
+    """t(N) = a + b * N (ms), weighted least squares with forgetting factor `decay`; and, per
+    token count N seen lately, the time such steps took (`at`)."""
     decay: float = 0.9
+    fresh_steps: int = 256  # a count's own time is trusted while seen within this many steps
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wt, wNN, wNt
+    _seen_at: dict = field(default_factory=dict)  # N -> [ms (exponential average), step seen]
+    _steps: int = 0
 
     def observe(self, tokens: int, ms: float) -> None:
         s = [v * self.decay for v in self._sums]
         for i, v in enumerate((1.0, tokens, ms, tokens * tokens, tokens * ms)):
             s[i] += v
         self._sums = s
+        self._steps += 1
+        old = self._seen_at.get(tokens)
+        self._seen_at[tokens] = [ms if old is None else 0.7 * old[0] + 0.3 * ms, self._steps]
+
+    def at(self, tokens: int) -> float:
+        """The time of a step feeding `tokens`: what such steps took lately, else the line.
+        The line through all steps misses a jump in cost: on SmolLM2 (fp32, CPU, batch 4) the
+        steps that carried drafts took about 1.6x a plain step, at one to three draft tokens
+        per step.  A count not seen for `fresh_steps` steps goes back to the line, so one slow
+        step (a warm-up) does not rule its width out for good."""
+        seen = self._seen_at.get(tokens)
+        if seen is not None and self._steps - seen[1] < self.fresh_steps:
+            return seen[0]
+        a, b = self.coefficients()
+        return a + b * tokens
 
     @property
     def seen(self) -> bool:
@@ -135,7 +156,7 @@ class SpeculationBudget:
                 return k
         gains = [[alpha ** i for i in range(1, self.max_tokens + 1)] for alpha in alphas]
         if self.verify_pads_rows:
-            w = self._best_width(gains, a, b, self.draft_ms_per_token)
+            w = self._best_width(gains, self.draft_ms_per_token)
             k = [w if alpha > 0 else 0 for alpha in alphas]
         else:
             k = self._best_tokens(gains, a, b, step_cost)
@@ -154,7 +175,7 @@ class SpeculationBudget:
         best = min(self.calibration(), 1.0)  # a node's gain is its score (<= 1) times this
         gains = [[best] * self.max_tokens for _ in row_ids]
         if self.verify_pads_rows:
-            pays = self._best_width(gains, a, b, self.draft_ms_per_token) > 0
+            pays = self._best_width(gains, self.draft_ms_per_token) > 0
         else:
             pays = any(self._best_tokens(gains, a, b, b + self.draft_ms_per_token))
         return full if pays else self._probe_when_idle([0] * len(row_ids), [1] * len(row_ids))
@@ -177,7 +198,7 @@ class SpeculationBudget:
         scale = self.calibration() if calibrate else 1.0
         gains = [[scale * p for p in s] for s in scores]
         if self.verify_pads_rows:
-            w = self._best_width(gains, a, b, 0.0)
+            w = self._best_width(gains, 0.0)
             k = [min(w, len(s)) for s in scores]
         else:
             k = self._best_tokens(gains, a, b, b)
@@ -208,15 +229,18 @@ class SpeculationBudget:
                 heapq.heappush(best, (-gains[i][k[i]], i))
         return k
 
-    def _best_width(self, gains: list[list[float]], a: float, b: float, d: float) -> int:
+    def _best_width(self, gains: list[list[float]], d: float) -> int:
         """Rows verified as one padded block: the width w (draft tokens per row) that maximises
-        tokens per ms, each row gaining its first w gains."""
+        tokens per ms, each row gaining its first w gains.  A block's time is what blocks of
+        its size took lately (LinearCost.at), so a jump in cost past one token a row counts."""
         rows = len(gains)
         gain, best_w = float(rows), 0
-        best_rate = gain / (a + b * rows) if a + b * rows > 0 else 0.0
+        plain = self.verify.at(rows)
+        best_rate = gain / plain if plain > 0 else 0.0
         for w in range(1, max(len(g) for g in gains) + 1):
             gain += sum(g[w - 1] for g in gains if len(g) >= w)
-            rate = gain / (a + b * rows * (1 + w) + d * rows * w)
+            time = self.verify.at(rows * (1 + w)) + d * rows * w
+            rate = gain / time if time > 0 else float("inf")
             if rate > best_rate:
                 best_w, best_rate = w, rate
         return best_w

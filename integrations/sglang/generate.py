@@ -126,10 +126,13 @@ def run_engine(target: str, requests: list[Request], spec: dict, sampling: Sampl
 def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] | None = None,
                drafter: DrafterSpec | None = None, num_draft_tokens: int = 4,
                sampling: SamplingParams = SamplingParams(), batch_size: int = 0,
-               ) -> tuple[list[RequestOutput], SpecStats]:
-    """`specplug generate --engine sglang` (cfg: GenerateConfig), or the benchmark's keywords."""
+               budget: bool = False) -> tuple[list[RequestOutput], SpecStats]:
+    """`specplug generate --engine sglang` (cfg: GenerateConfig), or the benchmark's keywords.
+    budget: the speculation budget picks each step's width (specplug's own algorithms; SGLang's
+    EAGLE workers keep theirs)."""
     if cfg is not None:
         target, requests, drafter, num_draft_tokens, sampling, batch_size = _from_config(cfg)
+        budget = bool(cfg.budget)
     method = drafter.method if drafter else None
     spec = speculative_kwargs(method, drafter.path if drafter else None, num_draft_tokens)
     engine_kwargs = {"max_running_requests": batch_size} if batch_size else {}
@@ -137,6 +140,8 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
         engine_kwargs["dtype"] = cfg.dtype
     options = drafter_options_for(method, drafter.path if drafter else None,
                                   drafter.options if drafter else None)
+    if budget and str(spec.get("speculative_algorithm", "")).startswith("SPECPLUG_"):
+        options["budget"] = True
     here = importlib.util.find_spec("sglang") is not None
     if here and (standins_active() or not on_cpu()):
         os.environ.update(drafter_env(options))

@@ -17,6 +17,12 @@ capture (target_features.py): the prefill runs with CaptureHiddenMode.FULL and t
 drafter reads; verify already runs FULL.  Each step's states of the committed positions are filed
 per request and handed over as DraftInput.hidden_states / hidden_start, as every engine does.
 
+Speculation budget (drafter option "budget": true): SGLang verifies one width for the whole
+batch, so the worker asks specplug's budget (StepBudget over the padded cost model: rows x (1 +
+width) verified tokens) for a width each step, from 0 (the step verifies only each row's root,
+a plain decode step, and nobody drafts) up to the configured steps.  Chains only: a tree keeps
+SGLang's configured shape.
+
 Sampling: on CPU, SGLang's verify commits the target's argmax whatever a request's temperature
 (`eagle_utils._verify_uses_greedy`), so a sampled request would silently come back greedy.
 The worker refuses such requests instead: each ends at its prefill with SGLang's own abort
@@ -41,8 +47,9 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_utils import get_plan_stream
 from sglang.srt.utils import is_cpu
 
+from specplug.budget import SpeculationBudget, StepBudget
 from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter, family_of
-from specplug.types import DraftProposal
+from specplug.types import PAD, DraftProposal
 
 from .algorithms import (SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method,
                          tree_options)
@@ -73,7 +80,10 @@ class SpecplugWorker(BaseSpecWorker):
 
         draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
-        options = {k: v for k, v in drafter_options().items() if k != "path"}
+        options = {k: v for k, v in drafter_options().items() if k not in ("path", "budget")}
+        self.steps = self._budget(str(drafter_options().get("budget", "")).lower()
+                                  in ("1", "true", "yes"))
+        self._committed: dict[str, int] = {}  # rid -> tokens committed at the last step
         if self.topk > 1:
             options = {**tree_options(self.method, self.topk, self.speculative_num_steps,
                                       self.speculative_num_draft_tokens - 1), **options}
@@ -105,17 +115,17 @@ class SpecplugWorker(BaseSpecWorker):
         # host copy, taken once: tree positions/masks and where each row's verified features start
         seq_lens = (_host_list(batch, "seq_lens")
                     if bs and (self.features is not None or self.topk > 1) else None)
-        batch.spec_info = self._verify_input(batch, seq_lens)
+        batch.spec_info, width = self._verify_input(batch, seq_lens)
         result = run_eagle_verify(
             batch, pp_proxy_tensors=pp_proxy_tensors, target_worker=self.target_worker,
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
             plan_stream=self.plan_stream, plan_stream_ctx=self.plan_stream_ctx, topk=self.topk,
-            num_draft_tokens=self.speculative_num_draft_tokens, device=self.device,
+            num_draft_tokens=width, device=self.device,
             metadata_ready_pre_pad=False, finalize_tree_path=True,
             grammar_barrier=grammar_barrier)
         if self.features is not None and bs:
-            self._file_verified(batch.reqs, seq_lens, result)
+            self._file_verified(batch.reqs, seq_lens, result, width)
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         result.next_draft_input = _root_input(result.next_draft_input.bonus_tokens)
@@ -124,13 +134,20 @@ class SpecplugWorker(BaseSpecWorker):
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         row = self.rows.pop(rid)
+        self._committed.pop(rid, None)
         if row is not None:
             self.drafter.release([row])
+            if self.steps is not None:
+                self.steps.forget([row])
         if self.features is not None:
             self.features.drop(rid)
 
     def clear_cache_pool(self):
-        self.drafter.release(self.rows.pop_all())
+        rows = self.rows.pop_all()
+        self.drafter.release(rows)
+        self._committed.clear()
+        if self.steps is not None:
+            self.steps.forget(rows)
         if self.features is not None:
             self.features.clear()
 
@@ -159,25 +176,32 @@ class SpecplugWorker(BaseSpecWorker):
             self.features.file(req.rid, start, self.features.select(hidden[offset:offset + n]))
             offset += n
 
-    def _file_verified(self, reqs, seq_lens: list[int], result) -> None:
+    def _file_verified(self, reqs, seq_lens: list[int], result, width: int) -> None:
         """Each row's verified prefix [old root, accepted drafts] out of its block of
-        logits_output.hidden_states [bs * num_draft_tokens, F] (the accepted path is at the
-        front of a row's block, compacted there by SGLang for trees)."""
-        hidden, width = result.logits_output.hidden_states, self.speculative_num_draft_tokens
+        logits_output.hidden_states [bs * width, F] (width: the step's verified tokens per row;
+        the accepted path is at the front of a row's block, compacted there by SGLang for
+        trees)."""
+        hidden = result.logits_output.hidden_states
         accept = result.accept_lens.tolist()  # host: the slice bounds of each row's features
         for r, req in enumerate(reqs):
             block = hidden[r * width:r * width + accept[r]]
             self.features.file(req.rid, seq_lens[r], self.features.select(block))
 
-    def _verify_input(self, batch, seq_lens: list[int] | None) -> EagleVerifyInput:
+    def _verify_input(self, batch, seq_lens: list[int] | None) -> tuple[EagleVerifyInput, int]:
+        """This step's verify input, and the tokens it verifies per row."""
         root: EagleDraftInput = batch.spec_info
         bs = len(batch.reqs) if not batch.forward_mode.is_idle() else 0
         steps, width = self.speculative_num_steps, self.speculative_num_draft_tokens
         if not bs and self.topk > 1:
-            return EagleVerifyInput.create_idle_input(self.topk, steps, width, self.device)
-        proposal = self._propose(batch, root.bonus_tokens) if bs else None
+            return EagleVerifyInput.create_idle_input(self.topk, steps, width, self.device), width
+        if self.steps is not None and bs:
+            proposal, steps = self._budgeted_proposal(batch, root.bonus_tokens)
+            if steps == 0:
+                return self._root_only_verify_input(batch, root), 1
+        else:
+            proposal = self._propose(batch, root.bonus_tokens) if bs else None
         if self.topk > 1:
-            return self._tree_verify_input(proposal, root.bonus_tokens, seq_lens)
+            return self._tree_verify_input(proposal, root.bonus_tokens, seq_lens), width
         if bs:
             tokens = chain_tokens(proposal, root.bonus_tokens, steps)
         else:
@@ -188,12 +212,71 @@ class SpecplugWorker(BaseSpecWorker):
         selected = torch.arange(steps, dtype=torch.long, device=self.device).repeat(bs, 1)
         return build_eagle_verify_input(
             batch, root, parents, selected, tokens, None, target_worker=self.target_worker,
-            topk=1, num_steps=steps, num_draft_tokens=width,
-            tree_mask_mode=default_tree_mask_mode(), device=self.device)
+            topk=1, num_steps=steps, num_draft_tokens=steps + 1,
+            tree_mask_mode=default_tree_mask_mode(), device=self.device), steps + 1
 
-    def _propose(self, batch, roots: torch.Tensor) -> DraftProposal:
-        """roots [bs]: each row's verify root.  The drafter's proposal, on self.device."""
-        inp = draft_input(batch.reqs, self.rows, self.speculative_num_steps, roots)
+    # -- the speculation budget ---------------------------------------------------------------
+    def _budget(self, wanted: bool) -> StepBudget | None:
+        if not wanted:
+            return None
+        if self.topk > 1:
+            log.info("specplug budget off: a tree (topk %d) verifies SGLang's configured shape",
+                     self.topk)
+            return None
+        # one width for the whole batch, padded: the embedded engine's cost model
+        return StepBudget(SpeculationBudget(self.speculative_num_steps, verify_pads_rows=True))
+
+    def _budgeted_proposal(self, batch, roots: torch.Tensor) -> tuple[DraftProposal | None, int]:
+        """roots [bs].  The budget's width for this step (0: nobody drafts) and the proposal cut
+        to it.  SGLang pads every row to the width, so the budget counts that padding."""
+        reqs = batch.reqs
+        row_ids = [self.rows.of(r.rid) for r in reqs]
+        lengths = [len(r.origin_input_ids) + len(r.output_ids) for r in reqs]
+        # a row new to the worker committed its prefill token; the budget does not time that step
+        committed = [n - self._committed.get(r.rid, n - 1) for r, n in zip(reqs, lengths)]
+        self._committed = {r.rid: n for r, n in zip(reqs, lengths)}
+        scored = self.drafter.scores_nodes
+        limits = self.steps.begin(row_ids, committed, scored=scored)
+        width, proposal, predicted = max(limits), None, 0.0
+        if width:
+            proposal = self._propose(batch, roots, width)
+            if scored and proposal.scores is not None and width == self.speculative_num_steps:
+                # drafted in full: the budget keeps each row's best nodes (a chain's first k)
+                real = proposal.tokens != PAD
+                scores = [[p for p, ok in zip(row, keep) if ok] for row, keep in
+                          zip(proposal.scores.tolist(), real.tolist())]
+                kept = self.steps.budget.cut(scores)
+                width = max(kept)
+                predicted = sum(sum(s[:k]) for s, k in zip(scores, kept))
+        self.steps.end(row_ids, [width] * len(reqs), predicted)
+        return proposal, width
+
+    def _root_only_verify_input(self, batch, root: EagleDraftInput) -> EagleVerifyInput:
+        """A verify of each row's root alone (no drafts): SGLang's chain verify at width 1 is a
+        plain decode step, and the scheduler takes its result as any other step's."""
+        bs = len(batch.reqs)
+        dev = self.device
+        no_next = torch.full((bs, 1), -1, dtype=torch.long, device=dev)
+        # one node per row sees all of its context and itself: an all-True mask in either layout
+        verify_mask = self.target_worker.model_runner.attn_backend.verify_mask
+        if verify_mask is not None and verify_mask.fits(bs):
+            mask = verify_mask.buffer
+            mask.fill_(True)
+        else:
+            mask = torch.ones(sum(_host_list(batch, "seq_lens")) + bs, dtype=torch.bool,
+                              device=dev)
+        return EagleVerifyInput(
+            draft_token=root.bonus_tokens, custom_mask=mask,
+            positions=batch.seq_lens.to(torch.int64),
+            retrieve_index=torch.arange(bs, dtype=torch.long, device=dev)[:, None],
+            retrieve_next_token=no_next, retrieve_next_sibling=no_next.clone(),
+            retrieve_cum_len=None, spec_steps=0, topk=1, draft_token_num=1,
+            capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=None, seq_lens_cpu=None)
+
+    def _propose(self, batch, roots: torch.Tensor, steps: int | None = None) -> DraftProposal:
+        """roots [bs]: each row's verify root; steps: draft tokens per row (default: the
+        configured steps).  The drafter's proposal, on self.device."""
+        inp = draft_input(batch.reqs, self.rows, steps or self.speculative_num_steps, roots)
         if self.features is not None:
             # committed positions [start, n - 1) the drafter has not seen
             taken = [self.features.take(r.rid, len(t) - 1) for r, t in zip(batch.reqs, inp.token_ids)]

@@ -335,3 +335,24 @@ def test_a_recut_that_keeps_nothing_still_probes():
         assert min(plan.plan(list(range(4)), recut=True)) > 0  # the plan alone would draft
         kept.append(plan.cut([[0.9], [], [], []], calibrate=False))  # one row drafted
     assert [1, 0, 0, 0] in kept and kept.count([0, 0, 0, 0]) >= len(kept) - 3, kept
+
+
+def test_a_jump_in_cost_past_one_token_a_row_is_seen_where_the_line_misses_it():
+    """Plain steps of 4 rows take 60 ms, steps with drafts 130 ms whatever their width (a kernel
+    switch, the tree mask): the line through them says a draft token costs little, the recent
+    time per token count says every width costs 130 ms, which four rows at alpha 0.5 cannot
+    pay.  With each count's own time forgotten (fresh_steps 0), the line decides and drafts."""
+    def budget(fresh):
+        plan = SpeculationBudget(4, verify_pads_rows=True)
+        plan.verify.fresh_steps = fresh
+        for r in range(4):
+            plan._rows[r] = [500.0, 1000.0]
+        for _ in range(5):
+            for tokens in (4, 8, 12, 16, 20):
+                plan.verify.observe(tokens, 60.0 if tokens == 4 else 130.0)
+        return plan
+    assert budget(256).plan(list(range(4))) == [0] * 4
+    assert min(budget(0).plan(list(range(4)))) > 0
+    fitted = budget(256).verify
+    a, b = fitted.coefficients()
+    assert fitted.at(8) == pytest.approx(130.0) and fitted.at(9) == pytest.approx(a + 9 * b)

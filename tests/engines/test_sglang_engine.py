@@ -209,14 +209,14 @@ def test_specplug_generate_engine_sglang_runs_diffusion_and_suffix_drafters(pyth
     plain_server.stop()
     cfg = GenerateConfig(target=models["target"], prompts=prompts, method="specdiff",
                          drafter=models["dream"], gamma=STEPS, max_new_tokens=MAX_NEW,
-                         options={"unmask_order": "left_to_right"})
+                         options={"unmask_order": "left_to_right"}, budget=False)
     outputs, stats = run_sglang(cfg)
     for out, want in zip(outputs, wants):
         assert out.output_token_ids == want["output_ids"]
     assert stats.num_drafts > 0 and stats.mean_accept_length > 1.5, stats.summary()
     # SPECPLUG_SUFFIX: suffix decoding over each request's own tokens, same engine path
     cfg = GenerateConfig(target=models["target"], prompts=prompts, method="suffix", gamma=STEPS,
-                         max_new_tokens=MAX_NEW)
+                         max_new_tokens=MAX_NEW, budget=False)
     outputs, stats = run_sglang(cfg)
     assert [o.output_token_ids for o in outputs] == [w["output_ids"] for w in wants]
     assert stats.mean_accept_length > 1.0, stats.summary()  # some drafts were accepted

@@ -78,7 +78,11 @@ def runs(sglang_venv_python, models):
     jobs = {"base": _job(models), "eagle3": _job(models, "eagle3"),
             "hybrid": _job(models, "hybrid", {"lookup": "suffix"}),
             "eagle3-tree": _job(models, "eagle3", topk=2),
-            "dflash": _job(models, "dflash"), "eagle": _job(models, "eagle")}
+            "dflash": _job(models, "dflash"), "eagle": _job(models, "eagle"),
+            # the budget's width each step, scripted so that every width from 0 (root only) to
+            # GAMMA runs: SGLang verifies fewer tokens on some steps, and features still line up
+            "eagle3-budget": {**_job(models, "eagle3", {"budget": True}),
+                              "test_widths": "4,0,1,0,0,2,3,1"}}
     root = models["root"]
     paths = [os.path.join(root, k) for k in ("jobs.json", "results.json", "features")]
     with open(paths[0], "w") as f:
@@ -101,7 +105,8 @@ def _outputs(res) -> list[list[int]]:
     return [o["output_token_ids"] for o in res["outputs"]]
 
 
-@pytest.mark.parametrize("case", ["eagle3", "hybrid", "eagle3-tree", "dflash", "eagle"])
+@pytest.mark.parametrize("case", ["eagle3", "hybrid", "eagle3-tree", "dflash", "eagle",
+                                  "eagle3-budget"])
 def test_greedy_identity_with_sglang_no_spec(runs, case):
     got, want = _outputs(runs[case]), _outputs(runs["base"])
     assert len(got) == len(want) == 6 and all(len(w) == MAX_NEW for w in want)
@@ -113,7 +118,7 @@ def test_greedy_identity_with_sglang_no_spec(runs, case):
 
 
 @pytest.mark.parametrize("case,indices", [("eagle3", AUX), ("hybrid", AUX), ("eagle3-tree", AUX),
-                                          ("eagle", (3,))])
+                                          ("eagle", (3,)), ("eagle3-budget", AUX)])
 def test_features_equal_hf_hidden_states(runs, models, case, indices):
     """indices: HF hidden_states read; (3,) is the 3-layer target's final normed state, which
     SGLang returns without aux layers (EAGLE-1)."""
@@ -163,3 +168,11 @@ def _clip_histogram(lengths: list[int], max_new: int) -> list[list[int]]:
             rest.remove(x)
             out.append(sorted(rest + [x - excess]))
     return out
+
+
+def test_budget_widths_narrow_the_verify(runs):
+    """The scripted widths (0 included) make SGLang run more, narrower verify steps than the
+    same head at its full width, with the same output (test_greedy_identity above)."""
+    steps = {case: sum(len(o["accept_lengths"]) for o in runs[case]["outputs"])
+             for case in ("eagle3", "eagle3-budget")}
+    assert steps["eagle3-budget"] > steps["eagle3"], steps

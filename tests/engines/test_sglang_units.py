@@ -273,3 +273,22 @@ def test_tree_tensors_verify_as_specplugs_own_tree_verify(tree_kernels):
         assert k == int(want.num_accepted[0]), (tokens, parents, argmax)
         path = [int(i) for i in accept_index[0, :k + 1]]
         assert [int(predicts[i]) for i in path] == want.row_tokens(0)
+
+
+def test_run_sglang_passes_the_budget_to_specplug_algorithms_only(monkeypatch, tmp_path):
+    """GenerateConfig's budget (on by default) reaches specplug's worker as the drafter option
+    "budget"; SGLang's own EAGLE worker gets no such option, and --no-budget sends none."""
+    from specplug.api import GenerateConfig
+    from specplug.integrations.sglang import generate
+    from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
+    target = save_model(build_tiny_llama(0), build_tiny_tokenizer(), str(tmp_path / "t"))
+    jobs = []
+    monkeypatch.setattr(generate, "run_job_subprocess",
+                        lambda job, **kw: jobs.append(job) or {"outputs": [], "stats": {}})
+    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda name: None)
+    for method, budget in (("suffix", True), ("suffix", False), ("eagle3", True)):
+        cfg = GenerateConfig(target=target, prompts=["a b"], method=method, budget=budget,
+                             drafter=str(tmp_path) if method == "eagle3" else None)
+        generate.run_sglang(cfg)
+    assert [j["options"].get("budget") for j in jobs] == [True, None, None]
+    assert jobs[2]["spec"]["speculative_algorithm"] == "EAGLE3"
