@@ -356,3 +356,38 @@ def test_a_jump_in_cost_past_one_token_a_row_is_seen_where_the_line_misses_it():
     fitted = budget(256).verify
     a, b = fitted.coefficients()
     assert fitted.at(8) == pytest.approx(130.0) and fitted.at(9) == pytest.approx(a + 9 * b)
+
+
+class _CatchUpDrafter(NgramDrafter):
+    """Drafting costs 20 ms per token committed since a row's last call (a head catching up on
+    the features it missed), then one (wrong) token per row."""
+
+    def propose(self, inp):
+        from specplug.types import DraftProposal
+        time.sleep(0.02 * sum(inp.num_new_committed))
+        import torch
+        return DraftProposal.chain(torch.full((len(inp.row_ids), 1), 3))
+
+
+class _TwoOnTwoOff(SpeculationBudget):
+    """Drafts one token a row on two steps, none on the next two: every other drafting step
+    catches up on two skipped steps."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.calls = 0
+
+    def plan(self, row_ids, recut=False):
+        self.calls += 1
+        return [1 if self.calls % 4 in (1, 2) else 0] * len(row_ids)
+
+
+def test_draft_cost_per_token_leaves_out_the_catch_up_of_skipped_steps(tiny):
+    """Draft time per token is what drafting costs when a row drafted at the last step too
+    (20 ms for one token here); a step that also catches up on skipped ones (60 ms) is not
+    counted, or drafting would look three times dearer after every skip."""
+    model = tiny[0]
+    budget = _TwoOnTwoOff()
+    reqs = [Request([10, 20, 30, 40], 24)]
+    EmbeddedEngine(model, None, _CatchUpDrafter(), 1, budget=budget).generate(reqs)
+    assert 19.0 < budget.draft_ms_per_token < 30.0, budget.draft_ms_per_token

@@ -124,3 +124,18 @@ def test_every_family_keeps_greedy_identity_when_rows_are_skipped(tmp_path):
         assert [o.output_token_ids for o in spec] == [o.output_token_ids for o in plain], \
             family.__name__
         assert stats.num_draft_tokens > 0, family.__name__
+
+
+def test_prompts_admitted_together_are_prefilled_one_by_one():
+    """No padded block of prompts: each admitted prompt runs alone, so admitting requests
+    together costs what admitting them one at a time does."""
+    target, tok, prompt = SF._tiny_text_target()
+    reqs = [Request(list(prompt)[:n], 4) for n in (3, 9, 5)]
+    engine = EmbeddedEngine(target, None, None)
+    sizes = []
+    prefill = engine.prefill
+    engine.prefill = lambda rows, cache: sizes.append(len(rows)) or prefill(rows, cache)
+    together, _ = engine.generate(reqs, batch_size=3)
+    alone, _ = EmbeddedEngine(target, None, None).generate(reqs, batch_size=1)
+    assert sizes == [1, 1, 1]
+    assert [o.output_token_ids for o in together] == [o.output_token_ids for o in alone]
