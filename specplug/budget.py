@@ -76,8 +76,8 @@ class LinearCost:
     def at(self, tokens: int) -> float:
         """The time of a step feeding `tokens`: what such steps took lately, else the line.
         The line through all steps misses a jump in cost: on SmolLM2 (fp32, CPU, batch 4) the
-        steps that carried drafts took about 1.6x a plain step, at one to three draft tokens
-        per step.  A count not seen for `fresh_steps` steps goes back to the line, so one slow
+        steps that carried one to three draft tokens took about 1.6x a plain step (estimated
+        from a development sweep's verify totals).  A count not seen for `fresh_steps` steps goes back to the line, so one slow
         step (a warm-up) does not rule its width out for good."""
         seen = self._seen_at.get(tokens)
         if seen is not None and self._steps - seen[1] < self.fresh_steps:
