@@ -161,6 +161,7 @@ class SpeculationBudget:
         else:
             k = self._best_tokens(gains, a, b, step_cost)
         if recut and any(k):
+            self.probing = False  # a real plan: the cut after drafting weighs it
             return k
         return self._probe_when_idle(k, [1] * len(k))
 

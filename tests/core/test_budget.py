@@ -391,3 +391,13 @@ def test_draft_cost_per_token_leaves_out_the_catch_up_of_skipped_steps(tiny):
     reqs = [Request([10, 20, 30, 40], 24)]
     EmbeddedEngine(model, None, _CatchUpDrafter(), 1, budget=budget).generate(reqs)
     assert 19.0 < budget.draft_ms_per_token < 30.0, budget.draft_ms_per_token
+
+
+def test_a_plan_after_a_probe_is_not_taken_for_one():
+    """A probe, then a plan that drafts and leaves the idle bookkeeping to the cut: the engine
+    must cut that plan after drafting (probing False), not keep it whole as it keeps a probe."""
+    plan = budget_with(100.0, 25.0, 0.0, {r: 0.9 for r in range(4)})
+    plan.verify_pads_rows, plan.explore_every = True, 1
+    while not plan.probing:
+        plan.cut([[0.9], [], [], []], calibrate=False)
+    assert min(plan.plan(list(range(4)), recut=True)) > 0 and not plan.probing
