@@ -23,7 +23,7 @@ E(w) / (t(rows * (1 + w)) + d * rows * w), where t(N) is what steps of N tokens 
 row (another matmul kernel, the tree mask), which one line through all steps cannot show.
 
 Drafter confidence: a drafter that scores its nodes (`DraftProposal.scores`, each node's path
-probability) is cut after drafting instead: node gains are its scores times a calibration factor
+probability: suffix, the EAGLE heads, a hybrid of the two) is cut after drafting instead: node gains are its scores times a calibration factor
 (accepted / predicted over recent steps, so an over-confident drafter is discounted), and the
 same marginal rule (or the same one-width choice, padded) keeps the best nodes.
 

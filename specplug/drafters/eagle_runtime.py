@@ -32,6 +32,10 @@ from .tree import TreeSettings, expand_tree
 
 
 class EagleDrafter(Drafter):
+    # each draft's path probability under the head (a chain's running product of q(x), a tree
+    # node's cumulative top-k probability): a budget keeps the confident ones
+    scores_nodes = True
+
     def __init__(self, head, hidden_layers: tuple[int, ...], tree: TreeSettings | None = None,
                  min_confidence: float = 0.0):
         if not 0.0 <= min_confidence < 1.0:
@@ -76,6 +80,7 @@ class EagleDrafter(Drafter):
         finally:
             self.kv.crop(committed_width)  # forget draft entries
         proposal.tokens[~ready] = PAD
+        proposal.scores[~ready] = 0.0
         return proposal
 
     def _catch_up(self, inp: DraftInput):
@@ -164,17 +169,23 @@ class EagleDrafter(Drafter):
         gens = inp.generators or [None] * b
         chain_start = self.kv.width
         alive = torch.ones(b, dtype=torch.bool, device=self.device)  # rows still drafting
+        # [b, gamma] each draft's path probability under the head: the budget's confidence
+        scores = torch.zeros(b, gamma, dtype=torch.float32, device=self.device)
+        path = torch.ones(b, dtype=torch.float32, device=self.device)
         for step in range(gamma):
+            p = (probs_from_logits(logits, inp.sampling) if sampled
+                 else torch.softmax(logits.float(), dim=-1))
             if sampled:
-                p = probs_from_logits(logits, inp.sampling)
                 probs[:, step] = p
                 tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)],
                                                device=self.device)
             else:
                 tokens[:, step] = logits.argmax(-1)
+            mass = p.gather(1, tokens[:, step:step + 1])[:, 0].float()  # [b] the draft's q(x)
+            path = path * mass
+            scores[:, step] = path
             if self.min_confidence > 0:
-                top = (p if sampled else torch.softmax(logits.float(), dim=-1)).max(-1).values
-                sure = top >= self.min_confidence
+                sure = p.max(-1).values >= self.min_confidence
                 if step:
                     tokens[~(alive & sure), step] = PAD
                 alive &= sure
@@ -191,7 +202,7 @@ class EagleDrafter(Drafter):
             out, out_logits = self.head(tokens[:, step:step + 1].clamp(min=0), feats[:, None],
                                         positions, self.kv, mask, False)
             feats, logits = out[:, 0], out_logits[:, 0]
-        return DraftProposal.chain(tokens, probs)
+        return DraftProposal.chain(tokens, probs, scores.masked_fill(tokens == PAD, 0.0))
 
     def _draft_tree(self, root_feats, root_logits, base, topk, depth, nodes) -> DraftProposal:
         b = root_feats.shape[0]

@@ -44,6 +44,8 @@ class HybridDrafter(Drafter):
         self.lookup, self.head = lookup, head
         self.mode, self.min_lookup_tokens = mode, min_lookup_tokens
         self.needs = head.needs  # the lookup needs token ids only
+        # both halves score their nodes (suffix lookup, EAGLE heads): so do the merged proposals
+        self.scores_nodes = lookup.scores_nodes and head.scores_nodes
         self.used_lookup = 0  # rows x steps that took the lookup (or had it in their tree)
         self.used_head = 0
         self.head_calls = 0
@@ -107,10 +109,14 @@ def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.T
     width = max(lookup.tokens.shape[1] if take_lookup.any() else 0, head.tokens.shape[1])
     tokens = torch.full((batch, width), PAD, dtype=torch.long, device=dev)
     parents = torch.full((batch, width), ROOT, dtype=torch.long, device=dev)
+    scored = lookup.scores is not None and head.scores is not None
+    scores = torch.zeros((batch, width), dtype=torch.float32, device=dev) if scored else None
     for src, rows in ((lookup, take_lookup), (head, ~take_lookup)):
         n = min(src.tokens.shape[1], width)
         tokens[rows, :n] = src.tokens[rows, :n]
         parents[rows, :n] = src.parents[rows, :n]
+        if scored:
+            scores[rows, :n] = src.scores[rows, :n]
     probs = None
     if head.draft_probs is not None:
         vocab = head.draft_probs.shape[-1]
@@ -121,18 +127,23 @@ def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.T
         look = take_lookup[:, None] & (tokens != PAD)
         rows, cols = look.nonzero(as_tuple=True)
         probs[rows, cols, tokens[rows, cols]] = 1.0
-    return DraftProposal(tokens, parents, probs)
+    return DraftProposal(tokens, parents, probs, scores)
 
 
 def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Tensor) -> DraftProposal:
     """Per row, the union of two trees as one prefix tree (first's nodes first); rows where
-    use_first [batch] is unset get the second tree only.  Verified as point masses."""
-    rows = []
+    use_first [batch] is unset get the second tree only.  Verified as point masses.  Where both
+    score their nodes, a node in both trees keeps the higher score (either estimates the chance
+    of the same path)."""
+    scored = first.scores is not None and second.scores is not None
+    rows, row_scores = [], []
     for r in range(first.tokens.shape[0]):
-        tokens, parents, index = [], [], {}  # index: (new parent, token) -> new node
+        tokens, parents, scores, index = [], [], [], {}  # index: (new parent, token) -> node
         sources = (first, second) if bool(use_first[r]) else (second,)
         for src in sources:
             remap = {}
+            # the merge walks node lists on the host (a few nodes per row)
+            src_scores = src.scores[r].tolist() if scored else [0.0] * src.tokens.shape[1]
             for j, (tok, par) in enumerate(zip(src.tokens[r].tolist(), src.parents[r].tolist())):
                 if tok == PAD or (par != ROOT and par not in remap):
                     continue
@@ -142,9 +153,12 @@ def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Te
                     index[key] = len(tokens)
                     tokens.append(tok)
                     parents.append(new_par)
+                    scores.append(src_scores[j])
+                scores[index[key]] = max(scores[index[key]], src_scores[j])
                 remap[j] = index[key]
         rows.append((tokens, parents))
-    return DraftProposal.from_rows(rows, first.tokens.device)
+        row_scores.append(scores)
+    return DraftProposal.from_rows(rows, first.tokens.device, row_scores if scored else None)
 
 
 def _head_spec(spec: DrafterSpec) -> DrafterSpec:

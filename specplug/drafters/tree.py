@@ -93,7 +93,8 @@ def select_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tenso
     """Keep the num_nodes best pool nodes per row as a tree.
 
     tokens, parents, scores [b, pool]: pool order puts every parent before its children, and a
-    child's score never exceeds its parent's.  Nodes with score -inf are never kept.
+    child's score (a log path probability) never exceeds its parent's.  Nodes with score -inf
+    are never kept.  The proposal's scores are the kept nodes' path probabilities.
     """
     b, pool = tokens.shape
     n = min(num_nodes, pool)
@@ -115,4 +116,6 @@ def select_tree(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tenso
         dead_parent = (par >= 0) & (out_tokens.gather(1, par.clamp(min=0)[:, None])[:, 0] == PAD)
         out_tokens[:, j] = torch.where(dead_parent, PAD, out_tokens[:, j])
     new_parent = torch.where(out_tokens == PAD, ROOT, new_parent)
-    return DraftProposal(out_tokens, new_parent)
+    # each kept node's path probability under the drafter (its confidence, for the budget)
+    path_prob = torch.where(out_tokens == PAD, 0.0, keep_scores.gather(1, chosen).exp())
+    return DraftProposal(out_tokens, new_parent, scores=path_prob.float())

@@ -55,12 +55,15 @@ def mixed_budget() -> SpeculationBudget:
     """A budget whose verify costs are fixed (150 ms + 1 ms per token, drafting free) rather than
     measured: on a tiny CPU target measured costs say drafting never pays, which is right but
     would test nothing here.  At 100 rows only rows accepting well get drafts, and only as many
-    as their acceptance earns, so lengths differ per row and per step."""
+    as their acceptance earns, so lengths differ per row and per step.  Drafters that score
+    their nodes are taken at their word (no calibration): the tiny heads are sure of drafts the
+    target mostly rejects at T > 0, so a calibrated budget rightly stops drafting at once."""
     budget = SpeculationBudget(GAMMA)
     for tokens in (1, 101):
         budget.verify.observe(tokens, 150.0 + tokens)
     budget.observe_verify = lambda tokens, ms: None
     budget.observe_draft = lambda tokens, ms: None
+    budget.observe_scores = lambda predicted, accepted: None
     return budget
 
 

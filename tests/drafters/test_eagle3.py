@@ -11,7 +11,7 @@ from specplug.drafters.base import DrafterSpec, build_drafter
 from specplug.drafters.eagle3 import aux_hidden_indices, load_eagle3, read_eagle3_checkpoint
 from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama
-from specplug.types import SamplingParams
+from specplug.types import PAD, SamplingParams
 
 GAMMA = 4
 AUX = [0, 1, 1]  # the 1-layer target: embeddings, and the final hidden twice
@@ -214,3 +214,41 @@ def test_training_folder_reads_prefix_and_mapping_beside(tmp_path, target):
     got, _ = read_eagle3_checkpoint(folder, target_info(target))
     assert sorted(got) == sorted(state)
     assert torch.equal(got["d2t"], state["d2t"])
+
+
+def _recording(drafter):
+    """drafter whose proposals ([batch, nodes] tokens and scores per call) are kept."""
+    calls = []
+    propose = drafter.propose
+
+    def wrapped(inp):
+        out = propose(inp)
+        calls.append((out.tokens.clone(), out.scores.clone()))
+        return out
+    drafter.propose = wrapped
+    return calls
+
+
+def test_chain_scores_are_the_heads_path_probabilities(tmp_path, target, prompts, plain):
+    # two code paths that must agree: the chain's running product of softmax maxima, and a
+    # top-1 tree's cumulative log-probabilities (expand_tree); plus the budget's invariants
+    folder = save_head(str(tmp_path / "s"), *eagle3_state(target, AUX, noise=0.3, draft_vocab=200))
+    records = []
+    for opts in ({}, {"tree_topk": 1, "tree_nodes": GAMMA}):
+        drafter = build_drafter(DrafterSpec("eagle3", folder, opts), target_info(target))
+        assert drafter.scores_nodes
+        calls = _recording(drafter)
+        outs, _ = run(target, drafter, prompts, 4, GAMMA)
+        assert outs == plain
+        records.append(calls)
+    chain, tree = records
+    assert len(chain) == len(tree)
+    spread = []
+    for (tok_c, sc_c), (tok_t, sc_t) in zip(chain, tree):
+        assert torch.equal(tok_c, tok_t)
+        assert torch.allclose(sc_c, sc_t, rtol=1e-4, atol=1e-6)
+        real = tok_c != PAD
+        assert bool((sc_c[~real] == 0).all()) and bool((sc_c[real] > 0).all())
+        assert bool((sc_c[:, 1:] <= sc_c[:, :-1] + 1e-7).all())  # a path only loses mass
+        spread += sc_c[real].tolist()
+    assert min(spread) < 0.9 < max(spread)  # a noisy head: confident and unsure drafts

@@ -184,6 +184,32 @@ def test_merge_trees_table():
     assert out.draft_probs is None
 
 
+def test_scores_survive_the_merge_rules():
+    lookup = DraftProposal.chain(torch.tensor([[5, 6, 7], [5, 6, PAD]]),
+                                 scores=torch.tensor([[0.9, 0.5, 0.4], [0.8, 0.7, 0.0]]))
+    head = DraftProposal(torch.tensor([[5, 9, 4], [8, 9, PAD]]),
+                         torch.tensor([[ROOT, 0, ROOT], [ROOT, 0, ROOT]]),
+                         scores=torch.tensor([[0.95, 0.3, 0.02], [0.6, 0.2, 0.0]]))
+    out = merge_trees(lookup, head, torch.tensor([True, False]))
+    # the shared node 5 keeps the higher of its two scores; every other node its own
+    assert torch.allclose(out.scores, torch.tensor([[0.95, 0.5, 0.4, 0.3, 0.02],
+                                                    [0.6, 0.2, 0.0, 0.0, 0.0]]))
+    out = switch_rows(lookup, head, torch.tensor([True, False]))
+    assert torch.allclose(out.scores, torch.tensor([[0.9, 0.5, 0.4], [0.6, 0.2, 0.0]]))
+    # one side without scores: the merged proposal has none (the budget plans it instead)
+    assert merge_trees(DraftProposal.chain(lookup.tokens), head,
+                       torch.tensor([True, True])).scores is None
+
+
+@pytest.mark.parametrize("lookup,scored", [("suffix", True), ("ngram", False)])
+def test_hybrid_scores_nodes_when_both_halves_do(tmp_path, lookup, scored):
+    target = attention_only_target(0)
+    folder = save_head(str(tmp_path / "e3"), *eagle3_state(target, [0, 1, 1], noise=0.05))
+    drafter = build_drafter(DrafterSpec("hybrid", folder, {"mode": "tree", "lookup": lookup}),
+                            target_info(target))
+    assert drafter.scores_nodes is scored
+
+
 def test_bad_options(llama, draft_folder):
     info = target_info(llama)
     with pytest.raises(ValueError, match="hybrid mode 'both'"):

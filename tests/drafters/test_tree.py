@@ -30,6 +30,7 @@ def test_select_tree_ties_keep_parents_and_drops_minus_inf():
     scores = torch.tensor([[0.0, -math.inf, 0.0, -math.inf]])  # child ties its parent
     tree = select_tree(tokens, parents, scores, 4)
     assert tree.tokens.tolist() == [[1, PAD, 3, PAD]]  # pool order kept; PAD nodes are ignored
+    assert tree.scores.tolist() == [[1.0, 0.0, 1.0, 0.0]]  # exp(log path probability), 0 on PAD
     assert tree.parents[0, 2].item() == 0
     assert tree.num_nodes.tolist() == [2]
 
@@ -50,6 +51,8 @@ def test_expand_tree_with_scripted_children():
     # pool: 0 (.6), 1 (.3), 0>3 (.54), 0>4 (.06), 1>5 (.24), 1>3 (.06): best 3 = 0, 1, 0>3
     assert tree.tokens.tolist() == [[0, 1, 3]]
     assert tree.parents.tolist() == [[ROOT, ROOT, 0]]
+    # each node's path probability: the budget's confidence in it
+    assert tree.scores[0].tolist() == pytest.approx([0.6, 0.3, 0.54])
     assert tree.draft_probs is None  # deterministic nodes: verified as point masses
 
 
