@@ -164,6 +164,7 @@ class EmbeddedEngine:
         with clock("draft"):
             proposal = self._propose(active, limits, count_nodes=limits is not None and not scored)
             drafted = proposal.num_nodes.sum()  # [] before any cut: what drafting paid for
+            drafted_rows = sum(1 for k in limits if k) if limits is not None else 0
             predicted = 0.0
             if scored and proposal.scores is not None:
                 # rows drafted in full are cut to their best nodes; a probe is kept as it is
@@ -194,7 +195,7 @@ class EmbeddedEngine:
             # for one, a hidden-state head's catch-up made drafting look dear, so the budget
             # skipped more, so the next catch-up was longer)
             if not first_step and not self._caught_up:
-                self.budget.observe_draft(int(drafted), clock.ms["draft"])
+                self.budget.observe_draft(int(drafted), clock.ms["draft"], drafted_rows)
         clock.add_to(stats.timing_ms)
         return still
 

@@ -64,8 +64,13 @@ def test_unmeasured_engine_explores_and_rows_without_history_take_the_average():
     assert plan.plan([1, 2]) == [3, 3]
     plan.observe_row(1, drafted=3, accepted=3)
     plan.observe_row(1, drafted=3, accepted=0)
-    assert plan.acceptance(1) == pytest.approx((3 * 0.8 + 0) / (3 * 0.8 + 1))
-    assert plan.acceptance(7) == plan.acceptance(1)  # engine-wide average so far
+    engine = (3 * 0.98 + 0) / (3 * 0.98 + 1)  # every row's history, slowly forgotten
+    assert plan.acceptance(7) == pytest.approx(engine)  # a row without history: the engine's
+    # a row's own counts, shrunk towards the engine's as if 2 more drafts were tried at its rate
+    assert plan.acceptance(1) == pytest.approx((3 * 0.8 + 2 * engine) / (3 * 0.8 + 1 + 2))
+    plan.observe_row(2, drafted=1, accepted=0)  # one rejected probe token does not zero a row
+    engine = (3 * 0.98 ** 2) / ((3 * 0.98 + 1) * 0.98 + 1)
+    assert plan.acceptance(2) == pytest.approx((0 + 2 * engine) / (1 + 2))
     plan.forget([1])
     assert 1 not in plan._rows
 
@@ -278,7 +283,7 @@ class _BlindPlan(SpeculationBudget):
         for tokens in (1, 101):
             self.verify.observe(tokens, 100.0 + 25.0 * tokens)
         self.observe_verify = lambda tokens, ms: None
-        self.observe_draft = lambda tokens, ms: None
+        self.observe_draft = lambda tokens, ms, rows=0: None
 
     def plan(self, row_ids, recut=False):
         return [self.max_tokens] * len(row_ids)
@@ -401,3 +406,16 @@ def test_a_plan_after_a_probe_is_not_taken_for_one():
     while not plan.probing:
         plan.cut([[0.9], [], [], []], calibrate=False)
     assert min(plan.plan(list(range(4)), recut=True)) > 0 and not plan.probing
+
+
+@pytest.mark.parametrize("alpha,drafts", [(0.3, False), (0.9, True)])
+def test_scored_drafters_draft_only_when_their_rows_acceptance_pays(alpha, drafts):
+    """Ten padded rows, t(N) = 100 + N ms, drafting 5 ms a token.  Drafts certain to be
+    accepted would pay (one each: 20 tokens in 170 ms against 10 in 110), so a check on scores
+    alone drafts every step; rows that accept 30% of drafts gain 13 tokens in 170 ms, less than
+    plain decoding, so nobody drafts; at 90% (19 in 170) everybody drafts in full."""
+    rows = list(range(10))
+    plan = budget_with(100.0, 1.0, 5.0, {r: alpha for r in rows})
+    plan.verify_pads_rows = True
+    limits = plan.limits_before_scoring(rows)
+    assert limits == ([4] * 10 if drafts else [0] * 10)
