@@ -29,8 +29,8 @@ development runs at batch 10 (SmolLM2, fp32, 24 MT-Bench prompts, one pass each)
 budget drafted on about half the steps at 0.93-0.94x of plain without it, 0.95x with it.
 
 Drafter confidence: a drafter that scores its nodes (`DraftProposal.scores`, each node's path
-probability: suffix, the EAGLE heads, a hybrid of the two) drafts in full on steps where that
-pays (limits_before_scoring) and is cut after drafting: node gains are its scores times a
+probability: suffix, the EAGLE heads, a hybrid of the two) is planned as any drafter is
+(limits_before_scoring) and cut after drafting: node gains are its scores times a
 calibration factor (accepted / predicted over recent steps, so an over-confident drafter is
 discounted), and the same marginal rule (or the same one-width choice, padded) keeps the best
 nodes.
@@ -85,8 +85,9 @@ class LinearCost:
         """The time of a step feeding `tokens`: what such steps took lately, else the line.
         The line through all steps misses a jump in cost: on SmolLM2 (fp32, CPU, batch 4) the
         steps that carried one to three draft tokens took about 1.6x a plain step (estimated
-        from a development sweep's verify totals).  A count not seen for `fresh_steps` steps goes back to the line, so one slow
-        step (a warm-up) does not rule its width out for good."""
+        from a development sweep's verify totals).  A count not seen for `fresh_steps` steps
+        goes back to the line, so one slow step (a warm-up) does not rule its width out for
+        good."""
         seen = self._seen_at.get(tokens)
         if seen is not None and self._steps - seen[1] < self.fresh_steps:
             return seen[0]
@@ -132,7 +133,6 @@ class SpeculationBudget:
     verify: LinearCost = field(default_factory=LinearCost)
     draft_ms_per_token: float = 0.0
     draft_margin: float = 1.05  # padded: drafts must promise this many times plain's tokens/ms
-    draft_ms_per_row: float = 0.0
     _rows: dict = field(default_factory=dict)  # row id -> [accepted, tried] (decayed)
     _all: list = field(default_factory=lambda: [0.0, 0.0])
     _idle_steps: int = 0
@@ -185,32 +185,16 @@ class SpeculationBudget:
         return self._probe_when_idle(k, [1] * len(k))
 
     def limits_before_scoring(self, row_ids: list) -> list[int]:
-        """For a drafter that scores its nodes: rows draft in full (cut() keeps the best nodes
-        afterwards) on a step where drafting pays.  It does not when even drafts certain to be
-        accepted could not pay, nor when the rows' acceptance of what the cut kept lately
-        (alpha_r ** i per token, as in plan()) could not.  Either way the full drafting is
-        charged (padded: its measured time per row), since the cut cannot take it back: a
-        check on scores alone let a hybrid at batch 10 draft every step (drafting 1.26 s of an
-        11.8 s run, 0.87x of plain).  Else nobody drafts (bar the odd probe), which saves the
-        drafting too."""
-        full = [self.max_tokens] * len(row_ids)
+        """For a drafter that scores its nodes: each row's draft length, planned as plan() plans
+        any drafter's (each row's acceptance of what the cut kept lately, the drafting time
+        per token); cut() then keeps the best-scored nodes of what was drafted.  Drafting
+        every row in full and cutting afterwards (session 11's rule, where drafting stopped
+        only when not even certain drafts could pay) paid for drafts the cut threw away: a
+        hybrid at batch 10 drafted every step (1.26 s of an 11.8 s run, 0.87x of plain)."""
         a, b = self.verify.coefficients()
         if not row_ids or not self.verify.has_spread or b <= 0:
-            return full  # cut() explores
-        best = min(self.calibration(), 1.0)  # a node's gain is its score (<= 1) times this
-        certain = [[best] * self.max_tokens for _ in row_ids]
-        expected = [[alpha ** i for i in range(1, self.max_tokens + 1)]
-                    for alpha in (self.acceptance(r) for r in row_ids)]
-        if self._pays(certain, a, b) and self._pays(expected, a, b):
-            return self._probe_when_idle(full, full)  # drafting: the idle count starts over
-        return self._probe_when_idle([0] * len(row_ids), [1] * len(row_ids))
-
-    def _pays(self, gains: list[list[float]], a: float, b: float) -> bool:
-        """Whether drafting every row in full, then keeping its best nodes, beats no drafts."""
-        if self.verify_pads_rows:
-            per_row = self.draft_ms_per_row or self.draft_ms_per_token * self.max_tokens
-            return self._best_width(gains, 0.0, fixed=per_row * len(gains)) > 0
-        return any(self._best_tokens(gains, a, b, b + self.draft_ms_per_token))
+            return [self.max_tokens] * len(row_ids)  # cut() explores
+        return self.plan(row_ids, recut=True)
 
     def cut(self, scores: list[list[float]], calibrate: bool = True) -> list[int]:
         """After drafting: how many of each row's nodes to keep, best first.  scores: per row,
@@ -261,11 +245,10 @@ class SpeculationBudget:
                 heapq.heappush(best, (-gains[i][k[i]], i))
         return k
 
-    def _best_width(self, gains: list[list[float]], d: float, fixed: float = 0.0) -> int:
+    def _best_width(self, gains: list[list[float]], d: float) -> int:
         """Rows verified as one padded block: the width w (draft tokens per row) that maximises
         tokens per ms, each row gaining its first w gains.  A block's time is what blocks of
-        its size took lately (LinearCost.at), so a jump in cost past one token a row counts.
-        d: drafting ms per draft token; fixed: drafting ms paid by any w > 0."""
+        its size took lately (LinearCost.at), so a jump in cost past one token a row counts."""
         rows = len(gains)
         gain, best_w = float(rows), 0
         plain = self.verify.at(rows)
@@ -274,7 +257,7 @@ class SpeculationBudget:
         best_rate = self.draft_margin * gain / plain if plain > 0 else 0.0
         for w in range(1, max(len(g) for g in gains) + 1):
             gain += sum(g[w - 1] for g in gains if len(g) >= w)
-            time = self.verify.at(rows * (1 + w)) + d * rows * w + fixed
+            time = self.verify.at(rows * (1 + w)) + d * rows * w
             rate = gain / time if time > 0 else float("inf")
             if rate > best_rate:
                 best_w, best_rate = w, rate
@@ -311,14 +294,13 @@ class SpeculationBudget:
         """One verify forward: `tokens` fed in all (rows + drafts), `ms` it took."""
         self.verify.observe(tokens, ms)
 
-    def observe_draft(self, tokens: int, ms: float, rows: int = 0) -> None:
-        """Drafting time of a step that proposed `tokens` for `rows` rows (engines skip a
-        batch's first step, whose drafting also takes in the prompts).  Per row too: a drafter
-        that scores its nodes drafts in full, whatever the cut keeps."""
+    def observe_draft(self, tokens: int, ms: float) -> None:
+        """Drafting time of a step that proposed `tokens` (engines skip a batch's first step,
+        whose drafting also takes in the prompts)."""
         if tokens > 0:
-            self.draft_ms_per_token = _average(self.draft_ms_per_token, ms / tokens)
-        if rows > 0:
-            self.draft_ms_per_row = _average(self.draft_ms_per_row, ms / rows)
+            per = ms / tokens
+            self.draft_ms_per_token = (per if self.draft_ms_per_token == 0.0
+                                       else 0.8 * self.draft_ms_per_token + 0.2 * per)
 
     def observe_row(self, row_id, drafted: int, accepted: int) -> None:
         """A row's verify step: the drafts it tried (the first rejection ends the trial) and
@@ -340,11 +322,6 @@ class SpeculationBudget:
     def forget(self, row_ids: list) -> None:
         for r in row_ids:
             self._rows.pop(r, None)
-
-
-def _average(old: float, new: float) -> float:
-    """An exponential average that starts at its first sample (0.0: none yet)."""
-    return new if old == 0.0 else 0.8 * old + 0.2 * new
 
 
 class StepBudget:

@@ -164,12 +164,11 @@ class EmbeddedEngine:
         with clock("draft"):
             proposal = self._propose(active, limits, count_nodes=limits is not None and not scored)
             drafted = proposal.num_nodes.sum()  # [] before any cut: what drafting paid for
-            drafted_rows = sum(1 for k in limits if k) if limits is not None else 0
             predicted = 0.0
             if scored and proposal.scores is not None:
-                # rows drafted in full are cut to their best nodes; a probe is kept as it is
-                full = all(k == self.budget.max_tokens for k in limits)
-                proposal, limits, predicted = self._cut_by_scores(proposal, full)
+                # what was drafted is cut to its best-scored nodes; a probe is kept as it is
+                proposal, limits, predicted = self._cut_by_scores(
+                    proposal, not self.budget.probing)
             elif recut and self._recut(limits):
                 alphas = [self.budget.acceptance(r.row_id) for r in active]
                 proposal.scores = acceptance_scores(proposal, alphas)
@@ -195,7 +194,7 @@ class EmbeddedEngine:
             # for one, a hidden-state head's catch-up made drafting look dear, so the budget
             # skipped more, so the next catch-up was longer)
             if not first_step and not self._caught_up:
-                self.budget.observe_draft(int(drafted), clock.ms["draft"], drafted_rows)
+                self.budget.observe_draft(int(drafted), clock.ms["draft"])
         clock.add_to(stats.timing_ms)
         return still
 

@@ -52,7 +52,7 @@ def pick_temperature(model, prompt) -> float:
 
 
 def mixed_budget() -> SpeculationBudget:
-    """A budget whose verify costs are fixed (150 ms + 1 ms per token, drafting free) rather than
+    """A budget whose verify costs are fixed (150 ms + 0.25 ms per token, drafting free) rather than
     measured: on a tiny CPU target measured costs say drafting never pays, which is right but
     would test nothing here.  At 100 rows only rows accepting well get drafts, and only as many
     as their acceptance earns, so lengths differ per row and per step.  Drafters that score
@@ -60,9 +60,9 @@ def mixed_budget() -> SpeculationBudget:
     target mostly rejects at T > 0, so a calibrated budget rightly stops drafting at once."""
     budget = SpeculationBudget(GAMMA)
     for tokens in (1, 101):
-        budget.verify.observe(tokens, 150.0 + tokens)
+        budget.verify.observe(tokens, 150.0 + 0.25 * tokens)
     budget.observe_verify = lambda tokens, ms: None
-    budget.observe_draft = lambda tokens, ms, rows=0: None
+    budget.observe_draft = lambda tokens, ms: None
     budget.observe_scores = lambda predicted, accepted: None
     return budget
 
