@@ -240,8 +240,8 @@ class SpecplugWorker(BaseSpecWorker):
         width, proposal, predicted = max(limits), None, 0.0
         if width:
             proposal = self._propose(batch, roots, width)
-            if scored and proposal.scores is not None and width == self.speculative_num_steps:
-                # drafted in full: the budget keeps each row's best nodes (a chain's first k)
+            if scored and proposal.scores is not None and not self.steps.budget.probing:
+                # the budget keeps each row's best nodes of what was drafted (a chain's first k)
                 real = proposal.tokens != PAD
                 scores = [[p for p, ok in zip(row, keep) if ok] for row, keep in
                           zip(proposal.scores.tolist(), real.tolist())]

@@ -155,8 +155,9 @@ class SpecplugProposer:
         limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active],
                                    scored=scored)
                   if self.steps else [self.num_draft_tokens] * len(active))
-        # the budget's whole length for every row: else no drafts, or a probe
-        full = scored and all(k == self.steps.budget.max_tokens for k in limits)
+        # what was drafted goes through the budget's cut by its scores, unless this is a probe
+        # (its one token is kept as it is)
+        cut = scored and not self.steps.budget.probing
         chosen = [j for j, k in enumerate(limits) if k > 0]
         predicted = 0.0
         if chosen:
@@ -166,7 +167,7 @@ class SpecplugProposer:
             chains = proposal_to_lists(proposal)
             if scored:  # scores of a chain fall along it, so the best k are its first k
                 scores = [row[:len(c)] for row, c in zip(proposal.scores.tolist(), chains)]
-                kept = (self.steps.budget.cut(scores) if full
+                kept = (self.steps.budget.cut(scores) if cut
                         else [min(len(c), limits[j]) for c, j in zip(chains, chosen)])
                 chains = [c[:k] for c, k in zip(chains, kept)]
                 predicted = sum(sum(s[:k]) for s, k in zip(scores, kept))

@@ -213,9 +213,9 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
 
 
 def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
-    """suffix scores its nodes: the proposer drafts every row in full, hands the budget the
-    scores, and returns what budget.cut() kept; the scores of what was handed out are summed
-    for the budget's calibration."""
+    """suffix scores its nodes: on a first step (nothing measured: every row drafts in full) the
+    proposer hands the budget the scores and returns what budget.cut() kept; the scores of what
+    was handed out are summed for the budget's calibration."""
     from specplug.drafters.suffix import SuffixDrafter
     cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
                                                                           "budget": True}})
@@ -237,3 +237,32 @@ def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
     assert got == [w[:1] for w in want]
     assert [len(s) for s in seen[0]] == [3, 3] and all(0 < p <= 1 for s in seen[0] for p in s)
     assert prop.steps._predicted == pytest.approx(seen[0][0][0] + seen[0][1][0])
+
+
+@pytest.mark.parametrize("probing", [False, True])
+def test_a_planned_scored_draft_is_cut_unless_it_is_a_probe(probing):
+    """A plan shorter than gamma still goes through the cut by scores; a probe's token is kept
+    as it is (the cut never sees it)."""
+    from specplug.drafters.suffix import SuffixDrafter
+    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
+                                                                          "budget": True}})
+    prop = SpecplugProposer(cfg, SuffixDrafter(), check_vllm=False)
+    full = SpecplugProposer(fake_config(gamma=3, max_model_len=64), SuffixDrafter(),
+                            check_vllm=False)
+    seen = []
+
+    def cut(scores):
+        seen.append(scores)
+        return [1, 0]
+
+    prop.steps.begin = lambda rows, committed, **kw: [2, 2]
+    prop.steps.budget.probing = probing
+    prop.steps.budget.cut = cut
+    rows = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5, 6]]
+    ids, lens = token_matrix(rows, 64)
+    got = prop.propose([[r[-1]] for r in rows], lens, ids)
+    want = full.propose([[r[-1]] for r in rows], lens, ids)
+    if probing:
+        assert not seen and got == [w[:2] for w in want]
+    else:
+        assert [len(s) for s in seen[0]] == [2, 2] and got == [want[0][:1], []]
