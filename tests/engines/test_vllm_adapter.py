@@ -212,16 +212,21 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
     assert prop.steps._drafted == {0: 1, 1: 3}
 
 
+def _suffix_proposers() -> tuple[SpecplugProposer, SpecplugProposer]:
+    """(a suffix proposer with the budget on, the same drafter without it), gamma 3."""
+    from specplug.drafters.suffix import SuffixDrafter
+    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
+                                                                          "budget": True}})
+    return (SpecplugProposer(cfg, SuffixDrafter(), check_vllm=False),
+            SpecplugProposer(fake_config(gamma=3, max_model_len=64), SuffixDrafter(),
+                             check_vllm=False))
+
+
 def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
     """suffix scores its nodes: on a first step (nothing measured: every row drafts in full) the
     proposer hands the budget the scores and returns what budget.cut() kept; the scores of what
     was handed out are summed for the budget's calibration."""
-    from specplug.drafters.suffix import SuffixDrafter
-    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
-                                                                          "budget": True}})
-    prop = SpecplugProposer(cfg, SuffixDrafter(), check_vllm=False)
-    full = SpecplugProposer(fake_config(gamma=3, max_model_len=64), SuffixDrafter(),
-                            check_vllm=False)
+    prop, full = _suffix_proposers()
     seen = []
 
     def cut(scores):
@@ -243,12 +248,7 @@ def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
 def test_a_planned_scored_draft_is_cut_unless_it_is_a_probe(probing):
     """A plan shorter than gamma still goes through the cut by scores; a probe's token is kept
     as it is (the cut never sees it)."""
-    from specplug.drafters.suffix import SuffixDrafter
-    cfg = fake_config(gamma=3, max_model_len=64, additional={"specplug": {"method": "suffix",
-                                                                          "budget": True}})
-    prop = SpecplugProposer(cfg, SuffixDrafter(), check_vllm=False)
-    full = SpecplugProposer(fake_config(gamma=3, max_model_len=64), SuffixDrafter(),
-                            check_vllm=False)
+    prop, full = _suffix_proposers()
     seen = []
 
     def cut(scores):
