@@ -42,8 +42,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step")
     p.add_argument("--budget", default="off", choices=("on", "off", "both"),
-                   help="embedded drafter arms without the automatic speculation budget (gamma "
-                        "every step), with it (label suffix /budget), or both")
+                   help="drafter arms (embedded, or vLLM through the plugin) without the "
+                        "automatic speculation budget (gamma every step), with it (label suffix "
+                        "/budget), or both")
     p.add_argument("--repeats", type=int, default=3,
                    help="passes over the prompts; speedups are reported as min/median/max")
     p.add_argument("--block", type=int, default=0,

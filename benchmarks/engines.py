@@ -246,18 +246,23 @@ def _remove_log(path: str) -> None:
         os.rmdir(os.path.dirname(path))
 
 
+def _drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
+    """(label, drafter) of the asked drafter, then of each --compare one."""
+    return ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
+
+
 def _session_arms(engine: str, t: BenchTarget, python: str, module: str, env_for, open_for,
-                  to_batch, from_result) -> list[Arm]:
-    """A plain arm, (with a drafter) a speculative arm, and one per --compare drafter, each its
-    own engine session."""
+                  to_batch, from_result, drafters: list | None = None) -> list[Arm]:
+    """A plain arm and one per (label, drafter) (default: the asked drafter and each --compare
+    one), each its own engine session."""
     import tempfile
     logs = tempfile.mkdtemp(prefix=f"specplug-bench-{engine}-")
     arms = []
-    named = [("none", None)] + ([(t.drafter.method, t.drafter)] if t.drafter is not None else [])
-    for label, drafter in named + list(t.compare):
+    drafters = _drafter_arms(t) if drafters is None else drafters
+    for label, drafter in [("none", None)] + drafters:
         method = drafter.method if drafter else "none"
         run = _SessionRun(python, module, env_for(drafter), open_for(drafter), to_batch,
-                          from_result, f"{logs}/{label}.log")
+                          from_result, f"{logs}/{label.replace('/', '-')}.log")
         settings = {"batch_size": t.batch_size, "python": python}
         if drafter is not None:
             settings.update(gamma=t.gamma, drafter_path=drafter.path,
@@ -276,9 +281,11 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
         job = {"target": t.path, "longest": t.longest,
                "llm_kwargs": {"dtype": dtype, "max_num_seqs": t.batch_size}}
         if drafter is not None:
+            options = dict(drafter.options)
             job["specplug"] = {"method": drafter.method, "path": drafter.path,
-                               "options": dict(drafter.options), "num_draft_tokens": t.gamma,
-                               "budget": t.budget == "on"}
+                               "num_draft_tokens": t.gamma,
+                               "budget": _is_set(options.pop("budget", False)),
+                               "options": options}
         return job
 
     def to_batch(reqs: list[Request]) -> dict:
@@ -288,11 +295,31 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
 
     arms = _session_arms("vllm", t, _vllm_python(), SESSION_MODULES["vllm"],
                          lambda drafter: vllm_env(False), open_for, to_batch,
-                         lambda got, reqs, stats: _from_job(got, reqs, t.tokenizer, stats))
-    for arm in arms[1:]:  # the budget runs inside the plugin (integrations/vllm/proposer.py)
-        arm.settings["budget"] = t.budget == "on"
-        arm.label += "/budget" if t.budget == "on" else ""
+                         lambda got, reqs, stats: _from_job(got, reqs, t.tokenizer, stats),
+                         _vllm_drafter_arms(t))
+    for arm in arms[1:]:
+        options = arm.settings["options"]
+        arm.settings["native"] = _is_set(options.get("native", False))
+        arm.settings["budget"] = _is_set(options.pop("budget", False))
     return arms
+
+
+def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
+    """Each drafter arm with the budget (label /budget, option budget=1: it runs inside the
+    plugin, integrations/vllm/proposer.py), without it, or both, as --budget says.  An arm
+    running vLLM's own method (option native=1) has no budget: it never reaches the plugin."""
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
+    out = []
+    for label, drafter in _drafter_arms(t):
+        for on in ((False,) if _is_set(drafter.options.get("native", False)) else modes):
+            options = dict(drafter.options, budget=1) if on else dict(drafter.options)
+            out.append((label + ("/budget" if on else ""),
+                        DrafterSpec(drafter.method, drafter.path, options)))
+    return out
+
+
+def _is_set(value) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
 
 
 def _sglang_arms(t: BenchTarget) -> list[Arm]:

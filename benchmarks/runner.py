@@ -99,9 +99,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     if cfg.budget != "off" and cfg.engine not in ("embedded", "vllm"):
         raise ValueError(f"--budget {cfg.budget}: the budget runs in the embedded engine and "
                          f"vLLM, not in {cfg.engine}")
-    if cfg.budget == "both" and cfg.engine != "embedded":
-        raise ValueError("--budget both runs two embedded arms: use on or off with --engine "
-                         f"{cfg.engine}")
     if cfg.compare and cfg.engine not in ("embedded", "vllm", "sglang"):
         raise ValueError(f"--compare adds drafter arms to the embedded engine, vLLM or SGLang, "
                          f"not {cfg.engine}")

@@ -14,7 +14,7 @@ Also a command for subprocesses in vLLM's own venv (tests, benchmarks):
     python -m specplug.integrations.vllm.generate JOB.json RESULT.json
     python -m specplug.integrations.vllm.generate --session FD     (specplug/jobfile.py)
 JOB: {"target", "prompt_ids": [[...]], "max_new_tokens", "speculative_config" | "specplug"
-      ({"method", "path", "options", "num_draft_tokens", "via_plugin"}),
+      ({"method", "path", "options", "num_draft_tokens", "via_plugin", "budget"}),
       "temperature", "seed" (every request) | "seeds" (one per request), "ignore_eos",
       "llm_kwargs", "warmup", "repeats"}; see `run_job`.
 """
@@ -45,23 +45,50 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
     instead of vLLM's implementation of the family; hybrid always runs through the plugin.
     budget: the speculation budget picks each request's draft length.  It lives in specplug's
     proposer, so it applies to what runs through the plugin; a family vLLM implements itself
-    stays vLLM's own unless via_plugin (the budget being on by default must not reroute it)."""
+    stays vLLM's own unless via_plugin (the budget being on by default must not reroute it).
+    options may carry `via_plugin=1` (same as the argument) or `native=1`: vLLM's own method of
+    a checkpoint-free family (its `ngram`, its `suffix`), the arm a benchmark compares against;
+    the other options are then that method's speculative_config keys."""
     if method in (None, "none"):
         return None, {}
+    options = dict(options or {})
+    via_plugin = _flag(options.pop("via_plugin", via_plugin))
+    family = family_of(method)
+    if _flag(options.pop("native", False)):
+        return _native_lookup(family, options, num_draft_tokens), {}
     # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
     # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer
-    native = family_of(method).vllm_method
+    native = family.vllm_method
     if native and not via_plugin:
         if not path:
             raise ValueError(f"method {method!r} needs a drafter checkpoint folder")
         return {"method": native, "model": path, "num_speculative_tokens": num_draft_tokens}, {}
-    block = {"method": method, "options": dict(options or {})}
+    block = {"method": method, "options": options}
     if budget:
         block["budget"] = True
     if path:
         block["path"] = path
     return ({"method": "custom_class", "model": CLASS_PATH,
              "num_speculative_tokens": num_draft_tokens}, {CONFIG_KEY: block})
+
+
+def _native_lookup(family, options: dict, num_draft_tokens: int) -> dict:
+    """vLLM's own checkpoint-free method for `family` (Family.vllm_lookup_method)."""
+    native = family.vllm_lookup_method
+    if native is None:
+        raise ValueError(f"native=1: vLLM has no checkpoint-free method like {family.method!r}")
+    spec = {"method": native, "num_speculative_tokens": num_draft_tokens}
+    if native == "ngram":
+        # specplug's n-gram defaults (longest match 3, down to 1), so the two arms look up the
+        # same way unless asked otherwise; vLLM's own default is exactly 5
+        spec.update(prompt_lookup_max=int(options.pop("max_ngram", 3)),
+                    prompt_lookup_min=int(options.pop("min_ngram", 1)))
+    spec.update(options)
+    return spec
+
+
+def _flag(value) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
 
 
 class VllmSession:
@@ -144,11 +171,10 @@ def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
     cfg.method = resolve_method(cfg.method, cfg.drafter)
     requests = requests_for(cfg, load_tokenizer(cfg.target))
     path = drafter_folder(cfg)
-    options = dict(cfg.options)
-    # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's
-    via_plugin = str(options.pop("via_plugin", "0")).lower() in ("1", "true", "yes")
-    spec, extra = speculative_settings(cfg.method, path, options, cfg.gamma, via_plugin,
-                                       bool(getattr(cfg, "budget", False)))
+    # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's;
+    # --option native=1: vLLM's own ngram / suffix (see speculative_settings)
+    spec, extra = speculative_settings(cfg.method, path, cfg.options, cfg.gamma,
+                                       budget=bool(getattr(cfg, "budget", False)))
     # vLLM schedules its own continuous batch; batch_size caps how many run at once
     return run_vllm_requests(cfg.target, requests, spec, extra, cfg.sampling,
                              llm_kwargs={"dtype": cfg.dtype, "max_num_seqs": cfg.batch_size})

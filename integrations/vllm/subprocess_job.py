@@ -41,6 +41,9 @@ def vllm_env(multiprocess: bool = False) -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+               # vLLM's n-gram proposer loads numba, whose threads otherwise make torch run on
+               # two threads in that process whatever OMP_NUM_THREADS says (ENGINE_NOTES)
+               NUMBA_NUM_THREADS=env.get("NUMBA_NUM_THREADS", env.get("OMP_NUM_THREADS", "1")),
                VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
                TOKENIZERS_PARALLELISM="false")
     return env

@@ -74,6 +74,9 @@ class Family:
     architectures: tuple[str, ...] = ()  # config.json architectures that name this family
     speculators_type: str | None = None  # speculators_model_type of its speculators checkpoints
     vllm_method: str | None = None  # vLLM's own method for its checkpoints (speculative_config)
+    # vLLM's own checkpoint-free method of the same idea: what option native=1 runs instead of
+    # specplug's drafter (a benchmark's comparison arm)
+    vllm_lookup_method: str | None = None
     sglang_algorithm: str | None = None  # SGLang's own worker for its converted checkpoints
     sglang_plugin_name: str | None = None  # SPECPLUG_* algorithm when specplug's worker serves it
     # SGLang reads --speculative-draft-model-path with AutoConfig; folders it cannot read travel in

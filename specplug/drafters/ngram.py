@@ -38,6 +38,7 @@ class NgramDrafter(Drafter):
 
 
 FAMILY = Family("ngram", needs_weights=False, reads_hidden_states=False,
+                 vllm_lookup_method="ngram",
                  sglang_plugin_name="SPECPLUG_NGRAM")
 
 

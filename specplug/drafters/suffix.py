@@ -144,6 +144,7 @@ def _best_chain(node, length: int, depth: int, min_prob: float
 
 
 FAMILY = Family("suffix", needs_weights=False, reads_hidden_states=False,
+                 vllm_lookup_method="suffix",
                  sglang_plugin_name="SPECPLUG_SUFFIX")
 
 

@@ -235,6 +235,19 @@ def test_vllm_job_result_becomes_outputs_and_stats():
     assert stats.total_new_tokens == 7 and stats.timing_ms["other"] == 500.0
 
 
+def test_vllm_arms_with_and_without_the_budget_and_vllms_own_methods():
+    """--budget both gives each plugin arm a /budget twin whose job asks for the budget; an arm
+    with native=1 (vLLM's own ngram / suffix) gets neither the twin nor the flag."""
+    from specplug.drafters.base import DrafterSpec
+    t = engines.BenchTarget("/t", None, None, DrafterSpec("suffix"), 5, None, 1, budget="both",
+                            compare=[("vllm-suffix", DrafterSpec("suffix", None, {"native": 1}))])
+    arms = engines._vllm_drafter_arms(t)
+    assert [label for label, _ in arms] == ["suffix", "suffix/budget", "vllm-suffix"]
+    assert [d.options for _, d in arms] == [{}, {"budget": 1}, {"native": 1}]
+    t.budget = "off"
+    assert [label for label, _ in engines._vllm_drafter_arms(t)] == ["suffix", "vllm-suffix"]
+
+
 def test_vllm_without_vllm_names_the_extra(monkeypatch, tmp_path):
     import importlib.util
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)

@@ -95,6 +95,25 @@ def test_speculative_settings_per_family():
         speculative_settings("dflash", None, None, 5)
 
 
+def test_native_option_runs_vllms_own_lookup_methods():
+    """native=1 names vLLM's own ngram / suffix (a benchmark's comparison arm): no plugin, the
+    n-gram sizes translated to vLLM's keys, other options passed as speculative_config keys."""
+    spec, extra = speculative_settings("ngram", None, {"native": "1", "max_ngram": 4}, 5)
+    assert extra == {}
+    assert spec == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+                    "prompt_lookup_min": 1}
+    spec, extra = speculative_settings(
+        "suffix", None, {"native": True, "suffix_decoding_min_token_prob": 0.2}, 3, budget=True)
+    assert extra == {}
+    assert spec == {"method": "suffix", "num_speculative_tokens": 3,
+                    "suffix_decoding_min_token_prob": 0.2}
+    with pytest.raises(ValueError, match="no checkpoint-free method like 'draft'"):
+        speculative_settings("draft", "/d", {"native": "1"}, 3)
+    # native=0 is specplug's drafter through the plugin, the flag gone from its options
+    spec, extra = speculative_settings("suffix", None, {"native": "0"}, 3)
+    assert spec["method"] == "custom_class" and extra["specplug"]["options"] == {}
+
+
 def test_version_gate():
     assert compat.version_supported("0.32.0") and compat.version_supported("0.32.1")
     assert not compat.version_supported("0.33.0")
