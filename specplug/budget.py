@@ -62,6 +62,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class LinearCost:
@@ -197,6 +199,23 @@ class SpeculationBudget:
         if not row_ids or not self.verify.has_spread or b <= 0:
             return [self.max_tokens] * len(row_ids)  # cut() explores
         return self.plan(row_ids, recut=True)
+
+    def cut_scored(self, scores: torch.Tensor, real: torch.Tensor, cut: bool = True,
+                   calibrate: bool = True, caps: list[int] | None = None
+                   ) -> tuple[list[int], float]:
+        """One call for every engine holding a scored proposal.  scores, real [batch, nodes]:
+        each node's path probability, and which nodes are real (not padding).  Returns how many
+        of each row's best nodes to keep, and their scores summed (what observe_scores later
+        calibrates against).  cut=False keeps every node (a probe), at most caps[r] of row r."""
+        # the budget decides on the host: one copy of the scores, best first per row
+        ranked = scores.masked_fill(~real, -1.0).sort(dim=1, descending=True).values
+        rows = [[p for p in row if p >= 0] for row in ranked.tolist()]
+        if cut:
+            counts = self.cut(rows, calibrate)
+        else:
+            counts = [len(row) if caps is None else min(len(row), cap)
+                      for row, cap in zip(rows, caps or rows)]
+        return counts, sum(sum(row[:k]) for row, k in zip(rows, counts))
 
     def cut(self, scores: list[list[float]], calibrate: bool = True) -> list[int]:
         """After drafting: how many of each row's nodes to keep, best first.  scores: per row,

@@ -242,12 +242,9 @@ class SpecplugWorker(BaseSpecWorker):
             proposal = self._propose(batch, roots, width)
             if scored and proposal.scores is not None and not self.steps.budget.probing:
                 # the budget keeps each row's best nodes of what was drafted (a chain's first k)
-                real = proposal.tokens != PAD
-                scores = [[p for p, ok in zip(row, keep) if ok] for row, keep in
-                          zip(proposal.scores.tolist(), real.tolist())]
-                kept = self.steps.budget.cut(scores)
+                kept, predicted = self.steps.budget.cut_scored(proposal.scores,
+                                                               proposal.tokens != PAD)
                 width = max(kept)
-                predicted = sum(sum(s[:k]) for s, k in zip(scores, kept))
         self.steps.end(row_ids, [width] * len(reqs), predicted)
         return proposal, width
 

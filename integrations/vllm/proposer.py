@@ -166,11 +166,10 @@ class SpecplugProposer:
                 [contexts[j] for j in chosen], max(limits[j] for j in chosen)))
             chains = proposal_to_lists(proposal)
             if scored:  # scores of a chain fall along it, so the best k are its first k
-                scores = [row[:len(c)] for row, c in zip(proposal.scores.tolist(), chains)]
-                kept = (self.steps.budget.cut(scores) if cut
-                        else [min(len(c), limits[j]) for c, j in zip(chains, chosen)])
+                kept, predicted = self.steps.budget.cut_scored(
+                    proposal.scores, proposal.tokens != PAD, cut,
+                    caps=[limits[j] for j in chosen])
                 chains = [c[:k] for c, k in zip(chains, kept)]
-                predicted = sum(sum(s[:k]) for s, k in zip(scores, kept))
             for j, chain in zip(chosen, chains):
                 i = active[j]
                 room = self.max_model_len - int(num_tokens_no_spec[i])

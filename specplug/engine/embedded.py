@@ -310,12 +310,8 @@ class EmbeddedEngine:
                        ) -> tuple[DraftProposal, list[int], float]:
         """The budget's pick of each row's best-scored nodes (cut=False: all of them):
         (proposal, nodes kept per row, their scores summed).  calibrate: see budget.cut."""
-        real = proposal.tokens != PAD
-        # the budget decides on the host: one copy of the scores, best first per row
-        ranked = proposal.scores.masked_fill(~real, -1.0).sort(dim=1, descending=True).values
-        scores = [[p for p in row if p >= 0] for row in ranked.tolist()]
-        counts = self.budget.cut(scores, calibrate) if cut else [len(row) for row in scores]
-        predicted = sum(sum(row[:k]) for row, k in zip(scores, counts))
+        counts, predicted = self.budget.cut_scored(proposal.scores, proposal.tokens != PAD,
+                                                   cut, calibrate)
         keep = torch.tensor(counts, dtype=torch.long, device=self.device)
         return proposal.keep_best(keep), counts, predicted
 

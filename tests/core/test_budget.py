@@ -248,6 +248,20 @@ def test_cut_discounts_an_over_confident_drafter():
     assert plan.cut(scores) == [0]
 
 
+def test_cut_scored_ranks_real_nodes_and_sums_what_it_keeps():
+    """The tensor entry every engine calls: padding never counts, a row's nodes are ranked best
+    first whatever their order, the kept scores are summed; cut=False keeps all up to caps."""
+    import torch
+    plan = budget_with(20.0, 2.0, 0.0, {})
+    scores = torch.tensor([[0.2, 0.9, 0.5], [0.95, 0.99, 0.0]])
+    real = torch.tensor([[True, True, True], [True, True, False]])
+    kept, predicted = plan.cut_scored(scores, real)
+    assert kept == plan.cut([[0.9, 0.5, 0.2], [0.99, 0.95]])
+    assert predicted == pytest.approx(sum([0.9, 0.5, 0.2][:kept[0]] + [0.99, 0.95][:kept[1]]))
+    assert plan.cut_scored(scores, real, cut=False) == ([3, 2], pytest.approx(3.54))
+    assert plan.cut_scored(scores, real, cut=False, caps=[1, 5]) == ([1, 2], pytest.approx(2.84))
+
+
 def test_cut_in_a_padded_engine_keeps_one_width_and_probes_when_idle():
     plan = budget_with(200.0, 9.0, 0.0, {})
     plan.verify_pads_rows, plan.explore_every = True, 2

@@ -248,7 +248,7 @@ def test_budget_cuts_a_scored_drafter_after_drafting_by_its_scores():
     prop, full = _suffix_proposers()
     seen = []
 
-    def cut(scores):
+    def cut(scores, calibrate=True):
         seen.append(scores)
         return [min(1, len(s)) for s in scores]
 
@@ -270,7 +270,7 @@ def test_a_planned_scored_draft_is_cut_unless_it_is_a_probe(probing):
     prop, full = _suffix_proposers()
     seen = []
 
-    def cut(scores):
+    def cut(scores, calibrate=True):
         seen.append(scores)
         return [1, 0]
 
