@@ -32,6 +32,10 @@ def _bench_parser() -> argparse.ArgumentParser:
                         "repeatable, e.g. --compare dflash@assets/smollm2-dflash --compare "
                         "hyb:hybrid@assets/smollm2-eagle3,head_min_confidence=0.4")
     p.add_argument("--engine", default="embedded", choices=ENGINES)
+    p.add_argument("--also-engine", action="append", default=[], choices=ENGINES,
+                   metavar="ENGINE", help="another engine's arms in the same run, repeatable; "
+                   "its plain arm is also reported against --engine's plain arm (e.g. "
+                   "--engine vllm --also-engine embedded --method none)")
     p.add_argument("--no-anchors", action="store_true",
                    help="skip the HF generate() arms beside a non-HF engine")
     p.add_argument("--num-prompts", type=int, default=None)
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(
             compare=compare, suite=args.suite, target=args.target, method=method, drafter=drafter,
             options=_options(args.option), engine=args.engine, anchors=not args.no_anchors,
+            also_engines=list(args.also_engine),
             num_prompts=args.num_prompts, per_category=args.per_category, turns=args.turns, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, gamma=args.gamma, temperature=args.temperature,
             chat_template=not args.no_chat_template, seed=args.seed, dtype=args.dtype,

@@ -71,7 +71,7 @@ def _prompts(run: dict, summary: dict) -> str:
 def results_table(runs: list[dict]) -> str:
     """Markdown: one row per arm of every run; ratios come from arms of the same run."""
     head = ("| run | arm | prompts | new tokens | tok/s | speedup vs plain | ÷ HF same drafter "
-            "| τ | accept rate | Leviathan bound | same tokens as plain |")
+            "or other engine's plain | τ | accept rate | Leviathan bound | same tokens as plain |")
     lines = [head, "|" + "---|" * 11]
     for run in runs:
         for arm in run["arms"]:
@@ -79,12 +79,17 @@ def results_table(runs: list[dict]) -> str:
             drafting = s["num_draft_tokens"] > 0
             lev = arm.get("leviathan")
             same = arm.get("matches_baseline")
-            hf = arm.get("speedup_vs_hf_equivalent")
+            # the HF arm with the same drafter, or (an engine's plain arm) the run's main
+            # engine's plain arm
+            other, ratio = arm.get("hf_equivalent"), arm.get("speedup_vs_hf_equivalent")
+            ref = arm.get("speedup_vs_hf_equivalent_spread")
+            if arm.get("reference"):
+                other, ref = arm["reference"], arm["speedup_vs_reference_spread"]
+                ratio = ref["median"] if ref else None
             lines.append("| " + " | ".join([
                 run["name"], arm["label"], _prompts(run, s), str(s["total_new_tokens"]),
                 _fmt(s["tokens_per_second"]), spread_text(arm["speedup"], arm.get("speedup_spread")),
-                f"{spread_text(hf, arm.get('speedup_vs_hf_equivalent_spread'))} "
-                f"({arm['hf_equivalent']})" if hf is not None else "–",
+                f"{spread_text(ratio, ref)} ({other})" if ratio is not None else "–",
                 _fmt(s["mean_accept_length"], ".3f") if drafting else "–",
                 _fmt(s["acceptance_rate"], ".3f") if drafting else "–",
                 _fmt(lev["speedup_bound"], ".2f", "×") if lev else "–",

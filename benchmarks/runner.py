@@ -36,6 +36,9 @@ class BenchConfig:
     options: dict = field(default_factory=dict)
     engine: str = "embedded"
     anchors: bool = True  # add the HF generate() arms beside a non-HF engine
+    # more engines whose arms join the run; each one's plain arm is also reported against
+    # `engine`'s plain arm (speedup_vs_reference)
+    also_engines: list = field(default_factory=list)
     num_prompts: int | None = None
     per_category: int | None = None  # first k prompts of each category
     turns: int = 1
@@ -112,7 +115,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     target = BenchTarget(cfg.target, model, tokenizer, drafter, cfg.gamma,
                          SamplingParams(temperature=cfg.temperature), cfg.batch_size,
                          list(cfg.compare), cfg.budget, longest=limit)
-    engines = [cfg.engine] + (["hf"] if cfg.anchors and cfg.engine != "hf" else [])
+    engines = [cfg.engine] + [e for e in cfg.also_engines if e != cfg.engine]
+    if cfg.anchors and "hf" not in engines:
+        engines.append("hf")
 
     def fresh_arms() -> list[Arm]:
         return [a for e in engines for a in build_arms(e, target)]
@@ -258,10 +263,14 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
             hf_spread = _speedups(st, hf)
             entry["speedup_vs_hf_equivalent"] = hf_spread["median"] if hf_spread else None
             entry["speedup_vs_hf_equivalent_spread"] = hf_spread
+        main = baselines.get(cfg.engine)
+        if st.arm.role == "baseline" and main is not None and st is not main:
+            # one engine's plain decoding against another's, on the same prompts, interleaved
+            entry["reference"] = main.arm.label
+            entry["speedup_vs_reference_spread"] = _speedups(st, main)
+            entry["matches_reference"] = _same_outputs(st, main)
         if base is not None and st is not base:
-            entry["matches_baseline"] = sum(
-                a["output_token_ids"] == b["output_token_ids"]
-                for a, b in zip(st.requests, base.requests))
+            entry["matches_baseline"] = _same_outputs(st, base)
             if summary["num_draft_tokens"]:
                 c = metrics.draft_cost(summary, base.stats.summary(), cfg.gamma)
                 entry["leviathan"] = metrics.leviathan_bound(summary["acceptance_rate"], cfg.gamma, c)
@@ -285,6 +294,11 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
         "leviathan": head.get("leviathan"),
         "config": config, "environment": environment, "arms": arms,
     }
+
+
+def _same_outputs(a: _ArmState, b: _ArmState) -> int:
+    return sum(x["output_token_ids"] == y["output_token_ids"]
+               for x, y in zip(a.requests, b.requests))
 
 
 def _speedups(st: _ArmState, base: _ArmState | None) -> dict | None:

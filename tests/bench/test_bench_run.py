@@ -163,6 +163,30 @@ def test_compare_adds_drafter_arms_to_the_same_run(tiny_models, tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
+def test_also_engine_reports_its_plain_arm_against_the_main_engines(tiny_models, tmp_path):
+    """--also-engine: another engine's arms join the run, and its plain arm carries its
+    tokens/s over the main engine's plain arm, repetition by repetition."""
+    from specplug.benchmarks.report import load_runs, results_table
+    out = tmp_path / "also"
+    assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--engine", "hf", "--also-engine", "embedded", "--method", "none",
+                 "--max-new-tokens", "6", "--dtype", "float64", "--repeats", "2",
+                 "--output", str(out), "--no-progress", "--name", "also"]) == 0
+    arms = {a["label"]: a for a in json.loads((out / "also.json").read_text())["arms"]}
+    assert list(arms) == ["hf/none", "hf/prompt_lookup", "embedded/none"]
+    emb, hf = arms["embedded/none"], arms["hf/none"]
+    assert emb["reference"] == "hf/none" and "reference" not in hf
+    ratios = [a / b for a, b in zip(emb["tokens_per_second_per_rep"],
+                                    hf["tokens_per_second_per_rep"])]
+    spread = emb["speedup_vs_reference_spread"]
+    assert spread["min"] == pytest.approx(min(ratios), rel=1e-2)
+    assert spread["max"] == pytest.approx(max(ratios), rel=1e-2)
+    assert emb["matches_reference"] == 2  # float64 greedy: the same tokens either way
+    row = next(line for line in results_table(load_runs(str(out))).splitlines()
+               if "| embedded/none |" in line)
+    assert "(hf/none)" in row
+
+
 def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path, monkeypatch):
     """A stand-in run_fake built on the embedded engine: the switch calls it block by block for
     the baseline (drafter=None) and for the drafter, alternating."""
