@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.kv import SlotCache
+from ..models.attention import use_grouped_attention
 from ..sampling import probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
@@ -22,6 +23,7 @@ from .row_slots import RowSlots, common_prefix, surviving_prefix
 class DraftModelDrafter(Drafter):
     def __init__(self, model, target_vocab: int, bridge: TextBridge | None = None):
         self.model = model.eval()
+        use_grouped_attention(self.model)  # verify-like blocks without copying the cache
         self.device = model.device  # the target's (build() puts the draft there)
         self.target_vocab = target_vocab
         self.bridge = bridge  # set when the draft's tokenizer differs from the target's

@@ -23,6 +23,7 @@ import torch
 
 from ..budget import SpeculationBudget
 from ..drafters.base import Drafter
+from ..models.attention import use_grouped_attention
 from ..stats import SpecStats, elapsed_ms
 from ..types import PAD, DraftInput, DraftProposal, SamplingParams
 from ..verify import verify
@@ -61,6 +62,9 @@ class EmbeddedEngine:
                  num_draft_tokens: int = 5, sampling: SamplingParams = SamplingParams(),
                  budget: SpeculationBudget | None = None, compile_target: bool = False):
         self.model = model.eval()
+        # a verify block of several tokens a row attends without copying the cache per query
+        # head (specplug/models/attention.py); this switches the model object itself
+        use_grouped_attention(self.model)
         # compile_target: the target's forward through torch.compile (dynamic shapes).  Off by
         # default: measured on CPU (benchmarks/compile_target.py) it does not pay, since every
         # cache update breaks the graph and the growing shapes recompile
@@ -188,7 +192,11 @@ class EmbeddedEngine:
         if limits is not None:
             stats.budgets.append(sum(limits))
         if self.budget:
-            self.budget.observe_verify(self.budget.fed_tokens(num_nodes), clock.ms["verify"])
+            # the step's cost past drafting: the forward, and sampling and committing, which
+            # grow with the drafts too (measured, SmolLM2 fp32 batch 10: committing took 474 ms
+            # in a run that drafted on some steps, against 115 ms in one that never drafted)
+            after = clock.ms["verify"] + clock.ms["sample"] + clock.ms["cache"]
+            self.budget.observe_verify(self.budget.fed_tokens(num_nodes), after)
             # a first drafting also takes in the prompts, and a row the budget skipped catches
             # up on the steps it missed: neither is the cost of this step's draft tokens (taken
             # for one, a hidden-state head's catch-up made drafting look dear, so the budget

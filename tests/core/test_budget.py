@@ -131,6 +131,26 @@ def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, whic
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
 
 
+def test_expensive_committing_counts_as_the_steps_cost(tiny, monkeypatch):
+    """Verify is as fast as ever but committing costs 40 ms per fed token: the budget times the
+    whole step past drafting, so it stops drafting as it does for an expensive verify (timing
+    the forward alone, it went on drafting 4 tokens a step)."""
+    model, reqs, plain = tiny
+    commit = EmbeddedEngine._commit
+    budget = SpeculationBudget(4, verify_pads_rows=True)
+
+    def slow(self, rows, cache, proposal, result, feats, stats):
+        time.sleep(0.04 * budget.fed_tokens(proposal.num_nodes.tolist()))
+        return commit(self, rows, cache, proposal, result, feats, stats)
+
+    monkeypatch.setattr(embedded.EmbeddedEngine, "_commit", slow)
+    engine = EmbeddedEngine(model, None, _drafter("draft", model), 4, budget=budget)
+    outs, stats = engine.generate(reqs, batch_size=4)
+    assert [o.output_token_ids for o in outs] == plain
+    later = stats.budgets[4:]
+    assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
+
+
 class _Clock:
     """A fake clock the test advances by hand (seconds)."""
 
