@@ -6,6 +6,14 @@ import torch
 from .types import SamplingParams
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., vocab] -> [...] int64, the index of each row's first maximum (argmax's
+    answer).  torch.max over the last dim gives the same index 3-5x faster on CPU: measured on
+    [10, 6, 49152] logits (1 thread), 10.1 ms for argmax against 2.3 ms in bf16, 4.2 against
+    1.5 ms in fp32."""
+    return logits.max(dim=-1).indices
+
+
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [..., vocab] -> probs [..., vocab] in float64 after temperature, top-k, top-p.
 
@@ -14,7 +22,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     """
     logits = logits.double()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+        return torch.nn.functional.one_hot(greedy_tokens(logits), logits.shape[-1]).double()
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -41,7 +49,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams,
                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """logits [batch, vocab] -> [batch] tokens, per-row generators for sampling."""
     if params.greedy:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     probs = probs_from_logits(logits, params)
     gens = generators or [None] * probs.shape[0]
     return torch.tensor([sample(probs[r], gens[r]) for r in range(probs.shape[0])],

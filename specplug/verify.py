@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import probs_from_logits
+from .sampling import greedy_tokens, probs_from_logits
 from .types import PAD, DraftProposal, SamplingParams, VerifyResult
 
 
@@ -37,7 +37,7 @@ def verify(target_logits: torch.Tensor, proposal: DraftProposal, params: Samplin
 def verify_greedy_chain(target_logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
     """Vectorised: accepted = cumulative product of (draft == target argmax)."""
     batch, n = proposal.tokens.shape
-    target_tokens = target_logits.argmax(-1)  # [batch, n + 1]
+    target_tokens = greedy_tokens(target_logits)  # [batch, n + 1]
     matches = (proposal.tokens == target_tokens[:, :n]) & (proposal.tokens != PAD)
     num_accepted = matches.long().cumprod(dim=1).sum(dim=1)  # [batch]
     device = target_logits.device
@@ -73,7 +73,7 @@ def _result(rows: list[tuple[list[int], list[int]]], num_nodes: int,
 
 
 def verify_greedy_tree(target_logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
-    target_tokens = target_logits.argmax(-1).tolist()  # [batch][n + 1]
+    target_tokens = greedy_tokens(target_logits).tolist()  # [batch][n + 1]
     draft = proposal.tokens.tolist()
     rows = []
     for r in range(len(draft)):

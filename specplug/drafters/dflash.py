@@ -31,7 +31,7 @@ from torch import nn
 
 from ..checkpoint_io import CheckpointError, check_keys, read_config
 from ..engine.kv import SlotCache
-from ..sampling import probs_from_logits
+from ..sampling import greedy_tokens, probs_from_logits
 from ..types import DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
 from .decoder_layer import DecoderLayer, RMSNorm
@@ -188,7 +188,7 @@ class DFlashDrafter(Drafter):
             self.kv.crop(committed)  # forget the block
         logits = self._logits(hidden)  # [batch, block_len - 1, vocab]
         if inp.sampling.greedy:
-            return DraftProposal.chain(logits.argmax(-1))
+            return DraftProposal.chain(greedy_tokens(logits))
         probs = probs_from_logits(logits, inp.sampling)
         gens = inp.generators or [None] * batch
         drafts = torch.stack([torch.multinomial(probs[r], 1, generator=gens[r] or self.generator)[:, 0]

@@ -13,7 +13,7 @@ import torch
 
 from ..engine.kv import SlotCache
 from ..models.attention import use_grouped_attention
-from ..sampling import probs_from_logits, sample
+from ..sampling import greedy_tokens, probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
@@ -75,7 +75,7 @@ class DraftModelDrafter(Drafter):
                 toks = [sample(p[r], gens[r]) for r in range(batch)]
             else:
                 # the host keeps each row's cached tokens (rollback by common prefix)
-                toks = logits.argmax(-1).tolist()
+                toks = greedy_tokens(logits).tolist()
             drafts[:, step] = torch.tensor(toks, device=self.device)
             if step + 1 < gamma:
                 logits = self._feed(inp.row_ids, [[t] for t in toks])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.kv import SlotCache
-from ..sampling import probs_from_logits, sample
+from ..sampling import greedy_tokens, probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal, DrafterNeeds
 from .base import Drafter
 from .decoder_layer import Ragged
@@ -180,7 +180,7 @@ class EagleDrafter(Drafter):
                 tokens[:, step] = torch.tensor([sample(p[r], gens[r]) for r in range(b)],
                                                device=self.device)
             else:
-                tokens[:, step] = logits.argmax(-1)
+                tokens[:, step] = greedy_tokens(logits)
             mass = p.gather(1, tokens[:, step:step + 1])[:, 0].float()  # [b] the draft's q(x)
             path = path * mass
             scores[:, step] = path

@@ -36,7 +36,7 @@ import os
 import torch
 
 from ..engine.kv import SlotCache
-from ..sampling import probs_from_logits
+from ..sampling import greedy_tokens, probs_from_logits
 from ..types import ROOT, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
 from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
@@ -106,7 +106,7 @@ class SpecDiffDrafter(Drafter):
         """Fill masked positions in place until `want` per row are unmasked."""
         probs = torch.softmax(logits.double(), dim=-1)  # the planner's view: the model's own p
         if sampling.greedy:
-            proposal = logits.argmax(-1)
+            proposal = greedy_tokens(logits)
         else:
             p = probs_from_logits(logits, sampling)
             proposal = torch.multinomial(p.flatten(0, 1), 1, generator=self.generator).view(p.shape[:2])
