@@ -112,35 +112,54 @@ class EmbeddedEngine:
         cache = SlotCache(0, self.device)
         active: list[Row] = []
         while waiting or active:
+            finished = [i for i, r in enumerate(active) if r.finish_reason]
             joined = []
-            while waiting and len(active) + len(joined) < max(1, batch_size):
+            while waiting and len(active) - len(finished) + len(joined) < max(1, batch_size):
                 joined.append(waiting.pop())
-            if joined:
+            if finished or joined:
                 with stats.timer("prefill"):
-                    active = self._admit(active, joined, cache)
+                    active = self._turn_over(active, finished, joined, cache)
             if active:
                 # a step right after an admission also drafts over the new rows' prompts
                 active = self.step(active, cache, stats, first_step=bool(joined))
         return [r.output(self.tokenizer) for r in rows]
 
-    def _admit(self, active: list[Row], joined: list[Row], cache: SlotCache) -> list[Row]:
-        """Prefill `joined` and add the ones still running to the batch (and its cache rows,
-        after the active ones).  Returns the new batch.
+    def _turn_over(self, active: list[Row], finished: list[int], joined: list[Row],
+                   cache: SlotCache) -> list[Row]:
+        """Retire the rows at indices `finished`, prefill `joined` and seat the ones still
+        running: in the finished rows' places first (their cache rows are overwritten in
+        place), then after the others.  Returns the new batch.
 
-        Each prompt is prefilled alone: a padded block of prompts would cost the longest one
-        times their number, so a batch that admits requests together (plain decoding, where
-        rows finish on the same step) would pay more for the same prompts than one admitting
-        them as they trickle in (measured: MT-Bench at batch 10, 23.5 s of prefill against
-        14-16 s).  The new rows join the batch's cache in one copy."""
+        Dropping a row and appending one each copied every layer's whole cache (measured at
+        batch 10, bf16: 0.36 s + 0.29 s of a 14 s run); overwriting a row costs that row's
+        entries.  Each prompt is prefilled alone: a padded block of prompts would cost the
+        longest one times their number, so a batch that admits requests together (plain
+        decoding, where rows finish on the same step) would pay more for the same prompts
+        than one admitting them as they trickle in (measured: MT-Bench at batch 10, 23.5 s of
+        prefill against 14-16 s)."""
+        self._forget([active[i] for i in finished])
         fresh = SlotCache(0, self.device)
         for row in joined:
             alone = SlotCache(1, self.device)
             self.prefill([row], alone)
             fresh.absorb(alone)
         running = [r for r in joined if not r.finish_reason]  # EOS or max_new_tokens=1
-        self._drop_finished(joined, running, fresh)
-        cache.absorb(fresh)
-        return active + running
+        self._forget([r for r in joined if r.finish_reason])
+        fresh.select_rows([i for i, r in enumerate(joined) if not r.finish_reason])
+        seated = min(len(finished), len(running))
+        cache.replace_rows(finished[:seated], fresh, list(range(seated)))
+        batch = list(active)
+        for i, row in zip(finished, running):
+            batch[i] = row
+        if len(finished) > seated:  # nobody left to take these places
+            gone = set(finished[seated:])
+            cache.select_rows([i for i in range(len(batch)) if i not in gone])
+            batch = [r for i, r in enumerate(batch) if i not in gone]
+        if len(running) > seated:
+            fresh.select_rows(list(range(seated, len(running))))
+            cache.absorb(fresh)
+            batch += running[seated:]
+        return batch
 
     def _new_row(self, req: Request) -> Row:
         gen = None
@@ -152,8 +171,9 @@ class EmbeddedEngine:
     def step(self, active: list[Row], cache: SlotCache, stats: SpecStats,
              first_step: bool = False) -> list[Row]:
         """One speculative step for the rows in `cache`: draft, one target pass over each row's
-        last token and its draft nodes, verify, commit.  Returns the rows still running (the
-        cache keeps just those).  Each phase's time goes to stats.timing_ms (and the budget)."""
+        last token and its draft nodes, verify, commit.  Returns the batch: rows that finished
+        stay in it (and in the cache) until _turn_over retires them.  Each phase's time goes to
+        stats.timing_ms (and the budget)."""
         clock = _PhaseClock()
         # a drafter that scores its nodes drafts in full and is cut by the budget afterwards
         scored = self.budget is not None and self.drafter.scores_nodes
@@ -183,18 +203,15 @@ class EmbeddedEngine:
             result = verify(logits, proposal, self.sampling, [r.generator for r in active])
         with clock("cache"):
             num_nodes, accepted = self._commit(active, cache, proposal, result, feats, stats)
-            if self.budget:  # before finished rows are dropped (and forgotten by the budget)
+            if self.budget:  # before finished rows are retired (and forgotten by the budget)
                 for row, n, kept in zip(active, num_nodes, accepted):
                     self.budget.observe_row(row.row_id, n, kept)
                 self.budget.observe_scores(predicted, sum(accepted))
-            still = [r for r in active if not r.finish_reason]
-            self._drop_finished(active, still, cache)
         if limits is not None:
             stats.budgets.append(sum(limits))
         if self.budget:
             # the step's cost past drafting: the forward, and sampling and committing, which
-            # grow with the drafts too (measured, SmolLM2 fp32 batch 10: committing took 474 ms
-            # in a run that drafted on some steps, against 115 ms in one that never drafted)
+            # grow with the drafts too (greedy sampling reads every fed token's logits)
             after = clock.ms["verify"] + clock.ms["sample"] + clock.ms["cache"]
             self.budget.observe_verify(self.budget.fed_tokens(num_nodes), after)
             # a first drafting also takes in the prompts, and a row the budget skipped catches
@@ -204,7 +221,7 @@ class EmbeddedEngine:
             if not first_step and not self._caught_up:
                 self.budget.observe_draft(int(drafted), clock.ms["draft"])
         clock.add_to(stats.timing_ms)
-        return still
+        return active
 
     def _commit(self, rows: list[Row], cache: SlotCache, proposal: DraftProposal, result,
                 feats, stats: SpecStats) -> tuple[list[int], list[int]]:
@@ -228,13 +245,10 @@ class EmbeddedEngine:
         cache.commit(keep)
         return num_nodes, accepted
 
-    def _drop_finished(self, before: list[Row], after: list[Row], cache: SlotCache) -> None:
-        if len(after) == len(before):
-            return
-        keep_ids = {r.row_id for r in after}
-        cache.select_rows([i for i, r in enumerate(before) if r.row_id in keep_ids])
-        if self.drafter:
-            gone = [r.row_id for r in before if r.row_id not in keep_ids]
+    def _forget(self, rows: list[Row]) -> None:
+        """Finished rows leave the drafter's and the budget's books."""
+        if self.drafter and rows:
+            gone = [r.row_id for r in rows]
             self.drafter.release(gone)
             if self.budget:
                 self.budget.forget(gone)

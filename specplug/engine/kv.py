@@ -238,6 +238,29 @@ class SlotCache:
         self.length = torch.cat([self.length, other.length])
         self._block = 0
 
+    def replace_rows(self, rows: list[int], other: "SlotCache", other_rows: list[int]) -> None:
+        """Overwrite rows `rows` with other's rows `other_rows` (same order), in place: the cost
+        is those rows' entries, where dropping rows and appending others copied every row.  A
+        wider `other` first widens this cache with invalid slots."""
+        if not rows:
+            return
+        if other.width > self.width:
+            extra = other.width - self.width
+            kv = [(layer.keys.new_zeros(layer.keys.shape[:2] + (extra,) + layer.keys.shape[3:]),)
+                  * 2 for layer in self._layers()]
+            self.append(self.pos.new_zeros(self.batch, extra), kv,
+                        self.valid.new_zeros(self.batch, extra))
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        src = torch.tensor(other_rows, dtype=torch.long, device=self.device)
+        width = other.width
+        for mine, theirs in zip(self._layers(), other._layers()):
+            # the old rows' slots past `width` stay as they were: written once, masked from now
+            mine.keys[idx, :, :width] = theirs.keys[src]
+            mine.values[idx, :, :width] = theirs.values[src]
+        self.valid[idx] = _pad_slots(other.valid[src], self.width, 1)
+        self.pos[idx] = _pad_slots(other.pos[src], self.width, 1)
+        self.length[idx] = other.length[src]
+
     def split_off(self, rows: list[int]) -> "SlotCache":
         """Move `rows` out, in that order, into a cache of their own; this one keeps the rest
         (a drafter parks the rows the speculation budget skips: see RowSlots)."""

@@ -63,13 +63,19 @@ def test_slot_cache_matches_reference(seed):
             n = rng.randint(1, 2)
             cache.add_rows(n)
             ref += [{} for _ in range(n)]
-        else:  # rows prefilled on their own join (continuous batching)
+        else:  # rows prefilled on their own join, or take finished rows' places
             other = SlotCache(rng.randint(1, 2), "cpu")
             other_ref = [{} for _ in range(other.batch)]
             for _ in range(rng.randint(1, 3)):
                 _block(other, other_ref, rng, drafted=False)
-            cache.absorb(other)
-            ref += other_ref
+            if rng.random() < 0.5 or not cache.batch:
+                cache.absorb(other)
+                ref += other_ref
+            else:
+                places = rng.sample(range(cache.batch), min(other.batch, cache.batch))
+                cache.replace_rows(places, other, list(range(len(places))))
+                for place, r in zip(places, other_ref):
+                    ref[place] = r
         assert cache.batch == len(ref)
         assert cache.length.tolist() == [len(r) for r in ref]
         for r in range(cache.batch):
