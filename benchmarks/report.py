@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> block name; each sits between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`
 DOC_BLOCKS = {os.path.join(REPO, "README.md"): ("headline",),
               os.path.join(REPO, "integrations", "vllm", "README.md"): ("vllm-compare",),
-              DEFAULT_README: ("batch-sweep", "compile-target", "vllm-compare")}
+              DEFAULT_README: ("batch-sweep", "compile-target", "vllm-compare", "step-times")}
 
 
 class ReportError(ValueError):
@@ -231,6 +231,45 @@ def _vllm_mode(run: dict, pair: str) -> str:
     return "eager (asked)" if eager else "compile (asked)"
 
 
+def _steps(run: dict, arm: dict) -> int | None:
+    """Target forwards an arm ran: counted by the engine, or at batch 1 one per accept length."""
+    s = arm["summary"]
+    if s.get("num_steps"):
+        return s["num_steps"]
+    if run["config"].get("batch_size") == 1 and arm["engine"] == "embedded":
+        return sum(s.get("accept_length_histogram", {}).values()) or None
+    return None
+
+
+def step_time_table(runs: list[dict]) -> str:
+    """Per decoding step, where each embedded arm's time went (ms), and its drafting against a
+    plain decoding step of the same run (the plain arm's forward, sampling and committing)."""
+    phases = ("draft", "verify", "sample", "cache")
+    lines = ["| run | arm | batch | steps | " + " | ".join(f"{p} ms/step" for p in phases)
+             + " | draft ÷ plain step |", "|" + "---|" * (5 + len(phases))]
+    for run in runs:
+        if run["config"].get("repeats", 1) < 3:  # the runs measured as the README asks
+            continue
+        base = next((a for a in run["arms"] if a["role"] == "baseline"
+                     and a["engine"] == "embedded"), None)
+        base_steps = _steps(run, base) if base else None
+        if not base_steps:
+            continue
+        t = base["summary"]["timing_ms"]
+        plain_step = sum(t.get(p, 0.0) for p in phases[1:]) / base_steps
+        for arm in run["arms"]:
+            steps = _steps(run, arm)
+            if arm["engine"] != "embedded" or not steps:
+                continue
+            t = arm["summary"]["timing_ms"]
+            lines.append("| " + " | ".join(
+                [run["name"], arm["label"], str(run["config"]["batch_size"]), str(steps)]
+                + [_fmt(t.get(p, 0.0) / steps, ".1f") for p in phases]
+                + [_fmt(t.get("draft", 0.0) / steps / plain_step, ".3f") if arm is not base
+                   else "–"]) + " |")
+    return "\n".join(lines)
+
+
 def compile_target_table(directory: str) -> str:
     """benchmarks/README.md: the embedded engine with the target's forward through
     torch.compile against eager, from benchmarks/compile_target.py's JSON files."""
@@ -265,7 +304,8 @@ def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = Tr
     render = {"headline": lambda: headline_table(runs),
               "vllm-compare": lambda: vllm_compare_table(directory),
               "compile-target": lambda: compile_target_table(directory),
-              "batch-sweep": lambda: sweep_table(runs)}
+              "batch-sweep": lambda: sweep_table(runs),
+              "step-times": lambda: step_time_table(runs)}
     for doc, names in (docs or {}).items():
         for name in names:
             begin, end = markers(name)

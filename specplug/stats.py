@@ -33,6 +33,9 @@ class SpecStats:
     # but unknown, and readers must not take them as measured
     counts_unavailable: str | None = None
     budgets: list[int] = field(default_factory=list)  # draft tokens budgeted per step (budget on)
+    # target forwards over the batch (one per decoding step), where the engine counts them (the
+    # embedded engine): what per-step times divide by at any batch size
+    num_steps: int = 0
 
     def timer(self, key: str):
         return elapsed_ms(self.timing_ms, key)
@@ -71,6 +74,7 @@ class SpecStats:
         self.num_accepted_tokens += other.num_accepted_tokens
         self.accept_lengths += other.accept_lengths
         self.budgets += other.budgets
+        self.num_steps += other.num_steps
         for k, v in other.timing_ms.items():
             self.timing_ms[k] = self.timing_ms.get(k, 0.0) + v
         self.counts_unavailable = self.counts_unavailable or other.counts_unavailable
@@ -104,6 +108,7 @@ class SpecStats:
             "num_accepted_tokens": self.num_accepted_tokens,
             "accept_length_histogram": {str(k): v for k, v in self.histogram().items()},
             "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+            **({"num_steps": self.num_steps} if self.num_steps else {}),
             **({"counts_unavailable": self.counts_unavailable} if self.counts_unavailable else {}),
             **({"budget_histogram": {str(k): v for k, v in sorted(Counter(self.budgets).items())}}
                if self.budgets else {}),

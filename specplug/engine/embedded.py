@@ -207,6 +207,7 @@ class EmbeddedEngine:
                 for row, n, kept in zip(active, num_nodes, accepted):
                     self.budget.observe_row(row.row_id, n, kept)
                 self.budget.observe_scores(predicted, sum(accepted))
+        stats.num_steps += 1
         if limits is not None:
             stats.budgets.append(sum(limits))
         if self.budget:

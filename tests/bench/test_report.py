@@ -135,3 +135,26 @@ def test_compile_target_table_reads_its_json(tmp_path):
     table = report_mod.compile_target_table(str(tmp_path))
     assert ("| compile_target_x.json | none | 10 | 20.00 | 19.00 | 0.950× (0.900–1.010, 3 reps) "
             "| NO | 61 | 27 |") in table
+
+
+def test_step_time_table_divides_by_the_steps_and_the_plain_step():
+    def arm(label, role, draft, verify, steps=None, hist=None):
+        summary = {"timing_ms": {"draft": draft, "verify": verify, "sample": 10.0,
+                                 "cache": 10.0}, "accept_length_histogram": hist or {}}
+        if steps:
+            summary["num_steps"] = steps
+        return {"label": label, "role": role, "engine": "embedded", "summary": summary}
+    counted = {"name": "b4", "config": {"batch_size": 4, "repeats": 3},
+               "arms": [arm("embedded/none", "baseline", 0.0, 380.0, steps=10),
+                        arm("embedded/suffix", "spec", 40.0, 580.0, steps=8)]}
+    # before the engine counted steps: at batch 1 one per accept length
+    batch1 = {"name": "b1", "config": {"batch_size": 1, "repeats": 3},
+              "arms": [arm("embedded/none", "baseline", 0.0, 180.0, hist={"1": 10}),
+                       arm("embedded/ngram", "spec", 4.0, 180.0, hist={"1": 3, "3": 2})]}
+    one_rep = dict(counted, name="once", config={"batch_size": 4, "repeats": 1})
+    lines = report_mod.step_time_table([counted, batch1, one_rep]).splitlines()[2:]
+    assert lines == [
+        "| b4 | embedded/none | 4 | 10 | 0.0 | 38.0 | 1.0 | 1.0 | – |",
+        "| b4 | embedded/suffix | 4 | 8 | 5.0 | 72.5 | 1.2 | 1.2 | 0.125 |",  # 5 / 40 ms
+        "| b1 | embedded/none | 1 | 10 | 0.0 | 18.0 | 1.0 | 1.0 | – |",
+        "| b1 | embedded/ngram | 1 | 5 | 0.8 | 36.0 | 2.0 | 2.0 | 0.040 |"]  # 0.8 / 20 ms

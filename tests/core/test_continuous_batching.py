@@ -91,8 +91,9 @@ def test_a_finished_rows_place_goes_to_the_next_request():
     steps = []
     step = engine.step
     engine.step = lambda active, *a, **k: steps.append(len(active)) or step(active, *a, **k)
-    together, _ = engine.generate(reqs, batch_size=2)
+    together, stats = engine.generate(reqs, batch_size=2)
     assert [o.output_token_ids for o in together] == [o.output_token_ids for o in alone]
+    assert stats.num_steps == len(steps)  # one per target forward over the batch
     # static: batches (2, 12), (12, 3), (12) take 11 + 11 + 11 steps after their prefills
     assert len(steps) < 33 and max(steps) == 2, steps
     assert steps.count(2) > len(steps) // 2  # the batch stayed full while requests waited

@@ -14,6 +14,7 @@ def _stats(seed: int) -> SpecStats:
     s.record_step(0, 0)
     s.timing_ms["verify"] = 10.0 + seed
     s.budgets = [4, 0, seed]
+    s.num_steps = 3 + seed
     return s
 
 
@@ -36,6 +37,7 @@ def test_merge_adds_counts_and_concatenates_steps():
     assert total.num_draft_tokens == 16 and total.num_accepted_tokens == 4 and total.num_drafts == 4
     assert total.accept_lengths == a.accept_lengths + b.accept_lengths
     assert total.budgets == a.budgets + b.budgets
+    assert total.num_steps == a.num_steps + b.num_steps == 8
     assert total.timing_ms["verify"] == pytest.approx(22.0)
     assert total.tokens_per_second == pytest.approx(
         (a.total_new_tokens + b.total_new_tokens) / (a.wall_time_s + b.wall_time_s))
