@@ -39,7 +39,7 @@ def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                       scaling=scaling, **kwargs)
     batch, heads, q, head_dim = query.shape
     groups = heads // key.shape[1]  # query heads per key/value head
-    if q == 1 or attention_mask.shape[1] != 1:
+    if q == 1 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != q:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              scale=scaling, enable_gqa=True)
     else:

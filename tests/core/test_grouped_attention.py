@@ -20,12 +20,13 @@ class _Module:  # what transformers' sdpa reads off the attention module
 
 @pytest.mark.parametrize("q", [1, 4])
 @pytest.mark.parametrize("bool_mask", [False, True])
-def test_grouped_sdpa_equals_transformers_sdpa(q, bool_mask):
+@pytest.mark.parametrize("mask_rows", ["per_query", "shared"])  # [b, 1, q, kv] or [b, 1, 1, kv]
+def test_grouped_sdpa_equals_transformers_sdpa(q, bool_mask, mask_rows):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     g = torch.Generator().manual_seed(q)
     query = torch.randn(2, 6, q, 8, generator=g, dtype=torch.float64)
     key, value = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    allowed = torch.rand(2, 1, q, 9, generator=g) < 0.7
+    allowed = torch.rand(2, 1, q if mask_rows == "per_query" else 1, 9, generator=g) < 0.7
     allowed[..., 0] = True  # every query sees something
     mask = allowed if bool_mask else torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(
         ~allowed, torch.finfo(torch.float64).min)
