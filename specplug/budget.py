@@ -390,10 +390,15 @@ class StepBudget:
         """Rows that left the engine: their acceptance history goes with them."""
         self.budget.forget(row_ids)
 
-    def end(self, row_ids: list, drafted: list[int], predicted: float = 0.0) -> None:
-        """drafted: tokens handed out per row; predicted: their scores summed (scored drafts)."""
+    def end(self, row_ids: list, drafted: list[int], predicted: float = 0.0,
+            caught_up: bool = False) -> None:
+        """drafted: tokens handed out per row; predicted: their scores summed (scored drafts).
+        caught_up: this drafting also fed rows their prompts or the steps the budget skipped
+        for them, which is not the cost of its draft tokens (the embedded engine leaves such
+        steps out of the drafting time too)."""
         now = self.clock()
-        self.budget.observe_draft(sum(drafted), (now - self._start) * 1e3)
+        if not caught_up:
+            self.budget.observe_draft(sum(drafted), (now - self._start) * 1e3)
         self._drafted = dict(zip(row_ids, drafted))
         self._fed = self.budget.fed_tokens(drafted)
         self._predicted = predicted

@@ -159,11 +159,14 @@ class SpecplugProposer:
         # (its one token is kept as it is)
         cut = scored and not self.steps.budget.probing
         chosen = [j for j, k in enumerate(limits) if k > 0]
-        predicted = 0.0
+        predicted, caught_up = 0.0, False
         if chosen:
-            proposal = drafter.propose(self._draft_input(
-                [active[j] for j in chosen], [row_ids[j] for j in chosen],
-                [contexts[j] for j in chosen], max(limits[j] for j in chosen)))
+            inp = self._draft_input([active[j] for j in chosen], [row_ids[j] for j in chosen],
+                                    [contexts[j] for j in chosen], max(limits[j] for j in chosen))
+            # more than this step committed: a prompt, or steps the budget skipped for the row
+            caught_up = any(n > len(sampled_token_ids[active[j]])
+                            for n, j in zip(inp.num_new_committed, chosen))
+            proposal = drafter.propose(inp)
             chains = proposal_to_lists(proposal)
             if scored:  # scores of a chain fall along it, so the best k are its first k
                 kept, predicted = self.steps.budget.cut_scored(
@@ -175,7 +178,7 @@ class SpecplugProposer:
                 room = self.max_model_len - int(num_tokens_no_spec[i])
                 drafts[i] = chain[:min(limits[j], room)]
         if self.steps:
-            self.steps.end(row_ids, [len(drafts[i]) for i in active], predicted)
+            self.steps.end(row_ids, [len(drafts[i]) for i in active], predicted, caught_up)
         return drafts
 
     def _draft_input(self, rows: list[int], row_ids: list[int], contexts: list[np.ndarray],

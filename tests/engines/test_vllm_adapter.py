@@ -285,3 +285,22 @@ def test_a_planned_scored_draft_is_cut_unless_it_is_a_probe(probing):
         assert not seen and got == [w[:2] for w in want]
     else:
         assert [len(s) for s in seen[0]] == [2, 2] and got == [want[0][:1], []]
+
+
+def test_the_proposer_leaves_prompt_feeding_out_of_the_drafting_time():
+    """A first call feeds the drafter whole prompts: that time is not the cost of its draft
+    tokens, so the budget's drafting time per token is measured from the next call on."""
+    prop, _ = _suffix_proposers()
+    clock = [0.0]
+    prop.steps.clock = lambda: clock[0]
+    seen = []
+    observe = prop.steps.budget.observe_draft
+    prop.steps.budget.observe_draft = lambda tokens, ms: seen.append(tokens) or observe(tokens, ms)
+    rows = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5, 6]]
+    ids, lens = token_matrix(rows, 64)
+    first = prop.propose([[r[-1]] for r in rows], lens, ids)
+    assert seen == []  # prompts fed: not timed
+    rows = [r + [7] for r in rows]  # each row committed one token
+    ids, lens = token_matrix(rows, 64)
+    prop.propose([[7], [7]], lens, ids)
+    assert len(seen) == 1, (first, seen)
