@@ -33,6 +33,10 @@ class RowIds:
             self._next += 1
         return self._ids[rid]
 
+    def unseen(self, rid: str, num_committed: int) -> int:
+        """What new_since_last_call would say now, without marking a call."""
+        return num_committed - self._drafted_upto.get(rid, 0)
+
     def new_since_last_call(self, rid: str, num_committed: int) -> int:
         """Tokens request `rid` committed since its last draft call (all, on its first)."""
         before, self._drafted_upto[rid] = self._drafted_upto.get(rid, 0), num_committed

@@ -237,15 +237,19 @@ class SpecplugWorker(BaseSpecWorker):
         self._committed = {r.rid: n for r, n in zip(reqs, lengths)}
         scored = self.drafter.scores_nodes
         limits = self.steps.begin(row_ids, committed, scored=scored)
-        width, proposal, predicted = max(limits), None, 0.0
+        width, proposal, predicted, caught_up = max(limits), None, 0.0, False
         if width:
+            # more to feed than this step committed: a prompt, or steps without drafts; that
+            # drafting time is not the cost of its draft tokens
+            caught_up = any(self.rows.unseen(r.rid, n) > c
+                            for r, n, c in zip(reqs, lengths, committed))
             proposal = self._propose(batch, roots, width)
             if scored and proposal.scores is not None and not self.steps.budget.probing:
                 # the budget keeps each row's best nodes of what was drafted (a chain's first k)
                 kept, predicted = self.steps.budget.cut_scored(proposal.scores,
                                                                proposal.tokens != PAD)
                 width = max(kept)
-        self.steps.end(row_ids, [width] * len(reqs), predicted)
+        self.steps.end(row_ids, [width] * len(reqs), predicted, caught_up)
         return proposal, width
 
     def _root_only_verify_input(self, batch, root: EagleDraftInput) -> EagleVerifyInput:

@@ -31,6 +31,7 @@ def test_draft_input_rows_and_stable_ids():
     assert [t.tolist() for t in inp.token_ids] == [[5, 6, 7], [9, 4, 2]]
     assert inp.row_ids == [0, 1] and inp.num_draft_tokens == 3
     assert inp.num_new_committed == [3, 3]  # first calls: the whole context
+    assert rows.unseen("b", 5) == 2 and rows.unseen("new", 4) == 4  # a peek marks no call
     again = draft_input([req("b", [9], [4, 2, 8, 1])], rows, 3, torch.tensor([1]))
     assert again.row_ids == [1] and again.num_new_committed == [2]
     assert rows.pop("a") == 0 and rows.pop("a") is None
