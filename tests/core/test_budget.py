@@ -61,7 +61,7 @@ def test_plan_maximises_tokens_per_ms_like_brute_force(a, b, d, alphas):
 
 def test_unmeasured_engine_explores_and_rows_without_history_take_the_average():
     plan = SpeculationBudget(3)
-    assert plan.plan([1, 2]) == [3, 3]
+    assert plan.plan([1, 2]) == [1, 1]  # the cheapest drafted step: one token a row
     plan.observe_row(1, drafted=3, accepted=3)
     plan.observe_row(1, drafted=3, accepted=0)
     engine = (3 * 0.98 + 0) / (3 * 0.98 + 1)  # every row's history, slowly forgotten
@@ -126,7 +126,7 @@ def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, whic
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
     if which == "draft":
-        assert stats.budgets[0] == 16  # nothing measured: explore
+        assert stats.budgets[0] == 4  # nothing measured: one token a row explores
     later = stats.budgets[4:]  # after a few measured steps: nothing but the odd probing token
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
 
@@ -172,6 +172,20 @@ def _run_steps(steps, clock, rows, verify_ms, draft_ms_per_token, accept, n_step
         clock.now += verify_ms(len(rows) + sum(limits)) / 1e3
         committed = [1 + accept(k) for k in limits]
     return limits
+
+
+def test_a_fresh_budget_explores_with_one_token_a_row_then_a_plain_step():
+    """At batch 32 a full-width first step feeds six times a plain step's tokens: a fresh
+    budget drafts one token a row, and the next step (still one token count seen) none, so the
+    cost line is known after two cheap steps."""
+    plan = SpeculationBudget(5, verify_pads_rows=True, prior_acceptance=0.9)
+    rows = list(range(32))
+    assert plan.plan(rows) == [1] * 32
+    plan.observe_verify(64, 300.0)
+    plan.observe_draft(32, 3.0)
+    assert plan.plan(rows) == [0] * 32  # the other end of the line
+    plan.observe_verify(32, 200.0)
+    assert plan.verify.has_spread
 
 
 def test_step_budget_times_the_gap_between_calls_as_verify():
