@@ -216,8 +216,8 @@ class SpeculationBudget:
         if cut:
             counts = self.cut(rows, calibrate)
         else:
-            counts = [len(row) if caps is None else min(len(row), cap)
-                      for row, cap in zip(rows, caps or rows)]
+            caps = caps if caps is not None else [len(row) for row in rows]
+            counts = [min(len(row), cap) for row, cap in zip(rows, caps)]
         return counts, sum(sum(row[:k]) for row, k in zip(rows, counts))
 
     def cut(self, scores: list[list[float]], calibrate: bool = True) -> list[int]:
