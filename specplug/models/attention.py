@@ -60,5 +60,5 @@ def use_grouped_attention(model) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     AttentionInterface.register(NAME, grouped_sdpa)
     # the masks transformers builds for this name are the ones it builds for sdpa
-    AttentionMaskInterface.register(NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(NAME, AttentionMaskInterface()["sdpa"])
     model.set_attn_implementation(NAME)
