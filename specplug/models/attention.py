@@ -61,4 +61,9 @@ def use_grouped_attention(model) -> None:
     AttentionInterface.register(NAME, grouped_sdpa)
     # the masks transformers builds for this name are the ones it builds for sdpa
     AttentionMaskInterface.register(NAME, AttentionMaskInterface()["sdpa"])
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError) as e:  # a model class that takes no custom attention
+        import logging
+        logging.getLogger("specplug").info("keeping sdpa attention for %s: %s",
+                                           type(model).__name__, e)
