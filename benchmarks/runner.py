@@ -264,7 +264,8 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
             entry["speedup_vs_hf_equivalent"] = hf_spread["median"] if hf_spread else None
             entry["speedup_vs_hf_equivalent_spread"] = hf_spread
         main = baselines.get(cfg.engine)
-        if st.arm.role == "baseline" and main is not None and st is not main:
+        if (st.arm.role == "baseline" and main is not None and st is not main
+                and st.arm.engine in cfg.also_engines):
             # one engine's plain decoding against another's, on the same prompts, interleaved
             entry["reference"] = main.arm.label
             entry["speedup_vs_reference_spread"] = _speedups(st, main)
