@@ -97,7 +97,7 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
     arms = [Arm("embedded/none", "embedded", "none", "baseline", runner(base),
                 {"batch_size": t.batch_size})]
     specs = ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
-    modes = {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
+    modes = _budget_modes(t)
     for label, dspec in specs:
         for with_budget in modes:
             # each arm its own drafter: drafters keep per-row state
@@ -308,7 +308,7 @@ def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
     """Each drafter arm with the budget (label /budget, option budget=1: it runs inside the
     plugin, integrations/vllm/proposer.py), without it, or both, as --budget says.  An arm
     running vLLM's own method (option native=1) has no budget: it never reaches the plugin."""
-    modes = {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
+    modes = _budget_modes(t)
     out = []
     for label, drafter in _drafter_arms(t):
         for on in ((False,) if _is_set(drafter.options.get("native", False)) else modes):
@@ -316,6 +316,11 @@ def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
             out.append((label + ("/budget" if on else ""),
                         DrafterSpec(drafter.method, drafter.path, options)))
     return out
+
+
+def _budget_modes(t: BenchTarget) -> tuple[bool, ...]:
+    """Each drafter arm runs without the budget, with it, or both (--budget off | on | both)."""
+    return {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
 
 
 def _is_set(value) -> bool:
