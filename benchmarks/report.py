@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> block name; each sits between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`
 DOC_BLOCKS = {os.path.join(REPO, "README.md"): ("headline",),
               os.path.join(REPO, "integrations", "vllm", "README.md"): ("vllm-compare",),
-              DEFAULT_README: ("batch-sweep", "compile-target", "vllm-compare", "step-times")}
+              DEFAULT_README: ("batch-sweep", "compile-target", "vllm-compare", "step-times",
+                                 "per-turn")}
 
 
 class ReportError(ValueError):
@@ -270,6 +271,22 @@ def step_time_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def turn_table(runs: list[dict]) -> str:
+    """Runs over two turns: each arm on each turn's requests alone (turn 2's prompts hold the
+    answer to turn 1)."""
+    lines = ["| run | arm | turn | requests | tok/s | τ | speedup vs plain (median, min–max) |",
+             "|" + "---|" * 7]
+    for run in runs:
+        for arm in run["arms"]:
+            for turn, t in sorted(arm.get("per_turn", {}).items()):
+                lines.append("| " + " | ".join([
+                    run["name"], arm["label"], turn, str(t["num_requests"]),
+                    _fmt(t["tokens_per_second"], ".1f"), _fmt(t["mean_accept_length"], ".2f"),
+                    spread_text(t["speedup"], t["speedup_spread"]) if t["speedup"] else "–"])
+                    + " |")
+    return "\n".join(lines) if len(lines) > 2 else "(no two-turn run in the results yet)"
+
+
 def compile_target_table(directory: str) -> str:
     """benchmarks/README.md: the embedded engine with the target's forward through
     torch.compile against eager, from benchmarks/compile_target.py's JSON files."""
@@ -305,7 +322,8 @@ def report(directory: str, readme: str | None = DEFAULT_README, plots: bool = Tr
               "vllm-compare": lambda: vllm_compare_table(directory),
               "compile-target": lambda: compile_target_table(directory),
               "batch-sweep": lambda: sweep_table(runs),
-              "step-times": lambda: step_time_table(runs)}
+              "step-times": lambda: step_time_table(runs),
+              "per-turn": lambda: turn_table(runs)}
     for doc, names in (docs or {}).items():
         for name in names:
             begin, end = markers(name)

@@ -71,6 +71,8 @@ class _ArmState:
     arm: Arm
     stats: SpecStats = field(default_factory=SpecStats)  # every repetition pooled
     rep_stats: list[SpecStats] = field(default_factory=list)  # one per repetition
+    # turn -> one SpecStats per repetition (a 2-turn run reports each turn on its own too)
+    turn_stats: dict[int, list[SpecStats]] = field(default_factory=dict)
     requests: list[dict] = field(default_factory=list)  # JSON records of the first repetition
     outputs: list = field(default_factory=list)  # RequestOutput, same order
 
@@ -161,7 +163,11 @@ def _run_all(cfg: BenchConfig, states: list[_ArmState], fresh_arms, items: list[
             reqs = turn_reqs[turn]
             if turn == 0 and reqs:
                 _warm_up(states, reqs[:block], tokenizer)
-            main_outs = _run_turn(states, rep_stats, reqs, turn, block, keep=rep == 0, bar=bar)
+            turn_stats = [SpecStats() for _ in states]
+            main_outs = _run_turn(states, turn_stats, reqs, turn, block, keep=rep == 0, bar=bar)
+            for st, one, whole in zip(states, turn_stats, rep_stats):
+                st.turn_stats.setdefault(turn + 1, []).append(one)
+                whole.merge(one)
             if rep == 0:
                 for (item, _), out in zip(reqs, main_outs):
                     answers[item.id].append(out.output_text)
@@ -255,6 +261,8 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
                  "tau_per_category": metrics.tau_per_category(st.requests),
                  "speedup": spread["median"] if spread else None, "speedup_spread": spread,
                  "requests": st.requests}
+        if cfg.turns > 1:
+            entry["per_turn"] = _per_turn(st, base)
         if st.arm.environment():
             entry["engine_environment"] = st.arm.environment()
         hf = by_label.get(HF_EQUIVALENT.get(st.arm.method, ""))
@@ -304,11 +312,36 @@ def _same_outputs(a: _ArmState, b: _ArmState) -> int:
 
 def _speedups(st: _ArmState, base: _ArmState | None) -> dict | None:
     """min/median/max over repetitions of tokens/s(arm) / tokens/s(base) in the same repetition."""
-    if base is None:
-        return None
+    return None if base is None else _ratio_spread(st.rep_stats, base.rep_stats)
+
+
+def _ratio_spread(mine: list[SpecStats], theirs: list[SpecStats]) -> dict | None:
     per_rep = [a.tokens_per_second / b.tokens_per_second
-               for a, b in zip(st.rep_stats, base.rep_stats) if b.tokens_per_second]
+               for a, b in zip(mine, theirs) if b.tokens_per_second]
     return metrics.spread(per_rep) if per_rep else None
+
+
+def _per_turn(st: _ArmState, base: _ArmState | None) -> dict:
+    """Turn ("1", "2") -> the arm's tokens/s, tau and speedup over the baseline on that turn's
+    requests alone.  Turn 2's prompts hold the answer to turn 1, which a lookup drafter can
+    draw on: pooled with turn 1, that would not show."""
+    out = {}
+    for turn, reps in sorted(st.turn_stats.items()):
+        pooled = SpecStats()
+        for one in reps:
+            pooled.merge(one)
+        theirs = base.turn_stats.get(turn, []) if base is not None else []
+        spread = _ratio_spread(reps, theirs) if base is not None and base is not st else None
+        out[str(turn)] = {"num_requests": pooled.num_prompts // max(len(reps), 1),
+                          "total_new_tokens": pooled.total_new_tokens,
+                          "wall_time_s": round(pooled.wall_time_s, 4),
+                          "tokens_per_second": round(pooled.tokens_per_second, 3),
+                          "tokens_per_second_per_rep": [round(r.tokens_per_second, 3)
+                                                        for r in reps],
+                          "mean_accept_length": round(pooled.mean_accept_length, 4),
+                          "speedup": spread["median"] if spread else None,
+                          "speedup_spread": spread}
+    return out
 
 
 def write_json(result: dict, out_dir: str) -> str:

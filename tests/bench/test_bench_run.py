@@ -98,6 +98,29 @@ def test_turn_two_prompt_holds_the_baselines_turn_one_answer(draft_run):
         assert answer and (f"Assistant: {answer}\nUser:" in r["prompt"])
 
 
+def test_each_turn_is_reported_on_its_own(draft_run):
+    _, out, _ = draft_run
+    run = json.loads((out / "tiny_draft.json").read_text())
+    base, spec = run["arms"][0], run["arms"][1]
+    for arm in run["arms"]:
+        turns = arm["per_turn"]
+        assert sorted(turns) == ["1", "2"]
+        # 3 prompts have a first turn, 2 a second; both repetitions pooled
+        assert [turns[t]["num_requests"] for t in ("1", "2")] == [3, 2]
+        assert sum(turns[t]["total_new_tokens"] for t in turns) == \
+            arm["summary"]["total_new_tokens"]
+        assert sum(turns[t]["wall_time_s"] for t in turns) == pytest.approx(
+            arm["summary"]["wall_time_s"], rel=1e-3)
+        assert all(len(turns[t]["tokens_per_second_per_rep"]) == 2 for t in turns)
+    for t in ("1", "2"):
+        mine, plain = spec["per_turn"][t], base["per_turn"][t]
+        assert mine["speedup_spread"]["per_rep"] == pytest.approx(
+            [a / b for a, b in zip(mine["tokens_per_second_per_rep"],
+                                   plain["tokens_per_second_per_rep"])], rel=1e-3)
+        assert plain["speedup"] is None  # the baseline is not divided by itself
+    assert all(1.0 <= spec["per_turn"][t]["mean_accept_length"] <= 4.0 for t in ("1", "2"))
+
+
 def test_plots_are_written(draft_run):
     _, out, _ = draft_run
     names = sorted(os.listdir(out / "plots"))

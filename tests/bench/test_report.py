@@ -158,3 +158,17 @@ def test_step_time_table_divides_by_the_steps_and_the_plain_step():
         "| b4 | embedded/suffix | 4 | 8 | 5.0 | 72.5 | 1.2 | 1.2 | 0.125 |",  # 5 / 40 ms
         "| b1 | embedded/none | 1 | 10 | 0.0 | 18.0 | 1.0 | 1.0 | – |",
         "| b1 | embedded/ngram | 1 | 5 | 0.8 | 36.0 | 2.0 | 2.0 | 0.040 |"]  # 0.8 / 20 ms
+
+
+def test_turn_table_lists_each_turn_of_two_turn_runs():
+    spread = {"min": 1.1, "median": 1.2, "max": 1.3, "per_rep": [1.1, 1.2, 1.3]}
+    turns = {"1": {"num_requests": 3, "tokens_per_second": 20.04, "mean_accept_length": 1.5,
+                   "speedup": 1.2, "speedup_spread": spread},
+             "2": {"num_requests": 2, "tokens_per_second": 25.0, "mean_accept_length": 2.0,
+                   "speedup": None, "speedup_spread": None}}
+    two = {"name": "t2", "arms": [{"label": "embedded/ngram", "per_turn": turns}]}
+    one = {"name": "t1", "arms": [{"label": "embedded/ngram"}]}
+    lines = report_mod.turn_table([two, one]).splitlines()[2:]
+    assert lines == [
+        "| t2 | embedded/ngram | 1 | 3 | 20.0 | 1.50 | 1.200× (1.100–1.300, 3 reps) |",
+        "| t2 | embedded/ngram | 2 | 2 | 25.0 | 2.00 | – |"]
