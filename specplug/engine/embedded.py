@@ -194,8 +194,8 @@ class EmbeddedEngine:
                 proposal, limits, predicted = self._cut_by_scores(
                     proposal, not self.budget.probing)
             elif recut and self._recut(limits):
-                alphas = [self.budget.acceptance(r.row_id) for r in active]
-                proposal.scores = acceptance_scores(proposal, alphas)
+                proposal.scores = acceptance_scores(
+                    proposal, [self.budget.gains(r.row_id) for r in active])
                 proposal, limits, _ = self._cut_by_scores(proposal, calibrate=False)
         with clock("verify"):
             logits, feats = self._verify_forward(active, cache, proposal)
@@ -204,8 +204,11 @@ class EmbeddedEngine:
         with clock("cache"):
             num_nodes, accepted = self._commit(active, cache, proposal, result, feats, stats)
             if self.budget:  # before finished rows are retired (and forgotten by the budget)
-                for row, n, kept in zip(active, num_nodes, accepted):
-                    self.budget.observe_row(row.row_id, n, kept)
+                # each row's longest path: a tree's tokens past it were never tried
+                deepest = (proposal.depths().amax(1).tolist() if proposal.tokens.shape[1]
+                           else [0] * len(active))
+                for row, n, kept, d in zip(active, num_nodes, accepted, deepest):
+                    self.budget.observe_row(row.row_id, n, kept, d)
                 self.budget.observe_scores(predicted, sum(accepted))
         stats.num_steps += 1
         if limits is not None:
@@ -369,16 +372,21 @@ class _PhaseClock:
         timing_ms["other"] += total - sum(self.ms.values())
 
 
-def acceptance_scores(proposal: DraftProposal, alphas: list[float]) -> torch.Tensor:
+def acceptance_scores(proposal: DraftProposal, gains: list[list[float]]) -> torch.Tensor:
     """[batch, nodes] the chance each node is accepted, for a drafter that gives none: its row's
-    per-token acceptance alphas[r] to the power of its depth, split evenly among the nodes at
-    that depth (at most one of them can be accepted), and never above its parent's (the order
-    keep_best relies on); 0 on PAD."""
+    chance gains[r][d - 1] that a d-deep draft token is accepted (SpeculationBudget.gains),
+    split evenly among the nodes at that depth (at most one of them can be accepted), and never
+    above its parent's (the order keep_best relies on); 0 on PAD."""
     depth = proposal.depths()  # [batch, nodes], 0 on PAD
     real = proposal.tokens != PAD
     same = (depth[:, :, None] == depth[:, None, :]) & real[:, None, :]  # [batch, nodes, nodes]
-    alpha = torch.tensor(alphas, dtype=torch.float32, device=proposal.tokens.device)
-    scores = alpha[:, None] ** depth / same.sum(2).clamp(min=1)
+    device = proposal.tokens.device
+    deepest = max(len(g) for g in gains) if gains else 0
+    # [batch, 1 + deepest]: column d holds a d-deep node's chance (column 0 for PAD)
+    table = torch.tensor([[0.0] + g + [0.0] * (deepest - len(g)) for g in gains],
+                         dtype=torch.float32, device=device)
+    at_depth = table.gather(1, depth.clamp(max=deepest))
+    scores = at_depth / same.sum(2).clamp(min=1)
     for j in range(scores.shape[1]):  # parents precede children
         par = proposal.parents[:, j]
         above = scores.gather(1, par.clamp(min=0)[:, None])[:, 0]

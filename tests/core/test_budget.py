@@ -38,8 +38,8 @@ def budget_with(a, b, d, alphas, max_tokens=4):
     return plan
 
 
-def rate(k, alphas, a, b, d):
-    gain = sum(1 + sum(al ** i for i in range(1, n + 1)) for n, al in zip(k, alphas))
+def rate(k, gains, a, b, d):
+    gain = sum(1 + sum(g[:n]) for n, g in zip(k, gains))
     return gain / (a + b * sum(1 + n for n in k) + d * sum(k))
 
 
@@ -48,11 +48,12 @@ def rate(k, alphas, a, b, d):
     (20.0, 1.0, 0.0, [0.8, 0.5, 0.05]), (2.0, 3.0, 1.0, [0.95, 0.95]), (30.0, 0.2, 4.0, [0.7])])
 def test_plan_maximises_tokens_per_ms_like_brute_force(a, b, d, alphas):
     plan = budget_with(a, b, d, dict(enumerate(alphas)))
+    gains = [plan.gains(r) for r in range(len(alphas))]
     got = plan.plan(list(range(len(alphas))))
     if len(alphas) <= 3:
         best = max(itertools.product(range(5), repeat=len(alphas)),
-                   key=lambda k: rate(k, alphas, a, b, d))
-        assert rate(got, alphas, a, b, d) == pytest.approx(rate(best, alphas, a, b, d))
+                   key=lambda k: rate(k, gains, a, b, d))
+        assert rate(got, gains, a, b, d) == pytest.approx(rate(best, gains, a, b, d))
     if len(alphas) == 64:  # the docstring's example: under load, plain decoding
         assert got == [0] * 64
     if alphas == [0.6] and d == 0.3:
@@ -222,9 +223,9 @@ def test_step_budget_skips_timing_a_step_that_took_in_a_new_row():
     assert steps.budget.verify.coefficients()[0] == pytest.approx(20.0)
 
 
-def padded_rate(w, alphas, a, b, d):
-    gain = sum(1 + sum(al ** i for i in range(1, w + 1)) for al in alphas)
-    return gain / (a + b * len(alphas) * (1 + w) + d * len(alphas) * w)
+def padded_rate(w, gains, a, b, d):
+    gain = sum(1 + sum(g[:w]) for g in gains)
+    return gain / (a + b * len(gains) * (1 + w) + d * len(gains) * w)
 
 
 @pytest.mark.parametrize("a,b,d,alphas", [
@@ -234,10 +235,11 @@ def test_padded_plan_picks_the_best_common_width(a, b, d, alphas):
     """An engine that pads every row to the widest pays rows x (1 + w): one width for all."""
     plan = budget_with(a, b, d, dict(enumerate(alphas)))
     plan.verify_pads_rows = True
+    gains = [plan.gains(r) for r in range(len(alphas))]
     got = plan.plan(list(range(len(alphas))))
     assert len(set(got)) == 1
-    best = max(range(5), key=lambda w: padded_rate(w, alphas, a, b, d))
-    assert padded_rate(got[0], alphas, a, b, d) == pytest.approx(padded_rate(best, alphas, a, b, d))
+    best = max(range(5), key=lambda w: padded_rate(w, gains, a, b, d))
+    assert padded_rate(got[0], gains, a, b, d) == pytest.approx(padded_rate(best, gains, a, b, d))
     if alphas == [0.3] * 10:  # SmolLM2 at batch 10 on a CPU: doubling the block does not pay
         assert got == [0] * 10
 
@@ -314,12 +316,13 @@ def test_acceptance_scores_follow_depth_split_among_siblings_and_never_pass_a_pa
 
     from specplug.types import PAD, DraftProposal
     chain = DraftProposal.chain(torch.tensor([[5, 6, 7], [8, PAD, PAD]]))
-    got = embedded.acceptance_scores(chain, [0.5, 0.9])
+    got = embedded.acceptance_scores(chain, [[0.5, 0.25, 0.125], [0.9, 0.6, 0.5]])
     assert got.flatten().tolist() == pytest.approx([0.5, 0.25, 0.125, 0.9, 0.0, 0.0])
     # a root with two children, the second with one child: depth 1 splits 0.8 in two, and the
     # grandchild's 0.64 is capped at its parent's 0.4
     tree = DraftProposal(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, -1, 1]]))
-    assert embedded.acceptance_scores(tree, [0.8])[0].tolist() == pytest.approx([0.4, 0.4, 0.4])
+    assert embedded.acceptance_scores(tree, [[0.8, 0.64]])[0].tolist() == pytest.approx(
+        [0.4, 0.4, 0.4])
 
 
 class _BlindPlan(SpeculationBudget):
@@ -471,3 +474,51 @@ def test_scored_drafters_are_planned_from_their_rows_acceptance(alpha, drafts):
         assert min(limits) > 0 and len(set(limits)) == 1, limits
     else:
         assert limits == [0] * 10
+
+
+# n-gram at batch 1 (MT-Bench 16, bf16, gamma 5; mtbench16_bf16_b1_128tok.json): how many of
+# the drafted steps accepted 0, 1, ..., 5 tokens
+NGRAM_ACCEPTED = {0: 1491, 1: 261, 2: 69, 3: 84, 4: 51, 5: 222}
+
+
+def _fed_ngram_history(plan: SpeculationBudget) -> None:
+    steps = [k for k, n in NGRAM_ACCEPTED.items() for _ in range(n)]
+    for i in range(len(steps)):  # a fixed interleaving of the outcomes
+        plan.observe_row(0, drafted=5, accepted=steps[(i * 7919) % len(steps)])
+
+
+def test_gains_follow_each_depths_acceptance():
+    """A copy that matched so far goes on matching: n-gram's j-th token was accepted after the
+    first j - 1 with chance 0.31, 0.62, 0.84, 0.77, 0.81.  The gains are their running
+    products; one rate per token (alpha ** i) put the fifth at a third of its measured chance."""
+    plan = SpeculationBudget(5, engine_decay=1.0, acceptance_decay=1.0)
+    _fed_ngram_history(plan)
+    drafted = sum(NGRAM_ACCEPTED.values())
+    measured = [sum(n for k, n in NGRAM_ACCEPTED.items() if k >= i) / drafted
+                for i in range(1, 6)]
+    assert plan.gains(0) == pytest.approx(measured, abs=0.005)
+    assert plan.gains(99) == pytest.approx(measured, abs=0.005)  # a row without history
+    alpha = plan.acceptance(0)
+    assert alpha ** 5 < measured[4] / 3
+
+
+def test_long_lookup_drafts_are_kept_where_one_rate_cut_them():
+    """Batch 1, t(N) = 38 + 1.2 N ms, drafting free: with n-gram's measured depths the whole
+    chain of 5 pays; the one-rate model (alpha ** i) would have stopped short."""
+    plan = SpeculationBudget(5, verify_pads_rows=True, engine_decay=1.0, acceptance_decay=1.0)
+    for n in (1, 101):
+        plan.verify.observe(n, 38.0 + 1.2 * n)
+    _fed_ngram_history(plan)
+    assert plan.plan([0]) == [5]
+    alpha = plan.acceptance(0)
+    assert plan._best_width([[alpha ** i for i in range(1, 6)]], 0.0) < 5
+
+
+def test_a_trees_untried_depths_are_not_counted():
+    """A tree of 6 nodes, 2 deep, both levels accepted: depths 1 and 2 were tried and accepted,
+    depth 3 did not exist (counting it as a chain of 6 would have marked it rejected)."""
+    plan = SpeculationBudget(5, engine_decay=1.0)
+    plan.observe_row(0, drafted=6, accepted=2, depth=2)
+    assert plan._depths == [[1.0, 1.0], [1.0, 1.0]]
+    plan.observe_row(0, drafted=5, accepted=1)  # a chain: token 2 tried and rejected
+    assert plan._depths == [[2.0, 2.0], [1.0, 2.0]] + [[0.0, 0.0]] * 3
