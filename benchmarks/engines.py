@@ -25,7 +25,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from specplug.drafters.base import DrafterSpec
+from specplug.drafters.base import DrafterSpec, option_is_set
 from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
@@ -284,7 +284,7 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
             options = dict(drafter.options)
             job["specplug"] = {"method": drafter.method, "path": drafter.path,
                                "num_draft_tokens": t.gamma,
-                               "budget": _is_set(options.pop("budget", False)),
+                               "budget": option_is_set(options.pop("budget", False)),
                                "options": options}
         return job
 
@@ -299,8 +299,8 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
                          _vllm_drafter_arms(t))
     for arm in arms[1:]:
         options = arm.settings["options"]
-        arm.settings["native"] = _is_set(options.get("native", False))
-        arm.settings["budget"] = _is_set(options.pop("budget", False))
+        arm.settings["native"] = option_is_set(options.get("native", False))
+        arm.settings["budget"] = option_is_set(options.pop("budget", False))
     return arms
 
 
@@ -311,7 +311,7 @@ def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
     modes = _budget_modes(t)
     out = []
     for label, drafter in _drafter_arms(t):
-        for on in ((False,) if _is_set(drafter.options.get("native", False)) else modes):
+        for on in ((False,) if option_is_set(drafter.options.get("native", False)) else modes):
             options = dict(drafter.options, budget=1) if on else dict(drafter.options)
             out.append((label + ("/budget" if on else ""),
                         DrafterSpec(drafter.method, drafter.path, options)))
@@ -321,10 +321,6 @@ def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
 def _budget_modes(t: BenchTarget) -> tuple[bool, ...]:
     """Each drafter arm runs without the budget, with it, or both (--budget off | on | both)."""
     return {"on": (True,), "off": (False,), "both": (False, True)}[t.budget]
-
-
-def _is_set(value) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
 
 
 def _sglang_arms(t: BenchTarget) -> list[Arm]:

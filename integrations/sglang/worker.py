@@ -48,7 +48,8 @@ from sglang.srt.speculative.spec_utils import get_plan_stream
 from sglang.srt.utils import is_cpu
 
 from specplug.budget import SpeculationBudget, StepBudget
-from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter, family_of
+from specplug.drafters.base import (DrafterSpec, TargetInfo, build_drafter, family_of,
+                                    option_is_set)
 from specplug.types import PAD, DraftProposal
 
 from .algorithms import (SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method,
@@ -81,8 +82,7 @@ class SpecplugWorker(BaseSpecWorker):
         draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
         options = {k: v for k, v in drafter_options().items() if k not in ("path", "budget")}
-        self.steps = self._budget(str(drafter_options().get("budget", "")).lower()
-                                  in ("1", "true", "yes"))
+        self.steps = self._budget(option_is_set(drafter_options().get("budget", "")))
         self._committed: dict[str, int] = {}  # rid -> tokens committed at the last step
         if self.topk > 1:
             options = {**tree_options(self.method, self.topk, self.speculative_num_steps,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 
-from specplug.drafters.base import family_of
+from specplug.drafters.base import family_of, option_is_set
 from specplug.engine.rows import Request, RequestOutput
 from specplug.jobfile import run_job_files
 from specplug.runners import register_runner
@@ -52,9 +52,9 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
     if method in (None, "none"):
         return None, {}
     options = dict(options or {})
-    via_plugin = _flag(options.pop("via_plugin", via_plugin))
+    via_plugin = option_is_set(options.pop("via_plugin", via_plugin))
     family = family_of(method)
-    if _flag(options.pop("native", False)):
+    if option_is_set(options.pop("native", False)):
         return _native_lookup(family, options, num_draft_tokens), {}
     # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
     # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer
@@ -85,10 +85,6 @@ def _native_lookup(family, options: dict, num_draft_tokens: int) -> dict:
                     prompt_lookup_min=int(options.pop("min_ngram", 1)))
     spec.update(options)
     return spec
-
-
-def _flag(value) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
 
 
 class VllmSession:

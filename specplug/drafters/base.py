@@ -64,6 +64,11 @@ class DrafterSpec:
     options: dict = field(default_factory=dict)  # method-specific settings (tree sizes, k, ...)
 
 
+def option_is_set(value) -> bool:
+    """An on/off option as it arrives (True, or text from a command line or a JSON block)."""
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Family:
     """The facts about one drafter family that the rest of specplug asks for, declared once in

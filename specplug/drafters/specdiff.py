@@ -39,7 +39,7 @@ from ..engine.kv import SlotCache
 from ..sampling import greedy_tokens, probs_from_logits
 from ..types import ROOT, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
-from .base import Drafter, DrafterSpec, Family, TargetInfo, register_drafter
+from .base import Drafter, DrafterSpec, Family, TargetInfo, option_is_set, register_drafter
 from .diffusion_model import DiffusionLM, load_diffusion_lm
 from .row_slots import RowSlots, common_prefix
 
@@ -262,7 +262,7 @@ def _option(options: dict, name: str, kind, default):
     if value is None:
         return None
     if kind is bool and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
+        return option_is_set(value)
     return kind(value)
 
 
