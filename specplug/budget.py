@@ -3,7 +3,9 @@
 Speculation pays only while a draft token's expected gain beats its cost.  Per engine:
   cost      a verify forward carrying N tokens (every row's last token plus its drafts) takes
             t(N) = a + b * N ms, fitted online by least squares over recent steps (exponential
-            forgetting); drafting costs d ms per draft token, averaged the same way.
+            forgetting), from start-up measurements where the engine can time its own forward
+            (the embedded engine: engine/verify_cost.py; LinearCost.seed); drafting costs d ms
+            per draft token, averaged the same way.
   gain      row r accepts its i-th draft token with probability g_r,i = f_r * c_1 * ... * c_i
             (`gains`): c_j is the engine's chance that a draft's j-th token is accepted once
             the first j - 1 were (per-depth counts, exponentially averaged), and f_r how this
@@ -80,18 +82,30 @@ class LinearCost:
     token count N seen lately, the time such steps took (`at`)."""
     decay: float = 0.9
     fresh_steps: int = 64  # a count's own time is trusted while seen within this many steps
+    seed_weight: float = 0.5  # a start-up measurement's weight in the fit, kept for good
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wt, wNN, wNt
+    _seeds: list[float] = field(default_factory=lambda: [0.0] * 5)  # the same, never forgotten
     _seen_at: dict = field(default_factory=dict)  # N -> [ms (exponential average), step seen]
     _steps: int = 0
 
     def observe(self, tokens: int, ms: float) -> None:
         s = [v * self.decay for v in self._sums]
-        for i, v in enumerate((1.0, tokens, ms, tokens * tokens, tokens * ms)):
+        for i, v in enumerate(_moments(tokens, ms)):
             s[i] += v
         self._sums = s
         self._steps += 1
         old = self._seen_at.get(tokens)
         self._seen_at[tokens] = [ms if old is None else 0.7 * old[0] + 0.3 * ms, self._steps]
+
+    def seed(self, tokens: int, ms: float) -> None:
+        """A measurement taken at start-up (the engine timing its own forward at several
+        widths).  Online steps are forgotten, and a batch that stops drafting feeds only one
+        token count, from which the per-token cost cannot be told; the seeds keep the line's
+        slope known at a small, fixed weight (`seed_weight` against about 1 / (1 - decay) for
+        the steps seen lately).  Each is also the count's own time for `fresh_steps` steps."""
+        for i, v in enumerate(_moments(tokens, ms)):
+            self._seeds[i] += self.seed_weight * v
+        self._seen_at[tokens] = [ms, self._steps]
 
     def at(self, tokens: int) -> float:
         """The time of a step feeding `tokens`: what such steps took lately, else the line.
@@ -108,18 +122,21 @@ class LinearCost:
 
     @property
     def seen(self) -> bool:
-        return self._sums[0] > 0
+        return self._totals()[0] > 0
 
     @property
     def has_spread(self) -> bool:
         """Whether the steps seen fed different token counts (else b cannot be told from a)."""
-        w, sn, _, snn, _ = self._sums
+        w, sn, _, snn, _ = self._totals()
         return w > 0 and snn / w - (sn / w) ** 2 > 1e-9 * max(1.0, (sn / w) ** 2)
+
+    def _totals(self) -> list[float]:
+        return [a + b for a, b in zip(self._sums, self._seeds)]
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b): fixed and per-token ms.  Without spread in N yet, the step's whole time is
         taken as fixed cost (drafting then looks cheap, so the engine explores)."""
-        w, sn, st, snn, snt = self._sums
+        w, sn, st, snn, snt = self._totals()
         if w == 0:
             return 0.0, 0.0
         var = snn / w - (sn / w) ** 2
@@ -128,6 +145,11 @@ class LinearCost:
         b = max(0.0, (snt / w - (sn / w) * (st / w)) / var)
         a = max(0.0, st / w - b * sn / w)
         return a, b
+
+
+def _moments(tokens: int, ms: float) -> tuple[float, ...]:
+    """One step's terms of the least-squares sums: 1, N, t, N^2, N t."""
+    return 1.0, tokens, ms, tokens * tokens, tokens * ms
 
 
 @dataclass

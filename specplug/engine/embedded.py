@@ -30,6 +30,11 @@ from ..verify import verify
 from ..sampling import next_tokens
 from .kv import SlotCache
 from .rows import Request, RequestOutput, Row
+from .verify_cost import measure_verify_costs
+
+# the start-up measurement's context: the prompts' median length, at most this (its prefill
+# is one prompt's; the widths are timed over it)
+MAX_MEASURED_CONTEXT = 512
 
 
 class PromptTooLong(ValueError):
@@ -82,6 +87,7 @@ class EmbeddedEngine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._next_row_id = 0
         self._caught_up = False  # whether the last drafting also caught rows up (see step)
+        self._costs_measured = False  # the budget's verify costs, timed at the first generate
 
     # -- public API ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -107,6 +113,8 @@ class EmbeddedEngine:
     # -- continuous batching: admit waiting requests, step, retire finished rows -------------
     def _run(self, requests: list[Request], batch_size: int, stats: SpecStats
              ) -> list[RequestOutput]:
+        if self.budget is not None and not self._costs_measured and requests:
+            self._measure_verify_costs(requests, batch_size)
         rows = [self._new_row(req) for req in requests]  # row ids follow request order
         waiting = list(reversed(rows))
         cache = SlotCache(0, self.device)
@@ -160,6 +168,19 @@ class EmbeddedEngine:
             cache.absorb(fresh)
             batch += running[seated:]
         return batch
+
+    def _measure_verify_costs(self, requests: list[Request], batch_size: int) -> None:
+        """Seed the budget's cost model with this engine's verify forward timed at every width
+        (engine/verify_cost.py), once per engine, over a context as long as these prompts."""
+        lengths = sorted(len(r.prompt_ids) for r in requests)
+        room = context_limit(self.model.config) - self.num_draft_tokens - 1
+        context = max(1, min(lengths[len(lengths) // 2], MAX_MEASURED_CONTEXT, room))
+        rows = min(max(1, batch_size), len(requests))
+        costs = measure_verify_costs(self._forward, self.device, rows, context,
+                                     self.num_draft_tokens)
+        for tokens, ms in costs.items():
+            self.budget.verify.seed(tokens, ms)
+        self._costs_measured = True
 
     def _new_row(self, req: Request) -> Row:
         gen = None

@@ -106,30 +106,57 @@ def test_greedy_identity_with_the_budget_on(tiny, which, pads):
     assert "budget_histogram" in stats.summary()
 
 
-@pytest.mark.parametrize("which", ["draft", "suffix-tree"])
-def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, which):
-    """Each verify token costs 20 ms more: drafting can no longer pay, and after the first
-    measured steps the budget stops it (bar one probing token now and then) while the output
-    stays the target's."""
-    model, reqs, plain = tiny
-    forward = EmbeddedEngine._verify_forward
+def _online_only(monkeypatch):
+    """The engine's budget learns its costs from the steps alone (no start-up measurement)."""
+    monkeypatch.setattr(embedded, "measure_verify_costs", lambda *args: {})
 
+
+@pytest.mark.parametrize("at_start", [True, False])
+@pytest.mark.parametrize("which", ["draft", "suffix-tree"])
+def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, which, at_start):
+    """A forward costs 10 ms more per row and 25 ms more per token past each row's first:
+    a draft token costs more than a plain step makes, so even a certain one cannot pay.
+    Measured at start-up, the budget drafts nothing from the first step; learnt online only,
+    it stops after the first measured steps (bar one probing token now and then).  The
+    output stays the target's."""
+    model, reqs, plain = tiny
+    forward = EmbeddedEngine._forward
     pads = which != "draft"
     budget = SpeculationBudget(4, verify_pads_rows=pads)
 
-    def slow(self, rows, cache, proposal):
-        fed = budget.fed_tokens(proposal.num_nodes.tolist())  # padded: rows x (1 + widest)
-        time.sleep((0.04 if pads else 0.02) * fed)
-        return forward(self, rows, cache, proposal)
+    def slow(self, cache, ids, *args, **kwargs):
+        rows, fed = ids.shape[0], ids.numel()  # padding included
+        time.sleep(0.01 * rows + 0.025 * (fed - rows))
+        return forward(self, cache, ids, *args, **kwargs)
 
-    monkeypatch.setattr(embedded.EmbeddedEngine, "_verify_forward", slow)
+    monkeypatch.setattr(embedded.EmbeddedEngine, "_forward", slow)
+    if not at_start:
+        _online_only(monkeypatch)
     engine = EmbeddedEngine(model, None, _drafter(which, model), 4, budget=budget)
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
+    if at_start:
+        assert sum(stats.budgets) <= len(stats.budgets) / 4, stats.budgets
+        # nothing until the first probe (after explore_every idle steps)
+        assert max(stats.budgets) <= 1 and stats.budgets[:7] == [0] * 7, stats.budgets
+        return
     if which == "draft":
         assert stats.budgets[0] == 4  # nothing measured: one token a row explores
     later = stats.budgets[4:]  # after a few measured steps: nothing but the odd probing token
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
+
+
+def test_cheap_verify_measured_at_start_drafts_from_the_first_step(tiny):
+    """The tiny target's forward costs about the same at every width: measured at start-up,
+    the budget drafts every row the whole width at once (without the measurement its first
+    steps explore with one token a row, then none)."""
+    model, reqs, plain = tiny
+    budget = SpeculationBudget(4, verify_pads_rows=True, prior_acceptance=0.9)
+    engine = EmbeddedEngine(model, None, _drafter("draft", model), 4, budget=budget)
+    outs, stats = engine.generate(reqs, batch_size=4)
+    assert [o.output_token_ids for o in outs] == plain
+    assert budget.verify.has_spread and stats.budgets[0] == 16, stats.budgets
+    assert {4, 8, 12, 16, 20} <= set(budget.verify._seen_at)  # 4 rows x (1 + 0..4)
 
 
 def test_expensive_committing_counts_as_the_steps_cost(tiny, monkeypatch):
@@ -145,6 +172,7 @@ def test_expensive_committing_counts_as_the_steps_cost(tiny, monkeypatch):
         return commit(self, rows, cache, proposal, result, feats, stats)
 
     monkeypatch.setattr(embedded.EmbeddedEngine, "_commit", slow)
+    _online_only(monkeypatch)  # what this times is the steps' own cost
     engine = EmbeddedEngine(model, None, _drafter("draft", model), 4, budget=budget)
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
@@ -335,6 +363,7 @@ class _BlindPlan(SpeculationBudget):
             self.verify.observe(tokens, 100.0 + 25.0 * tokens)
         self.observe_verify = lambda tokens, ms: None
         self.observe_draft = lambda tokens, ms: None
+        self.verify.seed = lambda tokens, ms: None  # the engine's start-up timing too
 
     def plan(self, row_ids, recut=False):
         return [self.max_tokens] * len(row_ids)

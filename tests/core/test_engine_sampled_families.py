@@ -62,6 +62,7 @@ def mixed_budget() -> SpeculationBudget:
     for tokens in (1, 101):
         budget.verify.observe(tokens, 150.0 + 0.25 * tokens)
     budget.observe_verify = lambda tokens, ms: None
+    budget.verify.seed = lambda tokens, ms: None  # nor timed at start-up
     budget.observe_draft = lambda tokens, ms: None
     budget.observe_scores = lambda predicted, accepted: None
     return budget
