@@ -164,7 +164,8 @@ def _run_all(cfg: BenchConfig, states: list[_ArmState], fresh_arms, items: list[
             if turn == 0 and reqs:
                 _warm_up(states, reqs[:block], tokenizer)
             turn_stats = [SpecStats() for _ in states]
-            main_outs = _run_turn(states, turn_stats, reqs, turn, block, keep=rep == 0, bar=bar)
+            main_outs = _run_turn(states, turn_stats, reqs, turn, block, keep=rep == 0, bar=bar,
+                                  first=rep)
             for st, one, whole in zip(states, turn_stats, rep_stats):
                 st.turn_stats.setdefault(turn + 1, []).append(one)
                 whole.merge(one)
@@ -194,14 +195,17 @@ def _turn_requests(cfg: BenchConfig, items, turn: int, answers, skipped: list[st
 
 
 def _run_turn(states: list[_ArmState], rep_stats: list[SpecStats], reqs, turn: int, block: int,
-              keep: bool, bar):
-    """Every arm on reqs, one block at a time, the arms' order rotating by one each block;
-    returns the first arm's (the main baseline's) outputs."""
+              keep: bool, bar, first: int = 0):
+    """Every arm on reqs, one block at a time, the arms' order rotating by one each block and
+    starting `first` places on (the repetition: where a turn is one block, as at batch 32 on
+    32 prompts, the same arm would otherwise always run first); returns the first arm's (the
+    main baseline's) outputs."""
     main_outs = []
     for b, start in enumerate(range(0, len(reqs), block)):
         chunk = reqs[start:start + block]
         order = list(range(len(states)))
-        order = order[b % len(order):] + order[:b % len(order)]
+        shift = (b + first) % len(order)
+        order = order[shift:] + order[:shift]
         for i in order:
             st = states[i]
             outs = st.arm.run([r for _, r in chunk], rep_stats[i])

@@ -238,6 +238,13 @@ def test_external_engine_plugs_in_through_its_run_function(tiny_models, tmp_path
     assert calls == [(None, 2), ("ngram", 2), (None, 2), ("ngram", 2), ("ngram", 1), (None, 1)]
     assert [a["label"] for a in run["arms"]] == ["fake/none", "fake/ngram"]
     assert run["arms"][1]["matches_baseline"] == 3 and run["summary"]["num_prompts"] == 3
+    # one block a turn: the repetitions take turns at going first
+    calls.clear()
+    run_bench(BenchConfig(suite="mtbench", target=tiny_models["target"], engine="fake",
+                          anchors=False, num_prompts=2, max_new_tokens=6, dtype="float64",
+                          repeats=2, block=2), progress=False, log=lambda *a: None)
+    warm = [(None, 2), ("ngram", 2)]
+    assert calls == warm + [(None, 2), ("ngram", 2)] + warm + [("ngram", 2), (None, 2)]
 
 
 def test_errors_are_one_line_and_write_nothing(tiny_models, tmp_path, monkeypatch, capsys):

@@ -166,10 +166,12 @@ def test_bench_engine_arms_stay_up_and_alternate(fake_engine, tiny_models, tmp_p
         mine = runs[rep * 8:(rep + 1) * 8]
         pids = {o[1]: o[2] for o in opens[rep * 2:(rep + 1) * 2]}
         assert all(r[2] == pids[r[1]] for r in mine)  # the same process for every block
-        # warm-up, then the arms take turns block by block, the first arm rotating
+        # warm-up, then the arms take turns block by block, the first arm rotating (and the
+        # repetitions starting one place on)
         order = [r[1] for r in mine]
-        assert order[:4] == ["plain", spec_name, "plain", spec_name]
-        assert order[4:6] == [spec_name, "plain"]
+        first = [spec_name, "plain"] if rep else ["plain", spec_name]
+        assert order[:2] == ["plain", spec_name]
+        assert order[2:4] == first and order[4:6] == first[::-1]
     assert len({o[2] for o in opens}) == 4  # a fresh process per arm and repetition
     assert sum(ln[0] == "close" for ln in log) == 4
     run = json.loads((out / "sess.json").read_text())
