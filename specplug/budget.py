@@ -216,12 +216,17 @@ class SpeculationBudget:
             return k
         a, b = self.verify.coefficients()
         step_cost = b + self.draft_ms_per_token
-        if not self.verify.seen or step_cost <= 0:
+        if not self.verify.seen or (step_cost <= 0 and not self.verify.has_spread):
             # nothing measured yet: one draft token a row, the cheapest step that shows what a
             # drafted step costs.  Drafting the whole width here made the first three steps
             # full-width ones (gamma 5 at batch 32: six times a plain step's tokens), a tenth
             # of a 32-step batch (MT-Bench 32, bf16: the budget's arms at 0.83-0.88x of plain)
             return [min(1, self.max_tokens)] * len(row_ids)
+        if step_cost <= 0:
+            # steps of several widths measured, and drafts cost nothing more: every row gets
+            # the whole width (this read as "nothing measured" once start-up timings of a flat
+            # cost fitted a slope of 0)
+            return [self.max_tokens] * len(row_ids)
         if not self.verify.has_spread:
             # every step so far fed the same token count, so a verify token's cost is unknown
             # and would read as free: on the first such step, and every explore_every steps,

@@ -146,11 +146,19 @@ def test_expensive_verify_makes_the_budget_draft_nothing(tiny, monkeypatch, whic
     assert later and max(later) <= 1 and sum(later) <= len(later) / 4, stats.budgets
 
 
-def test_cheap_verify_measured_at_start_drafts_from_the_first_step(tiny):
-    """The tiny target's forward costs about the same at every width: measured at start-up,
-    the budget drafts every row the whole width at once (without the measurement its first
-    steps explore with one token a row, then none)."""
+def test_cheap_verify_measured_at_start_drafts_from_the_first_step(tiny, monkeypatch):
+    """A forward costs 30 ms at every width (the tiny target's own millisecond would leave the
+    choice to timing noise): measured at start-up, the budget drafts every row the whole width
+    at once (without the measurement its first steps explore with one token a row, then
+    none)."""
     model, reqs, plain = tiny
+    forward = EmbeddedEngine._forward
+
+    def flat(self, *args, **kwargs):
+        time.sleep(0.03)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(embedded.EmbeddedEngine, "_forward", flat)
     budget = SpeculationBudget(4, verify_pads_rows=True, prior_acceptance=0.9)
     engine = EmbeddedEngine(model, None, _drafter("draft", model), 4, budget=budget)
     outs, stats = engine.generate(reqs, batch_size=4)
@@ -551,3 +559,14 @@ def test_a_trees_untried_depths_are_not_counted():
     assert plan._depths == [[1.0, 1.0], [1.0, 1.0]]
     plan.observe_row(0, drafted=5, accepted=1)  # a chain: token 2 tried and rejected
     assert plan._depths == [[2.0, 2.0], [1.0, 2.0]] + [[0.0, 0.0]] * 3
+
+
+def test_drafts_measured_free_get_the_whole_width():
+    """Steps of several widths took the same time and drafting is free: full width, not the
+    one-token exploration of a budget that has measured nothing."""
+    plan = SpeculationBudget(4)
+    for tokens in (1, 2, 3, 5):
+        plan.verify.seed(tokens, 30.0)
+    assert plan.verify.coefficients() == (30.0, 0.0)
+    assert plan.plan([0, 1]) == [4, 4]
+    assert SpeculationBudget(4).plan([0, 1]) == [1, 1]  # nothing measured: explore
