@@ -21,10 +21,11 @@ class RowSlots:
 
     def drop(self, row_ids: list[int]) -> None:
         gone = set(row_ids)
-        keep = [i for i, rid in enumerate(self.rows) if rid not in gone]
-        if len(keep) < len(self.rows):
-            self.cache.select_rows(keep)
-            self.rows = [self.rows[i] for i in keep]
+        dropped = [i for i, rid in enumerate(self.rows) if rid in gone]
+        if dropped:
+            # the engine drops its finished rows the same way (SlotCache.drop_rows), so the
+            # next align finds the rows already in the engine's order: nothing more is copied
+            self.rows = [self.rows[i] for i in self.cache.drop_rows(dropped)]
         keep = [i for i, rid in enumerate(self.parked_rows) if rid not in gone]
         if len(keep) < len(self.parked_rows):
             self.parked.select_rows(keep)

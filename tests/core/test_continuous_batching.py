@@ -66,6 +66,24 @@ def test_split_off_and_absorb_keep_every_rows_entries():
     assert empty.batch == 5 and [_entries(empty, r) for r in range(5)] == expected
 
 
+def test_drop_rows_moves_the_last_rows_into_the_gaps_and_keeps_their_entries():
+    cache = _cache(6, [5, 2, 7, 3, 4, 6], seed=3)
+    before = [_entries(cache, r) for r in range(6)]
+    lengths = cache.length.tolist()
+    order = cache.drop_rows([1, 4, 0])
+    # rows 3 and 5 (kept, past the new end of 3 rows) fill places 0 and 1; row 2 stays
+    assert order == [3, 5, 2]
+    assert cache.batch == 3
+    assert [_entries(cache, r) for r in range(3)] == [before[i] for i in order]
+    assert cache.length.tolist() == [lengths[i] for i in order]
+    # the narrowed buffers still take new blocks for the rows that remain
+    pos, real = cache.ragged_block([9, 9, 9], [1, 1, 1])
+    cache.append(pos, [(torch.ones(3, HEADS, 1, DIM), torch.ones(3, HEADS, 1, DIM))] * LAYERS,
+                 real)
+    assert all(_entries(cache, r)[0, 9] == ([[1.0] * DIM] * HEADS,) * 2 for r in range(3))
+    assert cache.drop_rows([0, 1, 2]) == [] and cache.batch == 0
+
+
 def test_row_slots_park_absent_rows_and_bring_them_back():
     slots = RowSlots(_cache(3, [2, 4, 3], seed=2))
     slots.rows = [10, 11, 12]  # as align([10, 11, 12]) and a first forward would leave them
