@@ -169,10 +169,12 @@ class EmbeddedEngine:
     def _measure_verify_costs(self, requests: list[Request], batch_size: int) -> None:
         """Seed the budget's cost model with this engine's verify forward timed at every width
         (engine/verify_cost.py), once per engine, over a context as long as these prompts."""
-        lengths = sorted(len(r.prompt_ids) for r in requests)
-        room = context_limit(self.model.config) - self.num_draft_tokens - 1
-        context = max(1, min(lengths[len(lengths) // 2], MAX_MEASURED_CONTEXT, room))
         rows = min(max(1, batch_size), len(requests))
+        room = context_limit(self.model.config) - self.num_draft_tokens - 1
+        # every row attends the batch's whole width: its longest prompt (rows are admitted in
+        # request order), not a typical one
+        widest = max(len(r.prompt_ids) for r in requests[:rows])
+        context = max(1, min(widest, MAX_MEASURED_CONTEXT, room))
         costs = measure_verify_costs(self._forward, self.device, rows, context,
                                      self.num_draft_tokens)
         for tokens, ms in costs.items():
