@@ -17,6 +17,10 @@ Speculation pays only while a draft token's expected gain beats its cost.  Per e
             (b + d) and row r's next one gains g_r,k_r+1, a non-increasing sequence, so adding
             the best remaining token while its gain / cost beats the current E / T is optimal;
             with many rows the fixed cost a is spread thin and drafting stops first.
+  catch-up  a row's drafter may first have to take in tokens (its prompt, steps the budget
+            skipped for it): e ms each, measured on such draftings.  Paid once but good for
+            the rest of the row, it is spread over the tokens the row may still produce and
+            added to the cost of drafting that row at all (`catch_up_costs`).
 
 Why per depth: a lookup drafter's draft is a copy, and once its first tokens match the rest
 tends to match too.  Measured on n-gram at batch 1 (MT-Bench 16, bf16, 128 new tokens, gamma
@@ -167,6 +171,9 @@ class SpeculationBudget:
     verify_pads_rows: bool = False
     verify: LinearCost = field(default_factory=LinearCost)
     draft_ms_per_token: float = 0.0
+    # ms per token a drafter takes in before a row's first draft (its prompt) or after steps
+    # the budget skipped for it: a hidden-state head runs its layers over each such token
+    catch_up_ms_per_token: float = 0.0
     draft_margin: float = 1.05  # padded: drafts must promise this many times plain's tokens/ms
     _rows: dict = field(default_factory=dict)  # row id -> [accepted, tried] (decayed)
     _all: list = field(default_factory=lambda: [0.0, 0.0])
@@ -208,9 +215,12 @@ class SpeculationBudget:
             out.append(chance)
         return out
 
-    def plan(self, row_ids: list, recut: bool = False) -> list[int]:
+    def plan(self, row_ids: list, recut: bool = False,
+             backlog: list[tuple[int, int]] | None = None) -> list[int]:
         """Draft tokens per row this step, each in [0, max_tokens].  recut: the engine cuts the
-        drafts again after drafting (cut(), which then counts the idle steps and probes)."""
+        drafts again after drafting (cut(), which then counts the idle steps and probes).
+        backlog[r]: (tokens row r's drafter must take in before it drafts, tokens the row may
+        still produce); see catch_up_costs."""
         k = [0] * len(row_ids)
         if self.max_tokens <= 0 or not row_ids:
             return k
@@ -236,17 +246,34 @@ class SpeculationBudget:
             if self._flat_steps == 1 or self._flat_steps % self.explore_every == 0:
                 return k
         gains = [self.gains(r) for r in row_ids]
+        once = self.catch_up_costs(backlog, len(row_ids))
         if self.verify_pads_rows:
-            w = self._best_width(gains, self.draft_ms_per_token)
+            w = self._best_width(gains, self.draft_ms_per_token, sum(once))
             k = [w if g[0] > 0 else 0 for g in gains]
         else:
-            k = self._best_tokens(gains, a, b, step_cost)
+            k = self._best_tokens(gains, a, b, step_cost, once)
         if recut and any(k):
             self.probing = False  # a real plan: the cut after drafting weighs it
             return k
         return self._probe_when_idle(k, [1] * len(k))
 
-    def limits_before_scoring(self, row_ids: list) -> list[int]:
+    def catch_up_costs(self, backlog: list[tuple[int, int]] | None, rows: int) -> list[float]:
+        """Per row, the ms a step pays for drafting it at all: catching its drafter up on
+        `taken_in` tokens, paid once but good for the rest of the row, so spread over the
+        `left` tokens it may still produce (at most one step each).
+
+        Why: a hybrid's EAGLE head first runs over every prompt it drafts for.  At batch 32
+        (MT-Bench, bf16, 32 new tokens) one first step drafted three tokens a row and its head
+        took in the 32 prompts for 426 ms, five plain steps, which the rest of the batch never
+        won back (0.94x of plain).  Charged whole to one step instead, a long prompt's row would
+        never draft: its backlog only grows while it waits."""
+        if not backlog or self.catch_up_ms_per_token <= 0:
+            return [0.0] * rows
+        return [self.catch_up_ms_per_token * taken_in / max(1, left)
+                for taken_in, left in backlog]
+
+    def limits_before_scoring(self, row_ids: list,
+                              backlog: list[tuple[int, int]] | None = None) -> list[int]:
         """For a drafter that scores its nodes: each row's draft length, planned as plan() plans
         any drafter's (each row's acceptance of what the cut kept lately, the drafting time
         per token); cut() then keeps the best-scored nodes of what was drafted.  Drafting
@@ -256,7 +283,7 @@ class SpeculationBudget:
         a, b = self.verify.coefficients()
         if not row_ids or not self.verify.has_spread or b <= 0:
             return [self.max_tokens] * len(row_ids)  # cut() explores
-        return self.plan(row_ids, recut=True)
+        return self.plan(row_ids, recut=True, backlog=backlog)
 
     def cut_scored(self, scores: torch.Tensor, real: torch.Tensor, cut: bool = True,
                    calibrate: bool = True, caps: list[int] | None = None
@@ -305,28 +332,32 @@ class SpeculationBudget:
         return min(max(accepted / predicted, 0.05), 2.0)
 
     def _best_tokens(self, gains: list[list[float]], a: float, b: float,
-                     step_cost: float) -> list[int]:
-        """Rows verified ragged: add the best remaining token (each costs step_cost) while its
-        gain per ms beats the step's tokens per ms.  gains[r][i]: row r's (i+1)-th token,
-        non-increasing along i."""
+                     step_cost: float, once: list[float] | None = None) -> list[int]:
+        """Rows verified ragged: add the best remaining token (each costs step_cost, a row's
+        first also once[r]) while its gain per ms beats the step's tokens per ms.
+        gains[r][i]: row r's (i+1)-th token, non-increasing along i."""
+        once = once or [0.0] * len(gains)
         k = [0] * len(gains)
         gain = float(len(gains))
         time = a + b * len(gains)
-        best = [(-g[0], i) for i, g in enumerate(gains) if g and g[0] > 0]
+        # ranked by gain per ms: a row's first token carries its catch-up too
+        best = [(-g[0] / (step_cost + once[i]), i) for i, g in enumerate(gains) if g and g[0] > 0]
         heapq.heapify(best)
         while best:
-            neg_g, i = heapq.heappop(best)
-            if -neg_g / step_cost <= gain / time:
+            neg_rate, i = heapq.heappop(best)
+            cost = step_cost + (once[i] if k[i] == 0 else 0.0)
+            if -neg_rate <= gain / time:
                 break  # the best remaining token no longer raises tokens per ms
             k[i] += 1
-            gain, time = gain - neg_g, time + step_cost
+            gain, time = gain + gains[i][k[i] - 1], time + cost
             if k[i] < len(gains[i]):
-                heapq.heappush(best, (-gains[i][k[i]], i))
+                heapq.heappush(best, (-gains[i][k[i]] / step_cost, i))
         return k
 
-    def _best_width(self, gains: list[list[float]], d: float) -> int:
+    def _best_width(self, gains: list[list[float]], d: float, once: float = 0.0) -> int:
         """Rows verified as one padded block: the width w (draft tokens per row) that maximises
-        tokens per ms, each row gaining its first w gains.  A block's time is what blocks of
+        tokens per ms, each row gaining its first w gains; any w > 0 also pays `once` (the
+        rows' catch-up, catch_up_costs).  A block's time is what blocks of
         its size took lately (LinearCost.at), so a jump in cost past one token a row counts."""
         rows = len(gains)
         gain, best_w = float(rows), 0
@@ -336,7 +367,7 @@ class SpeculationBudget:
         best_rate = self.draft_margin * gain / plain if plain > 0 else 0.0
         for w in range(1, max(len(g) for g in gains) + 1):
             gain += sum(g[w - 1] for g in gains if len(g) >= w)
-            time = self.verify.at(rows * (1 + w)) + d * rows * w
+            time = self.verify.at(rows * (1 + w)) + d * rows * w + once
             rate = gain / time if time > 0 else float("inf")
             if rate > best_rate:
                 best_w, best_rate = w, rate
@@ -380,6 +411,15 @@ class SpeculationBudget:
             per = ms / tokens
             self.draft_ms_per_token = (per if self.draft_ms_per_token == 0.0
                                        else 0.8 * self.draft_ms_per_token + 0.2 * per)
+
+    def observe_catch_up(self, tokens: int, ms: float) -> None:
+        """A drafting that took in `tokens` backlog tokens (prompts, skipped steps) and spent
+        `ms` on them beyond its draft tokens' own cost (engines pass the drafting time less
+        draft_ms_per_token times the tokens drafted)."""
+        if tokens > 0:
+            per = max(ms, 0.0) / tokens
+            self.catch_up_ms_per_token = (per if self.catch_up_ms_per_token == 0.0
+                                          else 0.8 * self.catch_up_ms_per_token + 0.2 * per)
 
     def observe_row(self, row_id, drafted: int, accepted: int, depth: int | None = None
                     ) -> None:

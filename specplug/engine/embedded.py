@@ -203,8 +203,11 @@ class EmbeddedEngine:
         limits = None
         if self.budget:
             ids = [r.row_id for r in active]
-            limits = (self.budget.limits_before_scoring(ids) if scored
-                      else self.budget.plan(ids, recut=recut))
+            backlog = [(r.backlog(), r.req.max_new_tokens - r.num_new) for r in active]
+            limits = (self.budget.limits_before_scoring(ids, backlog) if scored
+                      else self.budget.plan(ids, recut=recut, backlog=backlog))
+            # what the rows drafted for take in first (their drafter's catch-up)
+            taken_in = sum(n for (n, _), k in zip(backlog, limits) if k > 0)
         with clock("draft"):
             proposal = self._propose(active, limits, count_nodes=limits is not None and not scored)
             drafted = proposal.num_nodes.sum()  # [] before any cut: what drafting paid for
@@ -244,6 +247,9 @@ class EmbeddedEngine:
             # skipped more, so the next catch-up was longer)
             if not first_step and not self._caught_up:
                 self.budget.observe_draft(int(drafted), clock.ms["draft"])
+            elif taken_in:
+                self.budget.observe_catch_up(taken_in, clock.ms["draft"]
+                                             - self.budget.draft_ms_per_token * int(drafted))
         clock.add_to(stats.timing_ms)
         return active
 

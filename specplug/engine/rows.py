@@ -66,6 +66,13 @@ class Row:
         n, self.drafted_upto = len(self.tokens) - self.drafted_upto, len(self.tokens)
         return n
 
+    def backlog(self) -> int:
+        """Tokens the drafter would take in before this row's next draft beyond the last step's
+        own (all of them before its first draft; after steps it was not drafted for, theirs)."""
+        if not self.accept_lengths or self.drafted_upto == 0:
+            return len(self.tokens) - self.drafted_upto
+        return max(0, len(self.tokens) - self.drafted_upto - self.accept_lengths[-1])
+
     @property
     def num_new(self) -> int:
         return len(self.tokens) - len(self.req.prompt_ids)

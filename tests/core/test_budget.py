@@ -389,8 +389,9 @@ class _BlindPlan(SpeculationBudget):
         self.observe_verify = lambda tokens, ms: None
         self.observe_draft = lambda tokens, ms: None
         self.verify.seed = lambda tokens, ms: None  # the engine's start-up timing too
+        self.observe_catch_up = lambda tokens, ms: None
 
-    def plan(self, row_ids, recut=False):
+    def plan(self, row_ids, recut=False, backlog=None):
         return [self.max_tokens] * len(row_ids)
 
 
@@ -487,7 +488,7 @@ class _TwoOnTwoOff(SpeculationBudget):
         super().__init__(1)
         self.calls = 0
 
-    def plan(self, row_ids, recut=False):
+    def plan(self, row_ids, recut=False, backlog=None):
         self.calls += 1
         return [1 if self.calls % 4 in (1, 2) else 0] * len(row_ids)
 
@@ -501,6 +502,26 @@ def test_draft_cost_per_token_leaves_out_the_catch_up_of_skipped_steps(tiny):
     reqs = [Request([10, 20, 30, 40], 24)]
     EmbeddedEngine(model, None, _CatchUpDrafter(), 1, budget=budget).generate(reqs)
     assert 19.0 < budget.draft_ms_per_token < 30.0, budget.draft_ms_per_token
+    # the catch-up has a price of its own: 20 ms per token taken in (the prompt, skipped steps)
+    assert 19.0 < budget.catch_up_ms_per_token < 30.0, budget.catch_up_ms_per_token
+
+
+@pytest.mark.parametrize("pads", [True, False])
+def test_a_catch_up_spread_over_few_tokens_left_stops_drafting(pads):
+    """t(N) = 100 + N ms, drafting free, rows at alpha 0.9: drafting pays.  A drafter that must
+    first take in 300 tokens at 1 ms each does not pay when the row has 4 tokens left (75 ms a
+    step); with 10000 left it costs 0.03 ms a step, and the rows draft as before."""
+    def limits(backlog):
+        plan = budget_with(100.0, 1.0, 0.0, {r: 0.9 for r in range(4)})
+        plan.verify_pads_rows = pads
+        plan.catch_up_ms_per_token = 1.0
+        return plan.plan(list(range(4)), backlog=backlog)
+    assert min(limits(None)) > 0
+    assert limits([(300, 10_000)] * 4) == limits(None)
+    assert limits([(300, 4)] * 4) == [0] * 4
+    # rows already caught up draft beside one that is not (ragged verify: each row decides)
+    mixed = limits([(0, 4), (0, 4), (0, 4), (300, 4)])
+    assert min(mixed[:3]) > 0 and (mixed[3] == 0 or pads), mixed
 
 
 def test_a_plan_after_a_probe_is_not_taken_for_one():

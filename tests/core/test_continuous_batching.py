@@ -125,11 +125,11 @@ class _Alternating(SpeculationBudget):
         super().__init__(max_tokens)
         self.steps = 0
 
-    def plan(self, row_ids, recut=False):
+    def plan(self, row_ids, recut=False, backlog=None):
         self.steps += 1
         return [self.max_tokens if (i + self.steps) % 2 else 0 for i in range(len(row_ids))]
 
-    def limits_before_scoring(self, row_ids):
+    def limits_before_scoring(self, row_ids, backlog=None):
         return self.plan(row_ids)
 
 
