@@ -52,10 +52,11 @@ def pick_temperature(model, prompt) -> float:
 
 
 def mixed_budget() -> SpeculationBudget:
-    """A budget whose verify costs are fixed (150 ms + 0.25 ms per token, drafting free) rather than
-    measured: on a tiny CPU target measured costs say drafting never pays, which is right but
-    would test nothing here.  At 100 rows only rows accepting well get drafts, and only as many
-    as their acceptance earns, so lengths differ per row and per step.  Drafters that score
+    """A budget whose verify costs are fixed (150 ms + 0.25 ms per token, drafting and a
+    drafter's catch-up free) rather than measured: on a tiny CPU target measured costs say
+    drafting never pays, which is right but would test nothing here.  At 100 rows only rows
+    accepting well get drafts, and only as many as their acceptance earns, so lengths differ
+    per row and per step.  Drafters that score
     their nodes are taken at their word (no calibration): the tiny heads are sure of drafts the
     target mostly rejects at T > 0, so a calibrated budget rightly stops drafting at once."""
     budget = SpeculationBudget(GAMMA)
@@ -64,6 +65,7 @@ def mixed_budget() -> SpeculationBudget:
     budget.observe_verify = lambda tokens, ms: None
     budget.verify.seed = lambda tokens, ms: None  # nor timed at start-up
     budget.observe_draft = lambda tokens, ms: None
+    budget.observe_catch_up = lambda tokens, ms: None  # nor a drafter's catch-up
     budget.observe_scores = lambda predicted, accepted: None
     return budget
 
