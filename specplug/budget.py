@@ -248,7 +248,9 @@ class SpeculationBudget:
         gains = [self.gains(r) for r in row_ids]
         once = self.catch_up_costs(backlog, len(row_ids))
         if self.verify_pads_rows:
-            w = self._best_width(gains, self.draft_ms_per_token, sum(once))
+            # every row with a chance is drafted at width w, so each pays its catch-up
+            w = self._best_width(gains, self.draft_ms_per_token,
+                                 sum(c for c, g in zip(once, gains) if g[0] > 0))
             k = [w if g[0] > 0 else 0 for g in gains]
         else:
             k = self._best_tokens(gains, a, b, step_cost, once)
@@ -357,8 +359,8 @@ class SpeculationBudget:
     def _best_width(self, gains: list[list[float]], d: float, once: float = 0.0) -> int:
         """Rows verified as one padded block: the width w (draft tokens per row) that maximises
         tokens per ms, each row gaining its first w gains; any w > 0 also pays `once` (the
-        rows' catch-up, catch_up_costs).  A block's time is what blocks of
-        its size took lately (LinearCost.at), so a jump in cost past one token a row counts."""
+        rows' catch-up, catch_up_costs).  A block's time is what blocks of its size took
+        lately (LinearCost.at), so a jump in cost past one token a row counts."""
         rows = len(gains)
         gain, best_w = float(rows), 0
         plain = self.verify.at(rows)

@@ -174,7 +174,8 @@ class EmbeddedEngine:
 
     def _measure_verify_costs(self, requests: list[Request], batch_size: int) -> None:
         """Seed the budget's cost model with this engine's verify forward timed at every width
-        (engine/verify_cost.py), once per engine, over a context as long as these prompts."""
+        (engine/verify_cost.py), once per engine, over a context as long as the longest prompt
+        of the first batch."""
         rows = min(max(1, batch_size), len(requests))
         room = context_limit(self.model.config) - self.num_draft_tokens - 1
         # every row attends the batch's whole width: its longest prompt (rows are admitted in
