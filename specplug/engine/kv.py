@@ -223,12 +223,15 @@ class SlotCache:
         if holes:
             dst = torch.tensor(holes, dtype=torch.long, device=self.device)
             src = torch.tensor(movers, dtype=torch.long, device=self.device)
-            for layer in self._layers():
-                used = layer.used
-                layer._keys[dst, :, :used] = layer._keys[src, :, :used]
-                layer._values[dst, :, :used] = layer._values[src, :, :used]
-            for name in ("valid", "pos", "length"):
-                getattr(self, name)[dst] = getattr(self, name)[src]
+            # in place, so inside inference mode: an engine may fill a drafter's cache inside
+            # it and retire a row from outside (SGLang's note_request_finished does)
+            with torch.inference_mode():
+                for layer in self._layers():
+                    used = layer.used
+                    layer._keys[dst, :, :used] = layer._keys[src, :, :used]
+                    layer._values[dst, :, :used] = layer._values[src, :, :used]
+                for name in ("valid", "pos", "length"):
+                    getattr(self, name)[dst] = getattr(self, name)[src]
         for layer in self._layers():
             layer._keys, layer._values = layer._keys[:kept], layer._values[:kept]
         self.valid, self.pos, self.length = self.valid[:kept], self.pos[:kept], self.length[:kept]

@@ -84,6 +84,16 @@ def test_drop_rows_moves_the_last_rows_into_the_gaps_and_keeps_their_entries():
     assert cache.drop_rows([0, 1, 2]) == [] and cache.batch == 0
 
 
+def test_rows_filled_inside_inference_mode_drop_outside_it():
+    """An engine may fill a drafter's cache inside inference mode and retire a row from outside
+    it (SGLang calls note_request_finished so): the in-place moves must still be allowed."""
+    with torch.inference_mode():
+        cache = _cache(4, [2, 3, 1, 2], seed=5)
+    last = _entries(cache, 3)
+    assert cache.drop_rows([0]) == [3, 1, 2]
+    assert _entries(cache, 0) == last
+
+
 def test_row_slots_park_absent_rows_and_bring_them_back():
     slots = RowSlots(_cache(3, [2, 4, 3], seed=2))
     slots.rows = [10, 11, 12]  # as align([10, 11, 12]) and a first forward would leave them
