@@ -94,12 +94,24 @@ def _drafter(which, model):
     return DraftModelDrafter(perturbed_copy(model, 0.1), 256)
 
 
+def _fixed_cheap_costs(budget: SpeculationBudget) -> SpeculationBudget:
+    """Costs at which drafting pays (a step 100 ms + 1 ms a token; drafting and a drafter's
+    catch-up free), never updated.  Measured on the tiny target, timing noise decides whether
+    the budget drafts at all (in CI, beside a second pytest process, one run never did)."""
+    for tokens in (1, 101):
+        budget.verify.observe(tokens, 100.0 + tokens)
+    budget.observe_verify = budget.observe_draft = budget.observe_catch_up = (
+        lambda tokens, ms: None)
+    budget.verify.seed = lambda tokens, ms: None  # nor timed at start-up
+    return budget
+
+
 @pytest.mark.parametrize("which", ["ngram", "draft", "suffix-tree"])
 @pytest.mark.parametrize("pads", [False, True])
 def test_greedy_identity_with_the_budget_on(tiny, which, pads):
     model, reqs, plain = tiny
-    engine = EmbeddedEngine(model, None, _drafter(which, model), 4,
-                            budget=SpeculationBudget(4, verify_pads_rows=pads))
+    budget = _fixed_cheap_costs(SpeculationBudget(4, verify_pads_rows=pads))
+    engine = EmbeddedEngine(model, None, _drafter(which, model), 4, budget=budget)
     outs, stats = engine.generate(reqs, batch_size=4)
     assert [o.output_token_ids for o in outs] == plain
     assert stats.num_accepted_tokens > 0 and len(stats.budgets) > 0
