@@ -87,7 +87,6 @@ class EmbeddedEngine:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._next_row_id = 0
-        self._caught_up = False  # whether the last drafting also caught rows up (see step)
         self._costs_measured = False  # the budget's verify costs, timed at the first generate
 
     # -- public API ---------------------------------------------------------------------------
@@ -252,7 +251,7 @@ class EmbeddedEngine:
             # up on the steps it missed: neither is the cost of this step's draft tokens (taken
             # for one, a hidden-state head's catch-up made drafting look dear, so the budget
             # skipped more, so the next catch-up was longer)
-            if not first_step and not self._caught_up:
+            if not first_step and not taken_in:
                 self.budget.observe_draft(int(drafted), clock.ms["draft"])
             elif taken_in:
                 self.budget.observe_catch_up(taken_in, clock.ms["draft"]
@@ -335,9 +334,6 @@ class EmbeddedEngine:
             return DraftProposal.empty(len(rows), self.device)
         some = [rows[i] for i in chosen]
         new = [r.new_since_last_draft() for r in some]
-        # a row that did not draft at the last step committed more than that step's tokens since
-        self._caught_up = any(n > (r.accept_lengths[-1] if r.accept_lengths else 0)
-                              for n, r in zip(new, some))
         starts = [r.hidden_start for r in some]
         feats = [r.take_hidden() for r in some] if self.hidden_layers else None
         inp = DraftInput(

@@ -247,11 +247,11 @@ class SlotCache:
         self.pos = torch.cat([self.pos, self.pos.new_zeros(n, self.width)])
         self.length = torch.cat([self.length, self.length.new_zeros(n)])
 
-    def absorb(self, others: "SlotCache | list[SlotCache]", room: int | None = None) -> None:
+    def absorb(self, others: "SlotCache | list[SlotCache]") -> None:
         """Append the rows of `others` (one cache or several, in order) after these
         (continuous batching: newly prefilled requests join a running batch).  Narrower caches
-        are padded with invalid slots.  Every layer is copied once into a buffer with `room`
-        spare slots (None: as many as it holds, as GrowingLayer's doubling would leave).
+        are padded with invalid slots.  Every layer is copied once into a buffer with as many
+        spare slots as it holds, as GrowingLayer's doubling would leave.
 
         Why one copy with room: joining 32 prefilled prompts one at a time copied the growing
         cache 32 times, and a buffer that is exactly full makes the next step's append copy
@@ -265,12 +265,11 @@ class SlotCache:
         if len(depths) > 1:
             raise ValueError(f"caches of {sorted(depths)} layers cannot be joined")
         width = max(c.width for c in parts)
-        room = width if room is None else room
         layers = []
         for stacked in zip(*[c._layers() for c in parts]):
             first = stacked[0].keys
             batch = sum(layer.keys.shape[0] for layer in stacked)
-            shape = (batch, first.shape[1], width + room, first.shape[3])
+            shape = (batch, first.shape[1], 2 * width, first.shape[3])
             # zeros: padding slots are masked, and a masked NaN would still poison attention
             keys, values = first.new_zeros(shape), first.new_zeros(shape)
             row = 0
