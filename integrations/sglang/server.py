@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import time
@@ -29,10 +30,26 @@ from .generate import device_kwargs, drafter_env, stats_of, to_output, _params
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+# Below Linux's ephemeral range (32768-60999): the kernel hands ports from that range to every
+# outgoing connection and every bind(0) of the processes running beside (vLLM's and SGLang's own
+# sockets in CI), so a port picked there and released was seen taken before launch_server bound it
+PORT_RANGE = (20000, 32000)
+# what launch_server logs (and then hangs on, its workers alive) when its port was taken meanwhile
+PORT_TAKEN = ("address already in use", "errno 98")
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A loopback port that nothing holds now, drawn from PORT_RANGE."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
 
 
 def cli_args(settings: dict) -> list[str]:
@@ -53,39 +70,63 @@ class SGLangServer:
     def __init__(self, target: str, python: str, spec: dict | None = None,
                  extra: dict | None = None, options: dict | None = None, log_path: str | None = None,
                  env: dict | None = None, prefix: list[str] | None = None):
-        self.port = free_port()
         cpu = on_cpu()
-        settings = {"model_path": target, "host": HOST, "port": self.port, "dtype": "float32",
-                    **device_kwargs(cpu), **(spec or {}), **(extra or {})}
+        self._settings = {"model_path": target, "host": HOST, "dtype": "float32",
+                          **device_kwargs(cpu), **(spec or {}), **(extra or {})}
         # prefix: how Python starts the launcher (tests put a patching `-c` script here); by
         # default the documented command: launch_cpu.py on CPU, else SGLang's own
         default = ["-m", "specplug.integrations.sglang.launch_cpu" if cpu else "sglang.launch_server"]
-        self.command = [python, *(prefix or default), *cli_args(settings)]
+        self._launcher = [python, *(prefix or default)]
         env = dict(os.environ, **drafter_env(options), **(env or {}))
         self.env = cpu_env(env) if cpu else env  # the stand-ins, for a custom prefix too
-        self.log_path = log_path or os.path.join("/tmp", f"specplug-sglang-{self.port}.log")
+        self._fixed_log = log_path
+        self._use_port(free_port())
         self.proc: subprocess.Popen | None = None
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.command = [*self._launcher, *cli_args({**self._settings, "port": port})]
+        self.log_path = self._fixed_log or os.path.join("/tmp", f"specplug-sglang-{port}.log")
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, timeout: float = 300) -> "SGLangServer":
+    def start(self, timeout: float = 300, attempts: int = 3) -> "SGLangServer":
+        """Launch and wait for /health; a port taken between our check and the server's bind
+        (another process won the race) means a new port and a new launch, not a 300 s hang."""
+        for attempt in range(attempts):
+            if attempt:
+                self._use_port(free_port())
+            if self._launch(timeout):
+                return self
+        raise RuntimeError(f"launch_server found its port taken {attempts} times:\n"
+                           + self.log_tail())
+
+    def _launch(self, timeout: float) -> bool:
+        """True once the server answers; False (server stopped) if its port was taken."""
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.port_taken():
+                self.stop()
+                return False
             if self.proc.poll() is not None:
                 raise RuntimeError(f"launch_server exited with {self.proc.returncode}:\n"
                                    + self.log_tail())
             try:
                 self._get("/health")
-                return self
+                return True
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"launch_server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def port_taken(self) -> bool:
+        text = self.log_text().lower()
+        return any(sign in text for sign in PORT_TAKEN)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

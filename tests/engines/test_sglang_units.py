@@ -293,3 +293,50 @@ def test_run_sglang_passes_the_budget_to_specplug_algorithms_only(monkeypatch, t
         generate.run_sglang(cfg)
     assert [j["options"].get("budget") for j in jobs] == [True, None, None]
     assert jobs[2]["spec"]["speculative_algorithm"] == "EAGLE3"
+
+
+# Stands in for launch_server: binds --port and answers /health, or (like SGLang's uvicorn,
+# whose workers keep the process alive) logs the bind error and hangs.
+FAKE_LAUNCHER = """
+import http.server, sys, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+try:
+    server = http.server.HTTPServer(("127.0.0.1", port), Health)
+except OSError as e:
+    print("ERROR:", e, flush=True)
+    time.sleep(600)
+server.serve_forever()
+"""
+
+
+def test_server_start_moves_to_a_new_port_when_its_port_was_taken(monkeypatch):
+    import socket
+    from specplug.integrations.sglang import server as server_mod
+    holder = socket.socket()  # another process won the race for the first port
+    holder.bind((server_mod.HOST, 0))
+    holder.listen()
+    taken, picks = holder.getsockname()[1], []
+    real_free_port = server_mod.free_port
+
+    def pick():
+        picks.append(taken if not picks else real_free_port())
+        return picks[-1]
+    monkeypatch.setattr(server_mod, "free_port", pick)
+    srv = server_mod.SGLangServer("unused-model", python=sys.executable,
+                                  prefix=["-c", FAKE_LAUNCHER])
+    try:
+        srv.start(timeout=60)
+        assert picks[0] == taken and srv.port == picks[1] != taken
+        assert srv._get("/health") == "ok"
+    finally:
+        srv.stop()
+        holder.close()
+
+
+def test_free_port_stays_below_the_ephemeral_range():
+    from specplug.integrations.sglang.server import PORT_RANGE, free_port
+    ports = {free_port() for _ in range(20)}
+    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] < 32768 for p in ports)
