@@ -478,9 +478,12 @@ class StepBudget:
         self._end: float | None = None
         self._start = 0.0
 
-    def begin(self, row_ids: list, committed: list[int], scored: bool = False) -> list[int]:
+    def begin(self, row_ids: list, committed: list[int], scored: bool = False,
+              backlog: list[tuple[int, int]] | None = None) -> list[int]:
         """scored: the drafter scores its nodes, so rows draft in full now (or nobody does,
-        see limits_before_scoring) and budget.cut() keeps the best after drafting."""
+        see limits_before_scoring) and budget.cut() keeps the best after drafting.
+        backlog[r]: (tokens row r's drafter must take in beyond this step's, tokens the row may
+        still produce), which prices its catch-up (SpeculationBudget.catch_up_costs)."""
         now = self.clock()
         known = all(r in self._drafted for r in row_ids)
         if self._end is not None and known and self._fed:
@@ -494,22 +497,26 @@ class StepBudget:
         self._predicted = 0.0
         self._start = now
         if scored:
-            return self.budget.limits_before_scoring(list(row_ids))
-        return self.budget.plan(list(row_ids))
+            return self.budget.limits_before_scoring(list(row_ids), backlog)
+        return self.budget.plan(list(row_ids), backlog=backlog)
 
     def forget(self, row_ids: list) -> None:
         """Rows that left the engine: their acceptance history goes with them."""
         self.budget.forget(row_ids)
 
     def end(self, row_ids: list, drafted: list[int], predicted: float = 0.0,
-            caught_up: bool = False) -> None:
+            taken_in: int = 0) -> None:
         """drafted: tokens handed out per row; predicted: their scores summed (scored drafts).
-        caught_up: this drafting also fed rows their prompts or the steps the budget skipped
-        for them, which is not the cost of its draft tokens (the embedded engine leaves such
-        steps out of the drafting time too)."""
+        taken_in: tokens this drafting also fed its rows (prompts, steps the budget skipped for
+        them) beyond what the step committed: that time is their catch-up, not the cost of
+        the draft tokens (as in the embedded engine)."""
         now = self.clock()
-        if not caught_up:
-            self.budget.observe_draft(sum(drafted), (now - self._start) * 1e3)
+        ms = (now - self._start) * 1e3
+        if taken_in:
+            self.budget.observe_catch_up(taken_in,
+                                         ms - self.budget.draft_ms_per_token * sum(drafted))
+        else:
+            self.budget.observe_draft(sum(drafted), ms)
         self._drafted = dict(zip(row_ids, drafted))
         self._fed = self.budget.fed_tokens(drafted)
         self._predicted = predicted

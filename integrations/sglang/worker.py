@@ -236,20 +236,23 @@ class SpecplugWorker(BaseSpecWorker):
         committed = [n - self._committed.get(r.rid, n - 1) for r, n in zip(reqs, lengths)]
         self._committed = {r.rid: n for r, n in zip(reqs, lengths)}
         scored = self.drafter.scores_nodes
-        limits = self.steps.begin(row_ids, committed, scored=scored)
-        width, proposal, predicted, caught_up = max(limits), None, 0.0, False
+        # more to feed than this step committed: a prompt, or steps without drafts (the
+        # drafter's catch-up, priced apart from its draft tokens)
+        behind = [max(0, self.rows.unseen(r.rid, n) - c)
+                  for r, n, c in zip(reqs, lengths, committed)]
+        backlog = [(b, max(1, _max_new_tokens(r) - len(r.output_ids)))
+                   for b, r in zip(behind, reqs)]
+        limits = self.steps.begin(row_ids, committed, scored=scored, backlog=backlog)
+        width, proposal, predicted, taken_in = max(limits), None, 0.0, 0
         if width:
-            # more to feed than this step committed: a prompt, or steps without drafts; that
-            # drafting time is not the cost of its draft tokens
-            caught_up = any(self.rows.unseen(r.rid, n) > c
-                            for r, n, c in zip(reqs, lengths, committed))
+            taken_in = sum(behind)  # one width for the whole batch: every row drafts
             proposal = self._propose(batch, roots, width)
             if scored and proposal.scores is not None and not self.steps.budget.probing:
                 # the budget keeps each row's best nodes of what was drafted (a chain's first k)
                 kept, predicted = self.steps.budget.cut_scored(proposal.scores,
                                                                proposal.tokens != PAD)
                 width = max(kept)
-        self.steps.end(row_ids, [width] * len(reqs), predicted, caught_up)
+        self.steps.end(row_ids, [width] * len(reqs), predicted, taken_in)
         return proposal, width
 
     def _root_only_verify_input(self, batch, root: EagleDraftInput) -> EagleVerifyInput:
@@ -324,6 +327,12 @@ def _root_input(bonus_tokens: torch.Tensor) -> EagleDraftInput:
         topk_p=torch.ones((bs, 1), dtype=torch.float32, device=bonus_tokens.device),
         topk_index=bonus_tokens.view(bs, 1).to(torch.int64),
         hidden_states=None, capture_hidden_mode=CaptureHiddenMode.NULL)
+
+
+def _max_new_tokens(req) -> int:
+    """The request's max_new_tokens (unset: as many as its context allows, taken as many)."""
+    n = getattr(getattr(req, "sampling_params", None), "max_new_tokens", None)
+    return n if isinstance(n, int) else 1 << 20
 
 
 def _host_list(batch, name: str) -> list[int]:

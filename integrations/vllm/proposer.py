@@ -152,20 +152,20 @@ class SpecplugProposer:
         # the budget sees what each row committed this step: accepted drafts + the bonus token;
         # a drafter that scores its nodes drafts in full and is cut after drafting instead
         scored = self.steps is not None and drafter.scores_nodes
-        limits = (self.steps.begin(row_ids, [len(sampled_token_ids[i]) for i in active],
-                                   scored=scored)
+        committed = [len(sampled_token_ids[i]) for i in active]
+        limits = (self.steps.begin(row_ids, committed, scored=scored,
+                                   backlog=self._backlog(active, row_ids, contexts, committed))
                   if self.steps else [self.num_draft_tokens] * len(active))
         # what was drafted goes through the budget's cut by its scores, unless this is a probe
         # (its one token is kept as it is)
         cut = scored and not self.steps.budget.probing
         chosen = [j for j, k in enumerate(limits) if k > 0]
-        predicted, caught_up = 0.0, False
+        predicted, taken_in = 0.0, 0
         if chosen:
             inp = self._draft_input([active[j] for j in chosen], [row_ids[j] for j in chosen],
                                     [contexts[j] for j in chosen], max(limits[j] for j in chosen))
             # more than this step committed: a prompt, or steps the budget skipped for the row
-            caught_up = any(n > len(sampled_token_ids[active[j]])
-                            for n, j in zip(inp.num_new_committed, chosen))
+            taken_in = sum(max(0, n - committed[j]) for n, j in zip(inp.num_new_committed, chosen))
             proposal = drafter.propose(inp)
             chains = proposal_to_lists(proposal)
             if scored:  # scores of a chain fall along it, so the best k are its first k
@@ -178,8 +178,27 @@ class SpecplugProposer:
                 room = self.max_model_len - int(num_tokens_no_spec[i])
                 drafts[i] = chain[:min(limits[j], room)]
         if self.steps:
-            self.steps.end(row_ids, [len(drafts[i]) for i in active], predicted, caught_up)
+            self.steps.end(row_ids, [len(drafts[i]) for i in active], predicted, taken_in)
         return drafts
+
+    def _backlog(self, active: list[int], row_ids: list[int], contexts: list[np.ndarray],
+                 committed: list[int]) -> list[tuple[int, int]]:
+        """Per row: the tokens its drafter would take in beyond this step's (its prompt before
+        its first draft, the steps the budget skipped since), and the tokens it may still
+        produce (its max_tokens less its output, where the runner says; else the room left)."""
+        requests = getattr(self.runner, "requests", None) or {}
+        req_ids = getattr(getattr(self.runner, "input_batch", None), "req_ids", None)
+        out = []
+        for i, r, ctx, n in zip(active, row_ids, contexts, committed):
+            taken_in = len(ctx) - self.fed_len[r] - n if r in self.fed_len else len(ctx)
+            left = self.max_model_len - len(ctx)
+            state = requests.get(req_ids[i]) if req_ids is not None else None
+            max_tokens = getattr(getattr(state, "sampling_params", None), "max_tokens", None)
+            prompt = getattr(state, "num_prompt_tokens", None)
+            if isinstance(max_tokens, int) and isinstance(prompt, int):
+                left = min(left, max_tokens - (len(ctx) - prompt))
+            out.append((max(0, taken_in), max(1, left)))
+        return out
 
     def _draft_input(self, rows: list[int], row_ids: list[int], contexts: list[np.ndarray],
                      num_draft_tokens: int) -> DraftInput:

@@ -288,6 +288,27 @@ def test_step_budget_skips_timing_a_step_that_took_in_a_new_row():
     assert steps.budget.verify.coefficients()[0] == pytest.approx(20.0)
 
 
+def test_step_budget_prices_a_rows_catch_up():
+    """vLLM's and SGLang's adapters as the embedded engine: a drafting that took in a prompt (or
+    skipped steps) teaches the catch-up cost, not the draft tokens', and a row whose catch-up
+    the rest of it cannot win back is not drafted."""
+    from specplug.budget import StepBudget
+    clock = _Clock()
+    steps = StepBudget(SpeculationBudget(4), clock)
+    steps.begin([0], [1])
+    clock.now += 0.5  # 500 ms: a head taking in a 100-token prompt
+    steps.end([0], [2], taken_in=100)
+    assert steps.budget.catch_up_ms_per_token == pytest.approx(5.0)
+    assert steps.budget.draft_ms_per_token == 0.0
+    # the same engine later: cheap verify, every draft accepted, so both rows draft in full...
+    clock = _Clock()
+    steps = StepBudget(SpeculationBudget(4), clock)
+    assert _run_steps(steps, clock, [0, 1], lambda n: 50.0 + 0.5 * n, 0.1, lambda k: k) == [4, 4]
+    steps.budget.catch_up_ms_per_token = 5.0
+    # ...except a row 1000 tokens behind with 2 left: 2500 ms a token to catch it up
+    assert steps.begin([0, 1], [5, 5], backlog=[(0, 100), (1000, 2)]) == [4, 0]
+
+
 def padded_rate(w, gains, a, b, d):
     gain = sum(1 + sum(g[:w]) for g in gains)
     return gain / (a + b * len(gains) * (1 + w) + d * len(gains) * w)

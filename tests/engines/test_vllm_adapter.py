@@ -216,7 +216,8 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
     fresh = SpecplugProposer(fake_config(gamma=3, max_model_len=64), DraftModelDrafter(model, 256),
                              check_vllm=False)
     plans = iter([[3, 3], [0, 2], [0, 0], [1, 3]])
-    prop.steps.begin = lambda rows, committed, **kw: next(plans)
+    backlogs = []
+    prop.steps.begin = lambda rows, committed, **kw: backlogs.append(kw["backlog"]) or next(plans)
     assert isinstance(prop.steps, StepBudget)
     rows = [[3, 9, 27, 81, 11], [50, 60, 70, 80]]
     for step in range(4):
@@ -229,6 +230,11 @@ def test_budget_in_the_proposer_cuts_lists_and_the_drafter_catches_up():
             r += (w[:1] or [7]) + [5]
     # the budget saw what was handed out, per row
     assert prop.steps._drafted == {0: 1, 1: 3}
+    # and each row's backlog (tokens to take in beyond the step's one, tokens left of 64):
+    # whole prompts first, then two tokens a step, the second past the one committed, plus
+    # every step the budget skipped for the row
+    assert backlogs == [[(5, 59), (4, 60)], [(1, 57), (1, 58)], [(3, 55), (1, 56)],
+                        [(5, 53), (3, 54)]]
 
 
 def _suffix_proposers() -> tuple[SpecplugProposer, SpecplugProposer]:

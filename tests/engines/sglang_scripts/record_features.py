@@ -40,9 +40,9 @@ eagle_runtime.EagleDrafter.propose = _recording
 _BEGIN = StepBudget.begin
 
 
-def _scripted_begin(self, row_ids, committed, scored=False):
+def _scripted_begin(self, row_ids, committed, scored=False, backlog=None):
     """The budget's own bookkeeping, then the next width of SPECPLUG_TEST_WIDTHS for every row."""
-    limits = _BEGIN(self, row_ids, committed, scored)
+    limits = _BEGIN(self, row_ids, committed, scored, backlog)
     cycle = os.environ.get("SPECPLUG_TEST_WIDTHS")
     if not cycle:
         return limits
