@@ -150,7 +150,7 @@ def test_self_draft_accepts_every_draft_and_ngram_runs(tiny_models, tmp_path):
 def test_repetitions_start_from_fresh_drafters(tiny_models, tmp_path):
     """Suffix decoding stores earlier outputs: reused across repetitions it would meet every
     prompt of the second one with its answer stored.  Fresh arms per repetition: the same
-    acceptance every time (greedy), and the warm-up's filler prompts teach it nothing."""
+    acceptance every time (greedy), and the warm-up (other prompts) leaves no answer stored."""
     out = tmp_path / "s"
     assert main(["--suite", "mtbench", "--num-prompts", "3", "--target", tiny_models["target"],
                  "--method", "suffix", "--no-anchors", "--max-new-tokens", "24", "--gamma", "3",
