@@ -65,13 +65,20 @@ def test_unmeasured_engine_explores_and_rows_without_history_take_the_average():
     assert plan.plan([1, 2]) == [1, 1]  # the cheapest drafted step: one token a row
     plan.observe_row(1, drafted=3, accepted=3)
     plan.observe_row(1, drafted=3, accepted=0)
-    engine = (3 * 0.98 + 0) / (3 * 0.98 + 1)  # every row's history, slowly forgotten
+    # every row's history, slowly forgotten, shrunk towards the prior 0.5 as if 2 more drafts
+    engine = (3 * 0.98 + 0 + 2 * 0.5) / (3 * 0.98 + 1 + 2)
     assert plan.acceptance(7) == pytest.approx(engine)  # a row without history: the engine's
     # a row's own counts, shrunk towards the engine's as if 2 more drafts were tried at its rate
     assert plan.acceptance(1) == pytest.approx((3 * 0.8 + 2 * engine) / (3 * 0.8 + 1 + 2))
     plan.observe_row(2, drafted=1, accepted=0)  # one rejected probe token does not zero a row
-    engine = (3 * 0.98 ** 2) / ((3 * 0.98 + 1) * 0.98 + 1)
+    engine = (3 * 0.98 ** 2 + 2 * 0.5) / ((3 * 0.98 + 1) * 0.98 + 1 + 2)
     assert plan.acceptance(2) == pytest.approx((0 + 2 * engine) / (1 + 2))
+    # nor do an engine's first rejections zero every row: its rate is shrunk towards the prior
+    fresh = SpeculationBudget(3)
+    for _ in range(3):
+        fresh.observe_row(0, drafted=1, accepted=0)
+    assert fresh.engine_acceptance() == pytest.approx(1.0 / (0.98 ** 2 + 0.98 + 1 + 2))
+    assert fresh.gains(5)[0] > 0.1  # unshrunk: 0, and no row would draft again but on probes
     plan.forget([1])
     assert 1 not in plan._rows
 
