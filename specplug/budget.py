@@ -10,8 +10,8 @@ Speculation pays only while a draft token's expected gain beats its cost.  Per e
             (`gains`): c_j is the engine's chance that a draft's j-th token is accepted once
             the first j - 1 were (per-depth counts, exponentially averaged), and f_r how this
             row's recent acceptance compares with the engine's (its own average, shrunk
-            towards the engine's; 1 for rows without history).  A row always commits one
-            token, drafted or not.
+            towards the engine's, itself shrunk towards prior_acceptance; 1 for rows without
+            history).  A row always commits one token, drafted or not.
   decision  maximise committed tokens per ms, E / T with E = sum_r (1 + sum_{i<=k_r} g_r,i)
             and T = a + b * sum_r (1 + k_r) + d * sum_r k_r.  Each extra token costs the same
             (b + d) and row r's next one gains g_r,k_r+1, a non-increasing sequence, so adding
