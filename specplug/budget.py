@@ -424,6 +424,15 @@ class SpeculationBudget:
             self.draft_ms_per_token = (per if self.draft_ms_per_token == 0.0
                                        else 0.8 * self.draft_ms_per_token + 0.2 * per)
 
+    def observe_drafting(self, drafted: int, ms: float, taken_in: int = 0) -> None:
+        """One drafting's time, as every engine reports it: the cost of its `drafted` tokens,
+        or, where it also took in `taken_in` backlog tokens, their catch-up (its time less
+        what the draft tokens cost at the current rate)."""
+        if taken_in:
+            self.observe_catch_up(taken_in, ms - self.draft_ms_per_token * drafted)
+        else:
+            self.observe_draft(drafted, ms)
+
     def observe_catch_up(self, tokens: int, ms: float) -> None:
         """A drafting that took in `tokens` backlog tokens (prompts, skipped steps) and spent
         `ms` on them beyond its draft tokens' own cost (engines pass the drafting time less
@@ -521,12 +530,7 @@ class StepBudget:
         them) beyond what the step committed: that time is their catch-up, not the cost of
         the draft tokens (as in the embedded engine)."""
         now = self.clock()
-        ms = (now - self._start) * 1e3
-        if taken_in:
-            self.budget.observe_catch_up(taken_in,
-                                         ms - self.budget.draft_ms_per_token * sum(drafted))
-        else:
-            self.budget.observe_draft(sum(drafted), ms)
+        self.budget.observe_drafting(sum(drafted), (now - self._start) * 1e3, taken_in)
         self._drafted = dict(zip(row_ids, drafted))
         self._fed = self.budget.fed_tokens(drafted)
         self._predicted = predicted

@@ -38,11 +38,10 @@ PORT_RANGE = (20000, 32000)
 PORT_TAKEN = ("address already in use", "errno 98")
 
 
-def free_port(rng: random.Random | None = None) -> int:
+def free_port() -> int:
     """A loopback port that nothing holds now, drawn from PORT_RANGE."""
-    rng = rng or random.Random()
     for _ in range(200):
-        port = rng.randrange(*PORT_RANGE)
+        port = random.randrange(*PORT_RANGE)
         with socket.socket() as s:
             try:
                 s.bind((HOST, port))

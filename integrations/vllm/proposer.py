@@ -153,8 +153,8 @@ class SpecplugProposer:
         # a drafter that scores its nodes drafts in full and is cut after drafting instead
         scored = self.steps is not None and drafter.scores_nodes
         committed = [len(sampled_token_ids[i]) for i in active]
-        limits = (self.steps.begin(row_ids, committed, scored=scored,
-                                   backlog=self._backlog(active, row_ids, contexts, committed))
+        backlog = self._backlog(active, row_ids, contexts, committed) if self.steps else None
+        limits = (self.steps.begin(row_ids, committed, scored=scored, backlog=backlog)
                   if self.steps else [self.num_draft_tokens] * len(active))
         # what was drafted goes through the budget's cut by its scores, unless this is a probe
         # (its one token is kept as it is)
@@ -164,8 +164,8 @@ class SpecplugProposer:
         if chosen:
             inp = self._draft_input([active[j] for j in chosen], [row_ids[j] for j in chosen],
                                     [contexts[j] for j in chosen], max(limits[j] for j in chosen))
-            # more than this step committed: a prompt, or steps the budget skipped for the row
-            taken_in = sum(max(0, n - committed[j]) for n, j in zip(inp.num_new_committed, chosen))
+            if backlog:  # what the drafted rows took in first (the budget prices it apart)
+                taken_in = sum(backlog[j][0] for j in chosen)
             proposal = drafter.propose(inp)
             chains = proposal_to_lists(proposal)
             if scored:  # scores of a chain fall along it, so the best k are its first k
@@ -190,7 +190,8 @@ class SpecplugProposer:
         req_ids = getattr(getattr(self.runner, "input_batch", None), "req_ids", None)
         out = []
         for i, r, ctx, n in zip(active, row_ids, contexts, committed):
-            taken_in = len(ctx) - self.fed_len[r] - n if r in self.fed_len else len(ctx)
+            unseen = self._unseen(r, len(ctx))
+            taken_in = unseen - n if r in self.fed_len else unseen
             left = self.max_model_len - len(ctx)
             state = requests.get(req_ids[i]) if req_ids is not None else None
             max_tokens = getattr(getattr(state, "sampling_params", None), "max_tokens", None)
@@ -200,6 +201,11 @@ class SpecplugProposer:
             out.append((max(0, taken_in), max(1, left)))
         return out
 
+    def _unseen(self, row_id: int, committed_len: int) -> int:
+        """Committed tokens the row's drafter has not been given (all of them before its first
+        draft)."""
+        return committed_len - self.fed_len.get(row_id, 0)
+
     def _draft_input(self, rows: list[int], row_ids: list[int], contexts: list[np.ndarray],
                      num_draft_tokens: int) -> DraftInput:
         """DraftInput for vLLM rows `rows` (specplug ids row_ids, committed tokens contexts)."""
@@ -208,8 +214,7 @@ class SpecplugProposer:
             hidden, starts = self._features_for(rows, contexts)
         # tokens committed since the row's last draft: its accept lengths since then, summed
         # (a row the budget skipped drafts again with more than one step's worth)
-        new = [len(c) - self.fed_len[r] if r in self.fed_len else len(c)
-               for r, c in zip(row_ids, contexts)]
+        new = [self._unseen(r, len(c)) for r, c in zip(row_ids, contexts)]
         self.fed_len.update((r, len(c)) for r, c in zip(row_ids, contexts))
         return DraftInput(
             row_ids=row_ids,

@@ -251,11 +251,8 @@ class EmbeddedEngine:
             # up on the steps it missed: neither is the cost of this step's draft tokens (taken
             # for one, a hidden-state head's catch-up made drafting look dear, so the budget
             # skipped more, so the next catch-up was longer)
-            if not first_step and not taken_in:
-                self.budget.observe_draft(int(drafted), clock.ms["draft"])
-            elif taken_in:
-                self.budget.observe_catch_up(taken_in, clock.ms["draft"]
-                                             - self.budget.draft_ms_per_token * int(drafted))
+            if taken_in or not first_step:
+                self.budget.observe_drafting(int(drafted), clock.ms["draft"], taken_in)
         clock.add_to(stats.timing_ms)
         return active
 
