@@ -360,7 +360,7 @@ def _per_turn(st: _ArmState, base: _ArmState | None) -> dict:
         spread = _ratio_spread(reps, theirs) if base is not None and base is not st else None
         out[str(turn)] = {"num_requests": pooled.num_prompts // max(len(reps), 1),
                           "total_new_tokens": pooled.total_new_tokens,
-                          "wall_time_s": round(pooled.wall_time_s, 4),
+                          "wall_time_s": round(pooled.wall_time_s, 6),
                           "tokens_per_second": round(pooled.tokens_per_second, 3),
                           "tokens_per_second_per_rep": [round(r.tokens_per_second, 3)
                                                         for r in reps],
