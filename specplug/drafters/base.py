@@ -56,6 +56,17 @@ class Drafter(ABC):
     def release(self, row_ids: list[int]) -> None:
         """Forget finished rows."""
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        """The nn.Modules this drafter runs (its own and the target's it borrowed): those held
+        as attributes, and those of drafters it holds (hybrid's lookup and head)."""
+        found = []
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                found.append(value)
+            elif isinstance(value, Drafter):
+                found += value.torch_modules()
+        return found
+
 
 @dataclass
 class DrafterSpec:
@@ -118,8 +129,12 @@ def available_methods() -> list[str]:
 
 
 def build_drafter(spec: DrafterSpec, target: TargetInfo) -> Drafter:
+    from ..models.packed_linear import pack_linears
     family_of(spec.method)  # a one-line error for an unknown method
-    return _REGISTRY[spec.method][1](spec, target)
+    drafter = _REGISTRY[spec.method][1](spec, target)
+    for module in drafter.torch_modules():  # CPU linears on packed weights, in every engine
+        pack_linears(module)
+    return drafter
 
 
 def _load_builtin() -> None:

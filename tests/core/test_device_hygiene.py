@@ -42,18 +42,6 @@ def _hf_forward_on_cpu(module: torch.nn.Module) -> None:
             sub.forward = forward
 
 
-def _hf_models_of(drafter) -> list[torch.nn.Module]:
-    """The nn.Modules a drafter holds (its own and those it borrowed), one level deep and inside
-    hybrid's two halves."""
-    found = []
-    for value in vars(drafter).values():
-        if isinstance(value, torch.nn.Module):
-            found.append(value)
-        elif hasattr(value, "propose"):  # hybrid: lookup and head
-            found += _hf_models_of(value)
-    return found
-
-
 @pytest.fixture
 def meta_default_device(monkeypatch):
     """Default device meta; and SDPA, which would take a meta mask beside cpu inputs without a
@@ -94,7 +82,7 @@ def test_engine_and_drafter_make_no_tensor_off_the_target_device(family, sampled
                                                                  request):
     target, drafter, prompt = family(str(tmp_path))
     assert target.device.type == "cpu"
-    for module in [target] + _hf_models_of(drafter):
+    for module in [target] + drafter.torch_modules():
         _hf_forward_on_cpu(module)
         for t in list(module.parameters()) + list(module.buffers()):
             assert t.device.type == "cpu", "the drafter's weights must sit where the target is"

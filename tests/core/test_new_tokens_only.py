@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from specplug.drafters.base import Drafter
 from specplug.drafters.row_slots import surviving_prefix
 from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.rows import Request
@@ -29,7 +30,7 @@ from test_engine_sampled_families import dflash, draft, eagle, eagle3, suffix  #
 GARBAGE = 3
 
 
-class Recorder:
+class Recorder(Drafter):
     """Wraps a drafter: records every proposal; with `blind`, overwrites each row's committed
     tokens older than the newly committed ones (bar the last two) before the drafter sees them."""
 

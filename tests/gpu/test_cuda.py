@@ -27,9 +27,7 @@ from specplug.types import SamplingParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests", "core"))
 sys.path.insert(0, os.path.join(REPO, "tests", "engines", "vllm_scripts"))
-from test_device_hygiene import _hf_models_of  # noqa: E402
 from test_engine_sampled_families import FAMILIES  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +40,7 @@ def _own_tensors(drafter) -> dict[str, torch.Tensor]:
     """name -> every parameter and buffer of the drafter's modules (borrowed target ones too:
     they must be on CUDA all the more)."""
     found = {}
-    for i, module in enumerate(_hf_models_of(drafter)):
+    for i, module in enumerate(drafter.torch_modules()):
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             found[f"{type(module).__name__}[{i}].{name}"] = t
     return found
