@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..models.attention import grouped_attention
 
 # extend(k_new, v_new) [b, kv_heads, q, head_dim] -> every (keys, values) [b, kv_heads, n, head_dim]
 # the block attends to, its own entries included, in the mask's slot order
@@ -184,11 +185,10 @@ class Attention(nn.Module):
             qs = self.q_norm(qs)
         qs = apply_rope(qs.transpose(1, 2), *rope)
         keys, values = extend(*self._heads(spread(self.k_proj(x)), spread(self.v_proj(x)), rope))
-        # query head i reads kv head i // (heads / kv_heads) inside SDPA: repeating the cached
-        # keys per query head copied the whole cache every call (measured: 8x slower on a
-        # one-token draft step over 450 slots at batch 80, CPU)
-        out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask[:, None],
-                                             enable_gqa=s.heads != s.kv_heads)
+        # query head i reads kv head i // (heads / kv_heads) without a copy: repeating the
+        # cached keys per query head copied the whole cache every call (measured: 8x slower on
+        # a one-token draft step over 450 slots at batch 80, CPU)
+        out = grouped_attention(qs, keys, values, mask[:, None])
         out = out.transpose(1, 2).reshape(b, q, s.heads * s.head_dim)
         return self.o_proj(ragged.pack(out) if ragged is not None else out)
 

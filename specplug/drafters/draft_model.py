@@ -13,6 +13,7 @@ import torch
 
 from ..engine.kv import SlotCache
 from ..models.attention import use_grouped_attention
+from ..models.decoder_stack import decoder_stack_for
 from ..sampling import greedy_tokens, probs_from_logits, sample
 from ..types import PAD, DraftInput, DraftProposal
 from ..vocab import TextBridge, same_tokenizer
@@ -24,6 +25,8 @@ class DraftModelDrafter(Drafter):
     def __init__(self, model, target_vocab: int, bridge: TextBridge | None = None):
         self.model = model.eval()
         use_grouped_attention(self.model)  # verify-like blocks without copying the cache
+        # its layers through specplug's DecoderLayer where the architecture allows
+        self.net = decoder_stack_for(self.model) or self.model
         self.device = model.device  # the target's (build() puts the draft there)
         self.target_vocab = target_vocab
         self.bridge = bridge  # set when the draft's tokenizer differs from the target's
@@ -92,7 +95,7 @@ class DraftModelDrafter(Drafter):
         ids = ids.to(self.device)  # host lists, copied over once
         real = ids != PAD
         pos = self.cache.length[:, None] + torch.arange(width, device=self.device)
-        out = self.cache.forward(self.model, ids, pos, real)
+        out = self.cache.forward(self.net, ids, pos, real)
         self.cache.commit([list(range(len(f))) for f in feeds])
         for rid, f in zip(row_ids, feeds):
             self.cached_tokens[rid] += f

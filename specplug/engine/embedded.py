@@ -25,6 +25,7 @@ import torch
 from ..budget import SpeculationBudget
 from ..drafters.base import Drafter
 from ..models.attention import use_grouped_attention
+from ..models.decoder_stack import decoder_stack_for
 from ..models.packed_linear import pack_linears
 from ..stats import SpecStats, elapsed_ms
 from ..types import PAD, DraftInput, DraftProposal, SamplingParams
@@ -80,7 +81,10 @@ class EmbeddedEngine:
         # compile_target: the target's forward through torch.compile (dynamic shapes).  Off by
         # default: measured on CPU (benchmarks/compile_target.py) it does not pay, since every
         # cache update breaks the graph and the growing shapes recompile
-        self.target = torch.compile(self.model, dynamic=True) if compile_target else self.model
+        self.target = torch.compile(self.model, dynamic=True) if compile_target else (
+            # its layers through specplug's DecoderLayer where the architecture allows
+            # (models/decoder_stack.py), transformers' forward otherwise
+            decoder_stack_for(self.model) or self.model)
         self.device = model.device  # every tensor the engine makes lives here
         self.budget = budget if drafter else None
         self.tokenizer = tokenizer
@@ -293,9 +297,10 @@ class EmbeddedEngine:
                 self.budget.forget(gone)
 
     # -- model calls --------------------------------------------------------------------------
-    def _forward(self, cache, ids, pos, real, block_mask=None):
+    def _forward(self, cache, ids, pos, real, block_mask=None, logits_to_keep=0):
         out = cache.forward(self.target, ids, pos, real, block_mask,
-                            output_hidden_states=bool(self.hidden_layers))
+                            output_hidden_states=bool(self.hidden_layers),
+                            logits_to_keep=logits_to_keep)
         feats = None
         if self.hidden_layers:
             feats = torch.cat([out.hidden_states[i] for i in self.hidden_layers], dim=-1)
@@ -312,9 +317,12 @@ class EmbeddedEngine:
         ids = ids.to(self.device)
         real = ids != PAD
         pos = torch.arange(width, device=self.device).expand(len(rows), width)
-        logits, feats = self._forward(cache, ids, pos, real)
+        # prompts of one length end in the block's last column: only its logits are made (the
+        # lm_head over a whole prompt cost as much as several of its layers)
+        keep = 1 if len(set(lens)) == 1 else 0
+        logits, feats = self._forward(cache, ids, pos, real, logits_to_keep=keep)
         cache.commit([list(range(n)) for n in lens])
-        last = torch.tensor(lens, device=self.device) - 1
+        last = torch.tensor(lens, device=self.device) - (width if keep else 1)
         first = next_tokens(logits[torch.arange(len(rows), device=self.device), last],
                             self.sampling, [r.generator for r in rows])
         first = first.tolist()  # the host keeps each row's tokens (stop checks, detokenising)

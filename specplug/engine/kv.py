@@ -143,12 +143,14 @@ class SlotCache:
         return lambda k, v: self.cache.update(k, v, layer)
 
     def forward(self, model, input_ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
-                block_mask: torch.Tensor | None = None, output_hidden_states: bool = False):
+                block_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+                logits_to_keep: int = 0):
         """Run the HF `model` on a new block appended after the cached slots.
 
         input_ids, positions, real: [batch, q]; real marks non-padding inputs.
         block_mask: [batch, q, q] bool, which block inputs each input may see (a tree's ancestor
         matrix); None means causal.  The new slots start invalid: `commit` keeps what was accepted.
+        logits_to_keep: logits for the block's last n inputs only (0: all), as HF's argument.
         """
         batch, q = input_ids.shape
         if block_mask is None:
@@ -164,7 +166,7 @@ class SlotCache:
         self.reserve(positions)
         return model(input_ids=input_ids.clamp(min=0), position_ids=positions,
                      attention_mask=mask[:, None], past_key_values=self.cache, use_cache=True,
-                     output_hidden_states=output_hidden_states)
+                     output_hidden_states=output_hidden_states, logits_to_keep=logits_to_keep)
 
     # -- keeping and dropping -----------------------------------------------------------------
     def keep(self, mask: torch.Tensor) -> None:

@@ -42,19 +42,26 @@ def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    out = grouped_attention(query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """query [batch, heads, q, head_dim]; key, value [batch, kv_heads, kv, head_dim]; mask
+    [batch, 1, q, kv] (additive float or bool, True = may attend) -> [batch, heads, q, head_dim].
+    Query head h reads key/value head h // (heads / kv_heads), without copying the cache."""
     batch, heads, q, head_dim = query.shape
     groups = heads // key.shape[1]  # query heads per key/value head
-    if attention_mask.shape[1] != 1 or attention_mask.shape[2] != q:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             scale=scaling, enable_gqa=True)
-    else:
-        # a group's query heads become more queries of its key/value head: [batch, kv_heads,
-        # groups * q, head_dim] (head h reads kv head h // groups), each under its token's mask
-        packed = query.reshape(batch, key.shape[1], groups * q, head_dim)
-        mask = attention_mask if q == 1 else attention_mask.repeat(1, 1, groups, 1)
-        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-        out = out.reshape(batch, heads, q, head_dim)
-    return out.transpose(1, 2).contiguous(), None
+    if groups == 1 or query.device.type != "cpu" or mask.shape[1] != 1 or mask.shape[2] != q:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=groups > 1)
+    # a group's query heads become more queries of its key/value head: [batch, kv_heads,
+    # groups * q, head_dim] (head h reads kv head h // groups), each under its token's mask
+    packed = query.reshape(batch, key.shape[1], groups * q, head_dim)
+    mask = mask if q == 1 else mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, q, head_dim)
 
 
 def use_grouped_attention(model) -> None:

@@ -27,6 +27,7 @@ from specplug.types import SamplingParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "tests", "core"))
 sys.path.insert(0, os.path.join(REPO, "tests", "engines", "vllm_scripts"))
 from test_engine_sampled_families import FAMILIES  # noqa: E402
 
