@@ -155,6 +155,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(s.head_dim, s.eps)
             self.k_norm = RMSNorm(s.head_dim, s.eps)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., in] -> q, k, v projections: one fused product where an owner set `qkv`
+        (models/decoder_stack.py), three otherwise."""
+        fused = getattr(self, "qkv", None)
+        if fused is not None:
+            return fused(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def keys_values(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """x [b, n, in]; rope (cos, sin) [b, n, head_dim] -> keys (roped), values
         [b, kv_heads, n, head_dim]."""
@@ -177,14 +185,15 @@ class Attention(nn.Module):
         [b, q, n] bool over the entries `extend` returns (True = may attend) -> [b, q, hidden]
         ([N, hidden] packed)."""
         spread = ragged.unpack if ragged is not None else (lambda t: t)
-        qs = spread(self.q_proj(x))
+        qs, ks, vs = self.project(x)
+        qs = spread(qs)
         b, q, _ = qs.shape
         s = self.shape
         qs = qs.view(b, q, s.heads, s.head_dim)
         if s.qk_norm:
             qs = self.q_norm(qs)
         qs = apply_rope(qs.transpose(1, 2), *rope)
-        keys, values = extend(*self._heads(spread(self.k_proj(x)), spread(self.v_proj(x)), rope))
+        keys, values = extend(*self._heads(spread(ks), spread(vs), rope))
         # query head i reads kv head i // (heads / kv_heads) without a copy: repeating the
         # cached keys per query head copied the whole cache every call (measured: 8x slower on
         # a one-token draft step over 450 slots at batch 80, CPU)
@@ -203,7 +212,9 @@ class MLP(nn.Module):
         self.act = ACT2FN[shape.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., hidden]
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        fused = getattr(self, "gate_up", None)  # one product where an owner fused them
+        gate, up = fused(x) if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

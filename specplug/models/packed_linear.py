@@ -90,3 +90,39 @@ def pack_linears(root: nn.Module) -> int:
             module.__class__ = PackedLinear
             switched += 1
     return switched
+
+
+class FusedLinear(nn.Module):
+    """Linears that read one input (q/k/v, gate/up) as one packed product, split after: on the
+    CPU a one-token product costs about as much per call as per byte (bf16, SmolLM2's shapes:
+    q, k, v 18 + 15 + 15 us apart, 21 us as one).  Holds no parameters: `parts` stay the owner's
+    modules, and their weights are read (and packed again when changed) like PackedLinear's."""
+
+    def __init__(self, parts: list[nn.Linear]):
+        super().__init__()
+        self.parts = list(parts)  # a plain list: the owner's modules, not registered twice
+        self.sizes = [p.out_features for p in parts]
+        self._packed, self._bias, self._key = None, None, ()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in_features] -> one [..., out_features] per part."""
+        w = self.parts[0].weight
+        if (x.device.type != "cpu" or x.dtype != w.dtype or w.device.type != "cpu"
+                or w.dtype not in _PACKABLE or torch.is_grad_enabled()):
+            return tuple(p(x) for p in self.parts)
+        key = tuple(_weight_key(t) for p in self.parts for t in (p.weight, p.bias)
+                    if t is not None)
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(
+                torch.cat([p.weight for p in self.parts]))
+            biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
+                      for p in self.parts]
+            self._bias = torch.cat(biases) if any(p.bias is not None for p in self.parts) else None
+            self._key = key
+        out = torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+        return out.split(self.sizes, dim=-1)
+
+    def __getstate__(self):  # see PackedLinear.__getstate__
+        state = dict(self.__dict__)
+        state["_packed"], state["_bias"], state["_key"] = None, None, ()
+        return state

@@ -97,3 +97,25 @@ def test_logits_to_keep_gives_the_last_columns(net):
     # (float64 BLAS rounds a row by the batch it comes in: equal to 1e-12, not bitwise)
     assert last.shape == (2, 1, full.shape[-1])
     assert torch.allclose(last[:, 0], full[:, -1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_projections_give_transformers_logits(dtype):
+    from specplug.models.packed_linear import pack_linears, packing_works
+    if not packing_works(dtype):
+        pytest.skip(f"no oneDNN packed linear for {dtype} here")
+    model = build_tiny_llama(0, dtype=dtype)
+    use_grouped_attention(model)
+    pack_linears(model)
+    stack = decoder_stack_for(model)
+    attn, mlp = stack.layers[0].self_attn, stack.layers[0].mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    with torch.inference_mode():
+        got = _three_blocks(stack)
+        # the fused products ran: the parts were never packed one by one (no second copy)
+        assert attn.q_proj._packed is None and mlp.up_proj._packed is None
+        assert attn.o_proj._packed is not None
+        want = _three_blocks(model)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for w, g in zip(want, got):
+        assert torch.allclose(w.logits.float(), g.logits.float(), atol=tol, rtol=tol)
