@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..drafters.decoder_layer import DecoderLayer, LayerShape, Rope
+from ..drafters.decoder_layer import DecoderLayer, LayerShape, Rope, rope_for_heads
 from .packed_linear import FusedLinear, packing_works
 
 log = logging.getLogger("specplug")
@@ -72,7 +72,8 @@ class DecoderStack(nn.Module):
         cached + new slots; past_key_values: a transformers Cache (SlotCache.cache);
         logits_to_keep: logits of the last n inputs only (0: all; a prefill wants 1)."""
         x = self.embed_tokens(input_ids)
-        rope = self.rope(x, position_ids)
+        # cos/sin shaped for the heads once, not in every layer
+        rope = rope_for_heads(self.rope(x, position_ids), x.dtype)
         mask = attention_mask[:, 0]
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
