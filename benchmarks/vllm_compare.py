@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="repetitions; every engine runs the batch once in each")
     p.add_argument("--out", required=True, help="JSON output path")
     args = p.parse_args(argv)
+    # the engine sessions run in a folder of their own: a relative folder must not reach them
+    for name in ("target", "draft", "eagle3", "prompts_file"):
+        value = getattr(args, name)
+        if value and os.path.exists(value):
+            setattr(args, name, os.path.abspath(value))
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             target, draft, prompts = tiny_models(tmp)
