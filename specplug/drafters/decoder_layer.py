@@ -155,6 +155,9 @@ class Ragged:
 
 
 class Attention(nn.Module):
+    # linears that read one input: packed as one product on the CPU (fuse_linears)
+    FUSABLE = {"qkv": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, shape: LayerShape, in_size: int | None = None):
         super().__init__()
         s, width = shape, in_size or shape.hidden
@@ -168,8 +171,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(s.head_dim, s.eps)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., in] -> q, k, v projections: one fused product where an owner set `qkv`
-        (models/decoder_stack.py), three otherwise."""
+        """x [..., in] -> q, k, v projections: one fused product where `qkv` was set
+        (models/packed_linear.py, fuse_linears), three otherwise."""
         fused = getattr(self, "qkv", None)
         if fused is not None:
             return fused(x)
@@ -215,6 +218,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    FUSABLE = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, shape: LayerShape):
         super().__init__()
         from transformers.activations import ACT2FN
@@ -224,7 +229,7 @@ class MLP(nn.Module):
         self.act = ACT2FN[shape.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., hidden]
-        fused = getattr(self, "gate_up", None)  # one product where an owner fused them
+        fused = getattr(self, "gate_up", None)  # one product where fuse_linears set it
         gate, up = fused(x) if fused is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act(gate) * up)
 

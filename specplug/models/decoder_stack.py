@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..drafters.decoder_layer import DecoderLayer, LayerShape, Rope, rope_for_heads
-from .packed_linear import FusedLinear, packing_works
+from .packed_linear import fuse_linears
 
 log = logging.getLogger("specplug")
 
@@ -46,13 +46,9 @@ class DecoderStack(nn.Module):
         self.rope = Rope(shape.head_dim, 0.0, hf=inner.rotary_emb)
         with torch.device("meta"):  # shells: every weight is the HF model's
             self.layers = nn.ModuleList(DecoderLayer(shape) for _ in inner.layers)
-        fuse = self.device.type == "cpu" and packing_works(self.dtype)
         for ours, theirs in zip(self.layers, inner.layers):
             _share(ours, theirs)
-            if fuse:  # q/k/v and gate/up as one packed product each
-                a, m = ours.self_attn, ours.mlp
-                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
-                m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+        fuse_linears(self.layers)  # q/k/v and gate/up as one packed product each (CPU)
         left = [n for n, p in self.named_parameters() if p.is_meta]
         if left:
             raise ValueError(f"no HF weight for {left[0]}")

@@ -89,7 +89,31 @@ def pack_linears(root: nn.Module) -> int:
         if works[module.weight.dtype]:
             module.__class__ = PackedLinear
             switched += 1
+    fuse_linears(root)
     return switched
+
+
+def fuse_linears(root: nn.Module) -> int:
+    """Every module under `root` that names linears reading one input (a class attribute
+    FUSABLE: attribute -> part names, e.g. q/k/v, gate/up) gets each group as one FusedLinear
+    in that attribute, where packing works for the parts' CPU weights.  Returns groups fused."""
+    works: dict[torch.dtype, bool] = {}
+    fused = 0
+    for module in list(root.modules()):
+        for attr, names in getattr(type(module), "FUSABLE", {}).items():
+            if getattr(module, attr, None) is not None:
+                continue
+            parts = [getattr(module, name) for name in names]
+            w = parts[0].weight
+            if (w.device.type != "cpu" or w.is_inference()
+                    or any(p.weight.dtype != w.dtype for p in parts)):
+                continue
+            if w.dtype not in works:
+                works[w.dtype] = packing_works(w.dtype)
+            if works[w.dtype]:
+                setattr(module, attr, FusedLinear(parts))
+                fused += 1
+    return fused
 
 
 class FusedLinear(nn.Module):

@@ -94,3 +94,31 @@ def test_tied_weights_stay_tied_and_other_dtypes_stay_plain():
     with torch.inference_mode():
         h = torch.randn(2, 64)
         assert torch.allclose(model.head(h), h @ model.embed.weight.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packing_fuses_the_layers_drafters_are_built_from(dtype):
+    """pack_linears (what build_drafter and the engine run on a drafter) gives every DecoderLayer
+    one q/k/v and one gate/up product, with the separate linears' results."""
+    import copy
+
+    from specplug.drafters.decoder_layer import DecoderLayer, LayerShape
+    if not packing_works(dtype):
+        pytest.skip(f"no oneDNN packed linear for {dtype} here")
+    torch.manual_seed(0)
+    shape = LayerShape(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96,
+                       attn_bias=True)
+    layer = DecoderLayer(shape, qkv_in=128).to(dtype)
+    apart = copy.deepcopy(layer)
+    pack_linears(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    assert getattr(apart.self_attn, "qkv", None) is None
+    x, h = torch.randn(3, 5, 128).to(dtype), torch.randn(3, 5, 64).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        for got, want in zip(attn.project(x), apart.self_attn.project(x)):
+            assert got.shape == want.shape
+            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+        assert torch.allclose(mlp(h).float(), apart.mlp(h).float(), atol=tol, rtol=tol)
+        assert attn.q_proj._packed is None  # the fused product ran, not the parts
