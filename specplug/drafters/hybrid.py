@@ -8,6 +8,12 @@ needs it (one catch-up pass over several entries instead of a head pass per step
                  proposes at least `min_lookup_tokens` tokens, else the head's proposal;
   mode "tree"    both, merged into one prefix tree (shared prefixes verified once), lookup
                  branch first.  Costs a wider verify pass, never a lower accept length.
+                 With `skip_head_tokens` n > 0, a step where every row's lookup expects at
+                 least n accepted tokens (its nodes' path probabilities summed: a scored
+                 lookup such as suffix; a long match with a settled continuation) takes the
+                 lookup's tree alone and keeps the features for the head, as "switch" does:
+                 the head's pass is most of a hybrid's drafting, and where the lookup is that
+                 sure it rarely adds.
 
 Worked example, gamma 3, committed "... the cat sat on the mat . the cat":
   lookup (3-gram ". the cat" matched) -> [sat, on, the];  head -> [sat, down, .]
@@ -20,7 +26,8 @@ target's random numbers (see verify.py).
 
 Options: head_method (default: detected from the drafter folder), head_* (passed to the head with
 the prefix removed, e.g. head_tree_topk), mode, lookup ("ngram" with max_ngram (4) and
-min_match (2), or "suffix" with suffix options prefixed lookup_), min_lookup_tokens (1).  DrafterSpec.path is the head's checkpoint folder.
+min_match (2), or "suffix" with suffix options prefixed lookup_), min_lookup_tokens (1),
+skip_head_tokens (0: never; tree mode).  DrafterSpec.path is the head's checkpoint folder.
 """
 from __future__ import annotations
 
@@ -36,13 +43,19 @@ MODES = ("switch", "tree")
 
 class HybridDrafter(Drafter):
     def __init__(self, lookup: Drafter, head: Drafter, mode: str = "switch",
-                 min_lookup_tokens: int = 1):
+                 min_lookup_tokens: int = 1, skip_head_tokens: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"hybrid mode {mode!r}: choose one of {', '.join(MODES)}")
         if min_lookup_tokens < 1:
             raise ValueError(f"min_lookup_tokens must be >= 1, got {min_lookup_tokens}")
+        if skip_head_tokens < 0:
+            raise ValueError(f"skip_head_tokens must be >= 0, got {skip_head_tokens}")
+        if skip_head_tokens and mode != "tree":
+            raise ValueError("skip_head_tokens applies to mode 'tree' (mode 'switch' skips the "
+                             "head wherever the lookup matched)")
         self.lookup, self.head = lookup, head
         self.mode, self.min_lookup_tokens = mode, min_lookup_tokens
+        self.skip_head_tokens = skip_head_tokens
         self.needs = head.needs  # the lookup needs token ids only
         # both halves score their nodes (suffix lookup, EAGLE heads): so do the merged proposals
         self.scores_nodes = lookup.scores_nodes and head.scores_nodes
@@ -61,7 +74,7 @@ class HybridDrafter(Drafter):
     def propose(self, inp: DraftInput) -> DraftProposal:
         from_lookup = self.lookup.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
-        if self.mode == "switch" and bool(found.all()):
+        if bool(found.all()) and (self.mode == "switch" or self._lookup_sure(from_lookup)):
             # the head's drafts would be thrown away: skip it (a token-only head reconciles
             # from the committed tokens; a feature head gets this step's features later)
             if inp.hidden_states is not None:
@@ -75,6 +88,15 @@ class HybridDrafter(Drafter):
         if self.mode == "tree":
             return merge_trees(from_lookup, from_head, found)
         return switch_rows(from_lookup, from_head, found)
+
+    def _lookup_sure(self, proposal: DraftProposal) -> bool:
+        """Whether every row's lookup expects at least skip_head_tokens accepted tokens (tree
+        mode).  A node's score is the probability its whole path is accepted, so their sum is
+        the expected accept length.  One host sync: whether the head runs is a host decision."""
+        if not self.skip_head_tokens or proposal.scores is None:
+            return False
+        expected = proposal.scores.masked_fill(proposal.tokens == PAD, 0.0).sum(dim=1)  # [batch]
+        return bool((expected >= self.skip_head_tokens).all())
 
     def _keep_features(self, inp: DraftInput) -> None:
         for r, rid in enumerate(inp.row_ids):
@@ -204,4 +226,5 @@ def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
     lookup = build_drafter(_lookup_spec(opts), target)
     head = build_drafter(_head_spec(spec), target)
     return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
-                         int(opts.get("min_lookup_tokens", 1)))
+                         int(opts.get("min_lookup_tokens", 1)),
+                         float(opts.get("skip_head_tokens", 0.0)))

@@ -54,8 +54,14 @@ def test_greedy_identity_with_draft_model_head(llama, draft_folder, llama_prompt
         assert taus[0] == pytest.approx(taus[1])
 
 
-@pytest.mark.parametrize("mode", ["switch", "tree"])
-def test_greedy_identity_with_eagle3_head(tmp_path, mode):
+# tree-skip: a tree, except on steps where every row's suffix lookup expects 1.5 accepted
+# tokens or more; those take the lookup alone and keep the head's features for later
+EAGLE3_HYBRIDS = {"switch": {"mode": "switch"}, "tree": {"mode": "tree"},
+                  "tree-skip": {"mode": "tree", "lookup": "suffix", "skip_head_tokens": 1.5}}
+
+
+@pytest.mark.parametrize("kind", EAGLE3_HYBRIDS)
+def test_greedy_identity_with_eagle3_head(tmp_path, kind):
     target = attention_only_target(0)
     state, cfg = eagle3_state(target, [0, 1, 1], noise=0.05, draft_vocab=200)
     folder = save_head(str(tmp_path / "e3"), state, cfg)
@@ -63,16 +69,17 @@ def test_greedy_identity_with_eagle3_head(tmp_path, mode):
     plain = run(target, None, prompts, 1)[0]
     for batch in (1, 4):
         # the head is detected from the folder; head_ options reach it (an EAGLE-2 tree)
-        drafter = build_drafter(DrafterSpec("hybrid", folder, {"mode": mode, "head_tree_topk": 2,
-                                                               "head_tree_nodes": 6}),
-                                target_info(target))
+        options = {**EAGLE3_HYBRIDS[kind], "head_tree_topk": 2, "head_tree_nodes": 6}
+        drafter = build_drafter(DrafterSpec("hybrid", folder, options), target_info(target))
         assert drafter.needs.hidden_layers == (0, 1, 1)
         outs, stats = run(target, drafter, prompts, batch, GAMMA)
         assert outs == plain
         assert drafter.used_lookup > 0 and drafter.used_head > 0
         assert stats.num_accepted_tokens > 0
-        if mode == "switch":  # steps served by the lookup alone never ran the head
+        if kind != "tree":  # steps served by the lookup alone never ran the head
             assert drafter.head_calls < len(stats.accept_lengths)
+        else:
+            assert drafter.head_calls == stats.num_steps
 
 
 class _EagerHybrid(HybridDrafter):
@@ -138,7 +145,7 @@ def _greedy_accept(prop, greedy) -> int:
         node, n = nxt, n + 1
 
 
-@pytest.mark.parametrize("mode", ["switch", "tree"])
+@pytest.mark.parametrize("mode", ["switch", "tree", "tree-skip"])
 def test_sampling_is_lossless(tmp_path, mode):
     """T = 1: the second output token (the first one speculation decides) follows the target."""
     from eagle_fixtures import second_token_marginal
@@ -146,12 +153,18 @@ def test_sampling_is_lossless(tmp_path, mode):
     folder = save_model(perturbed_copy(target, 0.5), None, str(tmp_path / "d"))
     prompt = [10, 20, 30, 40, 10, 20, 30]  # lookup matches "20 30" (and "10 20 30")
     params = SamplingParams(temperature=1.0)
-    drafter = build_drafter(DrafterSpec("hybrid", folder, {"head_method": "draft", "mode": mode}),
-                            target_info(target))
+    options = {"head_method": "draft", "mode": mode}
+    if mode == "tree-skip":  # a suffix lookup sure of "40" after "10 20 30": the head skipped
+        options.update(mode="tree", lookup="suffix", skip_head_tokens=1.0)
+    drafter = build_drafter(DrafterSpec("hybrid", folder, options), target_info(target))
     draws = 3000
-    outs, _ = run(target, drafter, [prompt] * draws, 100, gamma=3, max_new=3, sampling=params,
-                  seeds=list(range(draws)))
+    # a step skips the head only when every row's lookup is sure: rows one at a time there
+    batch = 1 if mode == "tree-skip" else 100
+    outs, stats = run(target, drafter, [prompt] * draws, batch, gamma=3, max_new=3,
+                      sampling=params, seeds=list(range(draws)))
     assert drafter.used_lookup > 0 and drafter.used_head > 0
+    if mode == "tree-skip":  # some steps drafted with the lookup alone
+        assert drafter.head_calls < stats.num_steps
     p = chi_square_p([o[1] for o in outs], second_token_marginal(target, prompt))
     assert p > 0.01, f"{mode}: p={p:.2e}"
 
@@ -225,4 +238,9 @@ def test_bad_options(llama, draft_folder):
     with pytest.raises(ValueError, match="suffix: unknown options"):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"lookup": "suffix", "lookup_x": 1}),
                       info)
+    with pytest.raises(ValueError, match="skip_head_tokens applies to mode 'tree'"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"skip_head_tokens": 2}), info)
+    with pytest.raises(ValueError, match="skip_head_tokens must be >= 0"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"mode": "tree",
+                                                           "skip_head_tokens": -1}), info)
     assert isinstance(build_drafter(DrafterSpec("hybrid", draft_folder, {}), info), HybridDrafter)
