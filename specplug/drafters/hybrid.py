@@ -74,7 +74,10 @@ class HybridDrafter(Drafter):
     def propose(self, inp: DraftInput) -> DraftProposal:
         from_lookup = self.lookup.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
-        if bool(found.all()) and (self.mode == "switch" or self._lookup_sure(from_lookup)):
+        # whether to skip the head is a host decision: asked only where it can be skipped
+        may_skip = self.mode == "switch" or self.skip_head_tokens > 0
+        if may_skip and bool(found.all()) and (self.mode == "switch"
+                                               or self._lookup_sure(from_lookup)):
             # the head's drafts would be thrown away: skip it (a token-only head reconciles
             # from the committed tokens; a feature head gets this step's features later)
             if inp.hidden_states is not None:
@@ -92,7 +95,7 @@ class HybridDrafter(Drafter):
     def _lookup_sure(self, proposal: DraftProposal) -> bool:
         """Whether every row's lookup expects at least skip_head_tokens accepted tokens (tree
         mode).  A node's score is the probability its whole path is accepted, so their sum is
-        the expected accept length.  One host sync: whether the head runs is a host decision."""
+        the expected accept length."""
         if not self.skip_head_tokens or proposal.scores is None:
             return False
         expected = proposal.scores.masked_fill(proposal.tokens == PAD, 0.0).sum(dim=1)  # [batch]

@@ -105,8 +105,7 @@ def fuse_linears(root: nn.Module) -> int:
                 continue
             parts = [getattr(module, name) for name in names]
             w = parts[0].weight
-            if (w.device.type != "cpu" or w.is_inference()
-                    or any(p.weight.dtype != w.dtype for p in parts)):
+            if w.device.type != "cpu" or any(p.weight.dtype != w.dtype for p in parts):
                 continue
             if w.dtype not in works:
                 works[w.dtype] = packing_works(w.dtype)
