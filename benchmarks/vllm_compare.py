@@ -77,11 +77,13 @@ def compare(target: str, draft: str | None, prompt_ids: list[list[int]], gamma: 
             max_new: int, max_ngram: int, workdir: str, ignore_eos: bool, repeats: int = 3,
             llm_kwargs: dict | None = None, eagle3: str | None = None,
             only: list[str] | None = None) -> dict:
+    # engines run in workdir: relative folders would not resolve there (a name that is no
+    # local folder, e.g. a hub id, stays as it is)
+    target, draft, eagle3 = (os.path.abspath(p) if p and os.path.exists(p) else p
+                             for p in (target, draft, eagle3))
     base_job = {"target": target, "longest": max(map(len, prompt_ids)) + max_new,
                 "llm_kwargs": {"max_model_len": 512, "enable_prefix_caching": False,
                                **(llm_kwargs or {})}}
-    if eagle3:  # engines run in workdir: relative folders would not resolve there
-        eagle3 = os.path.abspath(eagle3)
     heads = (eagle3, convert_to_speculators(eagle3, target, workdir)) if eagle3 else None
     todo = pairs(draft, gamma, max_ngram, heads)
     unknown = sorted(set(only or []) - set(todo))
@@ -223,11 +225,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="repetitions; every engine runs the batch once in each")
     p.add_argument("--out", required=True, help="JSON output path")
     args = p.parse_args(argv)
-    # the engine sessions run in a folder of their own: a relative folder must not reach them
-    for name in ("target", "draft", "eagle3", "prompts_file"):
-        value = getattr(args, name)
-        if value and os.path.exists(value):
-            setattr(args, name, os.path.abspath(value))
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             target, draft, prompts = tiny_models(tmp)

@@ -74,10 +74,7 @@ class HybridDrafter(Drafter):
     def propose(self, inp: DraftInput) -> DraftProposal:
         from_lookup = self.lookup.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
-        # whether to skip the head is a host decision: asked only where it can be skipped
-        may_skip = self.mode == "switch" or self.skip_head_tokens > 0
-        if may_skip and bool(found.all()) and (self.mode == "switch"
-                                               or self._lookup_sure(from_lookup)):
+        if self._lookup_serves_all(found, from_lookup):
             # the head's drafts would be thrown away: skip it (a token-only head reconciles
             # from the committed tokens; a feature head gets this step's features later)
             if inp.hidden_states is not None:
@@ -92,11 +89,15 @@ class HybridDrafter(Drafter):
             return merge_trees(from_lookup, from_head, found)
         return switch_rows(from_lookup, from_head, found)
 
-    def _lookup_sure(self, proposal: DraftProposal) -> bool:
-        """Whether every row's lookup expects at least skip_head_tokens accepted tokens (tree
-        mode).  A node's score is the probability its whole path is accepted, so their sum is
-        the expected accept length."""
-        if not self.skip_head_tokens or proposal.scores is None:
+    def _lookup_serves_all(self, found: torch.Tensor, proposal: DraftProposal) -> bool:
+        """found [batch]: rows whose lookup proposed enough.  Whether this step skips the head:
+        in "switch" mode when every row found a match; in "tree" mode (skip_head_tokens set)
+        when every row's lookup also expects at least skip_head_tokens accepted tokens (a
+        node's score is the probability its whole path is accepted, so their sum is the
+        expected accept length).  A host decision: asked only where the head can be skipped."""
+        if self.mode == "switch":
+            return bool(found.all())
+        if not self.skip_head_tokens or proposal.scores is None or not bool(found.all()):
             return False
         expected = proposal.scores.masked_fill(proposal.tokens == PAD, 0.0).sum(dim=1)  # [batch]
         return bool((expected >= self.skip_head_tokens).all())

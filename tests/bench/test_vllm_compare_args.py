@@ -1,7 +1,13 @@
-"""benchmarks/vllm_compare.py's command line, without an engine."""
+"""benchmarks/vllm_compare.py's engine jobs, without an engine."""
 from __future__ import annotations
 
+import pytest
+
 from specplug.benchmarks import vllm_compare
+
+
+class _Captured(Exception):
+    pass
 
 
 def test_relative_folders_reach_the_sessions_absolute(tmp_path, monkeypatch):
@@ -9,15 +15,17 @@ def test_relative_folders_reach_the_sessions_absolute(tmp_path, monkeypatch):
     folder must reach them as an absolute path (it once failed with 'model path not found')."""
     (tmp_path / "models" / "draft").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(vllm_compare, "target_prompts", lambda *a: [[1, 2]])
     seen = {}
 
-    def fake_compare(target, draft, *rest):
-        seen.update(target=target, draft=draft)
-        return {"pairs": {}}
+    def fake_interleaved(arms, base_job, *rest):  # what the sessions would be opened with
+        seen.update(arms=arms, base_job=base_job)
+        raise _Captured
 
-    monkeypatch.setattr(vllm_compare, "compare", fake_compare)
-    assert vllm_compare.main(["--target", "models/draft", "--draft", "models/draft",
-                              "--mtbench", "1", "--out", str(tmp_path / "o.json")]) == 0
+    monkeypatch.setattr(vllm_compare, "_interleaved", fake_interleaved)
+    with pytest.raises(_Captured):
+        vllm_compare.compare("models/draft", "models/draft", [[1, 2]], 4, 8, 3,
+                             str(tmp_path / "work"), False, only=["draft"])
     folder = str(tmp_path / "models" / "draft")
-    assert seen == {"target": folder, "draft": folder}
+    assert seen["base_job"]["target"] == folder
+    assert seen["arms"]["draft-specplug"]["specplug"]["path"] == folder
+    assert seen["arms"]["draft-vllm"]["speculative_config"]["model"] == folder
