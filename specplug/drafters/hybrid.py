@@ -14,6 +14,9 @@ needs it (one catch-up pass over several entries instead of a head pass per step
                  lookup's tree alone and keeps the features for the head, as "switch" does:
                  the head's pass is most of a hybrid's drafting, and where the lookup is that
                  sure it rarely adds.
+                 With `head_gate` on, the head runs only while the tokens it added on recent
+                 steps are worth its time in the step (drafters/head_gate.py); skipped steps
+                 keep its features the same way.
 
 Worked example, gamma 3, committed "... the cat sat on the mat . the cat":
   lookup (3-gram ". the cat" matched) -> [sat, on, the];  head -> [sat, down, .]
@@ -27,7 +30,8 @@ target's random numbers (see verify.py).
 Options: head_method (default: detected from the drafter folder), head_* (passed to the head with
 the prefix removed, e.g. head_tree_topk), mode, lookup ("ngram" with max_ngram (4) and
 min_match (2), or "suffix" with suffix options prefixed lookup_), min_lookup_tokens (1),
-skip_head_tokens (0: never; tree mode).  DrafterSpec.path is the head's checkpoint folder.
+skip_head_tokens (0: never; tree mode), head_gate (off; tree mode).  DrafterSpec.path is the
+head's checkpoint folder.
 """
 from __future__ import annotations
 
@@ -36,14 +40,17 @@ from dataclasses import replace
 import torch
 
 from ..types import PAD, ROOT, DraftInput, DraftProposal
-from .base import Drafter, DrafterSpec, Family, TargetInfo, build_drafter, register_drafter
+from .base import (Drafter, DrafterSpec, Family, TargetInfo, build_drafter, option_is_set,
+                   register_drafter)
+from .head_gate import HeadGate
 
 MODES = ("switch", "tree")
 
 
 class HybridDrafter(Drafter):
     def __init__(self, lookup: Drafter, head: Drafter, mode: str = "switch",
-                 min_lookup_tokens: int = 1, skip_head_tokens: float = 0.0):
+                 min_lookup_tokens: int = 1, skip_head_tokens: float = 0.0,
+                 head_gate: HeadGate | None = None):
         if mode not in MODES:
             raise ValueError(f"hybrid mode {mode!r}: choose one of {', '.join(MODES)}")
         if min_lookup_tokens < 1:
@@ -53,7 +60,11 @@ class HybridDrafter(Drafter):
         if skip_head_tokens and mode != "tree":
             raise ValueError("skip_head_tokens applies to mode 'tree' (mode 'switch' skips the "
                              "head wherever the lookup matched)")
+        if head_gate is not None and mode != "tree":
+            raise ValueError("head_gate applies to mode 'tree' (mode 'switch' skips the head "
+                             "wherever the lookup matched)")
         self.lookup, self.head = lookup, head
+        self.gate = head_gate
         self.mode, self.min_lookup_tokens = mode, min_lookup_tokens
         self.skip_head_tokens = skip_head_tokens
         self.needs = head.needs  # the lookup needs token ids only
@@ -72,22 +83,33 @@ class HybridDrafter(Drafter):
             self.pending.pop(rid, None)
 
     def propose(self, inp: DraftInput) -> DraftProposal:
+        if self.gate is not None:
+            self.gate.start_call(inp.row_ids, inp.token_ids)
         from_lookup = self.lookup.propose(inp)
         found = from_lookup.num_nodes >= self.min_lookup_tokens  # [batch]
-        if self._lookup_serves_all(found, from_lookup):
-            # the head's drafts would be thrown away: skip it (a token-only head reconciles
-            # from the committed tokens; a feature head gets this step's features later)
+        if self._lookup_serves_all(found, from_lookup) or (
+                self.gate is not None and not self.gate.wants_head()):
+            # the head's drafts would be thrown away, or would not pay: skip it (a token-only
+            # head reconciles from the committed tokens; a feature head gets this step's
+            # features later)
             if inp.hidden_states is not None:
                 self._keep_features(inp)
+            if self.gate is not None:
+                self.gate.skipped_head()
             self.used_lookup += len(inp.row_ids)
             return from_lookup
+        began = self.gate.clock() if self.gate is not None else 0.0
         from_head = self.head.propose(self._with_pending_features(inp))
         self.head_calls += 1
         self.used_lookup += int(found.sum())
         self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
-        if self.mode == "tree":
-            return merge_trees(from_lookup, from_head, found)
-        return switch_rows(from_lookup, from_head, found)
+        if self.mode == "switch":
+            return switch_rows(from_lookup, from_head, found)
+        merged = merge_trees(from_lookup, from_head, found)  # its host walk waits for the head
+        if self.gate is not None:
+            self.gate.ran_head((self.gate.clock() - began) * 1e3, inp.row_ids, inp.token_ids,
+                               _host_rows(from_lookup, found), _host_rows(from_head))
+        return merged
 
     def _lookup_serves_all(self, found: torch.Tensor, proposal: DraftProposal) -> bool:
         """found [batch]: rows whose lookup proposed enough.  Whether this step skips the head:
@@ -126,6 +148,13 @@ class HybridDrafter(Drafter):
             if starts[r] == end or not now.shape[0]:
                 feats[r], starts[r] = torch.cat(blocks + [now]), first
         return replace(inp, hidden_states=feats, hidden_start=starts)
+
+
+def _host_rows(proposal: DraftProposal, use: torch.Tensor | None = None) -> list:
+    """Per row (tokens, parents) host lists; rows where use [batch] is unset get none."""
+    tokens, parents = proposal.tokens.tolist(), proposal.parents.tolist()
+    take = use.tolist() if use is not None else [True] * len(tokens)
+    return [(t, p) if ok else ([], []) for t, p, ok in zip(tokens, parents, take)]
 
 
 def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.Tensor) -> DraftProposal:
@@ -231,4 +260,5 @@ def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
     head = build_drafter(_head_spec(spec), target)
     return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
                          int(opts.get("min_lookup_tokens", 1)),
-                         float(opts.get("skip_head_tokens", 0.0)))
+                         float(opts.get("skip_head_tokens", 0.0)),
+                         HeadGate() if option_is_set(opts.get("head_gate", "off")) else None)

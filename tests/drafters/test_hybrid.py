@@ -6,6 +6,7 @@ import torch
 from eagle_fixtures import (attention_only_target, bos_prompts, chi_square_p, eagle3_state, run,
                             save_head)
 from specplug.drafters.base import DrafterSpec, build_drafter
+from specplug.drafters.head_gate import HeadGate
 from specplug.drafters.hybrid import HybridDrafter, merge_trees, switch_rows
 from specplug.models.loading import target_info
 from specplug.models.tiny import build_tiny_llama, perturbed_copy, save_model
@@ -55,9 +56,18 @@ def test_greedy_identity_with_draft_model_head(llama, draft_folder, llama_prompt
 
 
 # tree-skip: a tree, except on steps where every row's suffix lookup expects 1.5 accepted
-# tokens or more; those take the lookup alone and keep the head's features for later
+# tokens or more; those take the lookup alone and keep the head's features for later.
+# tree-gate: a tree on the steps the head gate lets the head run (see _gate_that_never_pays)
 EAGLE3_HYBRIDS = {"switch": {"mode": "switch"}, "tree": {"mode": "tree"},
-                  "tree-skip": {"mode": "tree", "lookup": "suffix", "skip_head_tokens": 1.5}}
+                  "tree-skip": {"mode": "tree", "lookup": "suffix", "skip_head_tokens": 1.5},
+                  "tree-gate": {"mode": "tree", "lookup": "suffix", "head_gate": "on"}}
+
+
+def _gate_that_never_pays(drafter: HybridDrafter) -> None:
+    """The hybrid's gate finds the head never pays: it runs on the first steps and on probes
+    only (3 steps every 2 to 4 skipped), so skipped and run steps alternate in every row."""
+    drafter.gate = HeadGate(min_steps=2, probe_every=2, probe_max=4)
+    drafter.gate.pays = lambda: False
 
 
 @pytest.mark.parametrize("kind", EAGLE3_HYBRIDS)
@@ -72,6 +82,8 @@ def test_greedy_identity_with_eagle3_head(tmp_path, kind):
         options = {**EAGLE3_HYBRIDS[kind], "head_tree_topk": 2, "head_tree_nodes": 6}
         drafter = build_drafter(DrafterSpec("hybrid", folder, options), target_info(target))
         assert drafter.needs.hidden_layers == (0, 1, 1)
+        if kind == "tree-gate":
+            _gate_that_never_pays(drafter)
         outs, stats = run(target, drafter, prompts, batch, GAMMA)
         assert outs == plain
         assert drafter.used_lookup > 0 and drafter.used_head > 0
@@ -145,7 +157,7 @@ def _greedy_accept(prop, greedy) -> int:
         node, n = nxt, n + 1
 
 
-@pytest.mark.parametrize("mode", ["switch", "tree", "tree-skip"])
+@pytest.mark.parametrize("mode", ["switch", "tree", "tree-skip", "tree-gate"])
 def test_sampling_is_lossless(tmp_path, mode):
     """T = 1: the second output token (the first one speculation decides) follows the target."""
     from eagle_fixtures import second_token_marginal
@@ -156,14 +168,18 @@ def test_sampling_is_lossless(tmp_path, mode):
     options = {"head_method": "draft", "mode": mode}
     if mode == "tree-skip":  # a suffix lookup sure of "40" after "10 20 30": the head skipped
         options.update(mode="tree", lookup="suffix", skip_head_tokens=1.0)
+    if mode == "tree-gate":
+        options.update(mode="tree", lookup="suffix", head_gate="on")
     drafter = build_drafter(DrafterSpec("hybrid", folder, options), target_info(target))
+    if mode == "tree-gate":
+        _gate_that_never_pays(drafter)
     draws = 3000
     # a step skips the head only when every row's lookup is sure: rows one at a time there
     batch = 1 if mode == "tree-skip" else 100
     outs, stats = run(target, drafter, [prompt] * draws, batch, gamma=3, max_new=3,
                       sampling=params, seeds=list(range(draws)))
     assert drafter.used_lookup > 0 and drafter.used_head > 0
-    if mode == "tree-skip":  # some steps drafted with the lookup alone
+    if mode in ("tree-skip", "tree-gate"):  # some steps drafted with the lookup alone
         assert drafter.head_calls < stats.num_steps
     p = chi_square_p([o[1] for o in outs], second_token_marginal(target, prompt))
     assert p > 0.01, f"{mode}: p={p:.2e}"
@@ -229,6 +245,8 @@ def test_bad_options(llama, draft_folder):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"mode": "both"}), info)
     with pytest.raises(ValueError, match="min_match"):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"min_match": 6}), info)
+    with pytest.raises(ValueError, match="head_gate applies to mode 'tree'"):
+        build_drafter(DrafterSpec("hybrid", draft_folder, {"head_gate": "on"}), info)
     with pytest.raises(ValueError, match="needs --drafter PATH"):
         build_drafter(DrafterSpec("hybrid", None, {}), info)
     with pytest.raises(ValueError, match="unknown method 'nope'"):

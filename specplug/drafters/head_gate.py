@@ -1,0 +1,140 @@
+"""Whether a tree-mode hybrid's head pays for itself: it runs only while the tokens it adds
+are worth the time it takes.
+
+The hybrid's tree is the union of the lookup's tree and the head's.  The head is most of its
+drafting time (SmolLM2, bf16, CPU: 2.6-2.8 ms a step at batch 1, 4.3 ms at batch 10 even under
+the speculation budget) and adds accepted tokens only where its branch runs deeper than the
+lookup's: on HumanEval suffix alone ran at 1.88x and the hybrid at 1.78x, and at batch 10 the
+hybrid lost to plain decoding (0.90x) where suffix won (1.05x).
+
+Per step that ran the head, the gate measures:
+  H  the head's time: its catch-up over the step's features, its drafting, the merge;
+  T  the whole step's time, from this call of the hybrid to its next;
+  G  tokens the head added: per row, how far the tokens committed next follow the head's tree
+     past where they follow the lookup's.  A path of the union lies in one of the two trees
+     (merge_trees keeps each tree's shape), so the union accepts the longer walk;
+  N  tokens committed: per row, the union's walk plus the one token verification adds.
+Skipping the head saves H of T and gives up G of N: with the head a step makes N / T tokens a
+ms, without it about (N - G) / (T - H), so the head pays while G / N > H / T.  G and N are
+summed over the last `window` measured steps, H and T are their medians (a step that admits
+requests also pays for a prefill).  A measured step is one whose previous call ran the head
+too: after skipped steps the head first catches up on their features, once.
+
+While the head is skipped nothing measures G, so after `probe_every` skipped steps the head
+runs for `probe_steps` + 1 steps (the first catches up); each probe that finds it still does
+not pay doubles the wait, up to `probe_max`.
+
+The walks read the committed tokens against the trees as the hybrid proposed them, before the
+speculation budget cut them: exact for greedy decoding without a budget, an estimate of what
+the head could add otherwise.  The gate changes which tree is proposed, never how it is
+verified, so it is lossless as every hybrid proposal is.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ..types import PAD, ROOT
+
+
+@dataclass
+class _Proposed:
+    """One row's trees, as host lists, and its context length when they were proposed."""
+    context: int
+    lookup: dict  # (parent node, token) -> node: the lookup's tree
+    head: dict  # the same for the head's tree
+
+
+class HeadGate:
+    def __init__(self, window: int = 16, min_steps: int = 6, probe_every: int = 16,
+                 probe_max: int = 256, probe_steps: int = 2, clock=time.perf_counter):
+        self.window, self.min_steps = window, min_steps
+        self.probe_every, self.probe_max, self.probe_steps = probe_every, probe_max, probe_steps
+        self.clock = clock
+        self.steps: deque = deque(maxlen=window)  # (G, N, H ms, T ms) of measured steps
+        self.wait = probe_every  # skipped steps before the next probe
+        self.skipped = 0  # steps skipped since the head last ran
+        self.forced = 0  # steps the current probe still runs the head for
+        self.head_ran = False  # whether the last call ran the head
+        self._last: tuple[float, float, dict] | None = None  # (call start, H ms, rows) to settle
+        self._call_start = 0.0
+
+    # -- each call of the hybrid ------------------------------------------------------------
+    def start_call(self, row_ids: list, token_ids: list) -> None:
+        """The hybrid's call begins: settle the last step's record against the tokens committed
+        since.  token_ids: per row, the committed ids (a 1-D tensor or list)."""
+        now = self.clock()
+        last, self._last = self._last, None
+        if last is not None:
+            started, head_ms, rows = last
+            gained = committed = 0
+            for rid, ids in zip(row_ids, token_ids):
+                tree = rows.get(rid)
+                if tree is None or len(ids) <= tree.context:
+                    continue
+                new = _as_list(ids[tree.context:])
+                by_lookup, by_head = _walk(tree.lookup, new), _walk(tree.head, new)
+                gained += max(by_head - by_lookup, 0)
+                committed += max(by_head, by_lookup) + 1
+            if committed:
+                self.steps.append((gained, committed, head_ms, (now - started) * 1e3))
+        self._call_start = now
+
+    def wants_head(self) -> bool:
+        """Whether this call runs the head.  A host decision, from host numbers only."""
+        if self.forced:
+            self.forced -= 1
+            return True
+        if len(self.steps) < self.min_steps or self.pays():
+            self.wait = self.probe_every
+            return True
+        if self.skipped >= self.wait:  # probe: catch up, then measure probe_steps steps
+            self.forced = self.probe_steps
+            self.wait = min(2 * self.wait, self.probe_max)
+            return True
+        self.skipped += 1
+        return False
+
+    def ran_head(self, head_ms: float, row_ids: list, token_ids: list,
+                 lookup_rows: list, head_rows: list) -> None:
+        """The head ran this call, taking head_ms; lookup_rows, head_rows: per row the trees
+        proposed, (tokens, parents) host lists.  Measured next call if the last one ran it too."""
+        if self.head_ran:
+            rows = {rid: _Proposed(len(ids), _children(*lk), _children(*hd))
+                    for rid, ids, lk, hd in zip(row_ids, token_ids, lookup_rows, head_rows)}
+            self._last = (self._call_start, head_ms, rows)
+        self.head_ran, self.skipped = True, 0
+
+    def skipped_head(self) -> None:
+        self.head_ran = False
+
+    def pays(self) -> bool:
+        """G / N > H / T over the window."""
+        gained = sum(s[0] for s in self.steps)
+        committed = sum(s[1] for s in self.steps)
+        head_ms = statistics.median(s[2] for s in self.steps)
+        step_ms = statistics.median(s[3] for s in self.steps)
+        return gained * step_ms > committed * head_ms
+
+
+def _children(tokens: list[int], parents: list[int]) -> dict:
+    """A tree's nodes keyed by (parent node, token); PAD nodes left out."""
+    return {(par, tok): j for j, (tok, par) in enumerate(zip(tokens, parents)) if tok != PAD}
+
+
+def _walk(tree: dict, new: list[int]) -> int:
+    """How many of the tokens `new` (committed after the tree was proposed) follow one path of
+    the tree from its root: the drafts verification accepts from it."""
+    node, depth = ROOT, 0
+    for tok in new:
+        node = tree.get((node, tok))
+        if node is None:
+            break
+        depth += 1
+    return depth
+
+
+def _as_list(ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)

@@ -1,0 +1,89 @@
+"""The hybrid's head gate on literal steps: the walk that attributes accepted tokens to a tree,
+the G / N > H / T rule, and probing while the head is skipped."""
+from specplug.drafters.head_gate import HeadGate, _children, _walk
+from specplug.types import PAD, ROOT
+
+# the lookup's chain 5 6 7; the head's tree 5 -> {6, 9 -> 4}
+LOOKUP = ([5, 6, 7], [ROOT, 0, 1])
+HEAD = ([5, 6, 9, 4, PAD], [ROOT, 0, 0, 2, ROOT])
+
+
+def test_walk_table():
+    lookup, head = _children(*LOOKUP), _children(*HEAD)
+    assert _walk(lookup, [5, 6, 7, 8]) == 3
+    assert _walk(head, [5, 6, 7, 8]) == 2
+    assert _walk(head, [5, 9, 4, 1]) == 3  # the head's second branch
+    assert _walk(lookup, [5, 9, 4, 1]) == 1
+    assert _walk(head, [8, 5]) == 0  # a walk starts at the root only
+    assert _walk(_children([], []), [5]) == 0
+
+
+class _Clock:
+    """Each step takes `step_ms`; the gate reads the clock once a call (start_call)."""
+    def __init__(self, step_ms: float):
+        self.now, self.step_ms = 0.0, step_ms
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += self.step_ms / 1e3
+
+
+def _steps(gate: HeadGate, clock: _Clock, committed_after: list[int], head_ms: float,
+           calls: int) -> list[bool]:
+    """Run `calls` calls of one row whose lookup and head propose LOOKUP and HEAD every time,
+    and whose next committed tokens are `committed_after` each time; returns whether each
+    call ran the head."""
+    ids, ran = [1, 2, 3], []
+    for _ in range(calls):
+        gate.start_call([0], [ids])
+        if gate.wants_head():
+            gate.ran_head(head_ms, [0], [ids], [LOOKUP], [HEAD])
+            ran.append(True)
+        else:
+            gate.skipped_head()
+            ran.append(False)
+        ids = ids + committed_after
+        clock.tick()
+    return ran
+
+
+def test_a_head_that_adds_tokens_keeps_running():
+    clock = _Clock(20.0)
+    gate = HeadGate(min_steps=3, clock=clock)
+    # each step the head's second branch gets 3 accepted where the lookup's gets 1:
+    # G / N = 2 / 4 = 0.5 > H / T = 5 / 20
+    ran = _steps(gate, clock, [5, 9, 4, 1], head_ms=5.0, calls=30)
+    assert all(ran)
+    assert gate.pays()
+    gained, committed, head_ms, step_ms = gate.steps[-1]
+    assert (gained, committed, head_ms) == (2, 4, 5.0)
+    assert abs(step_ms - 20.0) < 1e-6
+
+
+def test_a_head_that_adds_nothing_is_skipped_and_probed():
+    clock = _Clock(20.0)
+    gate = HeadGate(min_steps=3, probe_every=4, probe_max=8, probe_steps=2, clock=clock)
+    # the lookup's chain is what gets committed: the head adds nothing for its 5 ms
+    ran = _steps(gate, clock, [5, 6, 7, 8], head_ms=5.0, calls=40)
+    # a measured step needs the head on the call before (the first call is not one) and is
+    # settled on the call after: 3 measured steps take 4 calls
+    assert ran[:4] == [True] * 4
+    # then 4 skips, a probe (a catch-up and 2 measured steps), 8 skips, a probe, 8 skips
+    assert ran[4:8] == [False] * 4 and ran[8:11] == [True] * 3
+    assert ran[11:19] == [False] * 8 and ran[19:22] == [True] * 3
+    assert ran[22:30] == [False] * 8
+    assert not gate.pays()
+
+
+def test_the_rule_weighs_gain_against_time():
+    clock = _Clock(20.0)
+    # G / N = 2 / 4 = 0.5 against H / T = 12 / 20 = 0.6: the head's gain does not pay
+    gate = HeadGate(min_steps=3, clock=clock)
+    ran = _steps(gate, clock, [5, 9, 4, 1], head_ms=12.0, calls=8)
+    assert ran[-1] is False and not gate.pays()
+    # at 8 ms (0.4) it does
+    clock = _Clock(20.0)
+    gate = HeadGate(min_steps=3, clock=clock)
+    assert all(_steps(gate, clock, [5, 9, 4, 1], head_ms=8.0, calls=8))
