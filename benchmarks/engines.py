@@ -284,7 +284,8 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
             options = dict(drafter.options)
             job["specplug"] = {"method": drafter.method, "path": drafter.path,
                                "num_draft_tokens": t.gamma,
-                               "budget": option_is_set(options.pop("budget", False)),
+                               "budget": option_is_set(options.pop("budget", False),
+                                                       "option budget"),
                                "options": options}
         return job
 
@@ -299,8 +300,8 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
                          _vllm_drafter_arms(t))
     for arm in arms[1:]:
         options = arm.settings["options"]
-        arm.settings["native"] = option_is_set(options.get("native", False))
-        arm.settings["budget"] = option_is_set(options.pop("budget", False))
+        arm.settings["native"] = option_is_set(options.get("native", False), "option native")
+        arm.settings["budget"] = option_is_set(options.pop("budget", False), "option budget")
     return arms
 
 
@@ -311,7 +312,8 @@ def _vllm_drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
     modes = _budget_modes(t)
     out = []
     for label, drafter in _drafter_arms(t):
-        for on in ((False,) if option_is_set(drafter.options.get("native", False)) else modes):
+        native = option_is_set(drafter.options.get("native", False), "option native")
+        for on in ((False,) if native else modes):
             options = dict(drafter.options, budget=1) if on else dict(drafter.options)
             out.append((label + ("/budget" if on else ""),
                         DrafterSpec(drafter.method, drafter.path, options)))

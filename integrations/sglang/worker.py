@@ -82,7 +82,8 @@ class SpecplugWorker(BaseSpecWorker):
         draft_path = drafter_path(spec.speculative_draft_model_path)
         self.method = resolve_method(spec.speculative_algorithm, draft_path)
         options = {k: v for k, v in drafter_options().items() if k not in ("path", "budget")}
-        self.steps = self._budget(option_is_set(drafter_options().get("budget", "")))
+        self.steps = self._budget(option_is_set(drafter_options().get("budget", "off"),
+                                                "option budget"))
         self._committed: dict[str, int] = {}  # rid -> tokens committed at the last step
         if self.topk > 1:
             options = {**tree_options(self.method, self.topk, self.speculative_num_steps,

@@ -52,9 +52,9 @@ def speculative_settings(method: str, path: str | None, options: dict | None,
     if method in (None, "none"):
         return None, {}
     options = dict(options or {})
-    via_plugin = option_is_set(options.pop("via_plugin", via_plugin))
+    via_plugin = option_is_set(options.pop("via_plugin", via_plugin), "option via_plugin")
     family = family_of(method)
-    if option_is_set(options.pop("native", False)):
+    if option_is_set(options.pop("native", False), "option native"):
         return _native_lookup(family, options, num_draft_tokens), {}
     # a family vLLM implements itself (family.vllm_method) runs as vLLM's own on the same
     # checkpoint, unless via_plugin asks for specplug's drafter through the custom_class proposer

@@ -75,9 +75,16 @@ class DrafterSpec:
     options: dict = field(default_factory=dict)  # method-specific settings (tree sizes, k, ...)
 
 
-def option_is_set(value) -> bool:
-    """An on/off option as it arrives (True, or text from a command line or a JSON block)."""
-    return str(value).lower() in ("1", "true", "yes", "on")
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def option_is_set(value, name: str = "option") -> bool:
+    """An on/off option as it arrives (a bool, or text from a command line or a JSON block).
+    Anything else is an error: a misspelt value must not quietly mean off."""
+    text = str(value).lower()
+    if text not in _ON + _OFF:
+        raise ValueError(f"{name} must be on or off (also 1/0, true/false, yes/no), got {value!r}")
+    return text in _ON
 
 
 @dataclass(frozen=True)

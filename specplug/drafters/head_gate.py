@@ -100,9 +100,10 @@ class HeadGate:
     def ran_head(self, head_ms: float, row_ids: list, token_ids: list,
                  lookup_rows: list, head_rows: list) -> None:
         """The head ran this call, taking head_ms; lookup_rows, head_rows: per row the trees
-        proposed, (tokens, parents) host lists.  Measured next call if the last one ran it too."""
+        proposed, (tokens, parents, ...) host lists.  Measured next call if the last one ran it
+        too."""
         if self.head_ran:
-            rows = {rid: _Proposed(len(ids), _children(*lk), _children(*hd))
+            rows = {rid: _Proposed(len(ids), _children(lk[0], lk[1]), _children(hd[0], hd[1]))
                     for rid, ids, lk, hd in zip(row_ids, token_ids, lookup_rows, head_rows)}
             self._last = (self._call_start, head_ms, rows)
         self.head_ran, self.skipped = True, 0

@@ -105,10 +105,13 @@ class HybridDrafter(Drafter):
         self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
         if self.mode == "switch":
             return switch_rows(from_lookup, from_head, found)
-        merged = merge_trees(from_lookup, from_head, found)  # its host walk waits for the head
+        # the merge walks node lists on the host (a few nodes per row); the gate reads the same
+        lookup_rows, head_rows, use = host_rows(from_lookup), host_rows(from_head), found.tolist()
+        merged = merge_host_rows(lookup_rows, head_rows, use, from_head.tokens.device)
         if self.gate is not None:
             self.gate.ran_head((self.gate.clock() - began) * 1e3, inp.row_ids, inp.token_ids,
-                               _host_rows(from_lookup, found), _host_rows(from_head))
+                               [row if ok else ([], [], None) for row, ok in zip(lookup_rows, use)],
+                               head_rows)
         return merged
 
     def _lookup_serves_all(self, found: torch.Tensor, proposal: DraftProposal) -> bool:
@@ -150,13 +153,6 @@ class HybridDrafter(Drafter):
         return replace(inp, hidden_states=feats, hidden_start=starts)
 
 
-def _host_rows(proposal: DraftProposal, use: torch.Tensor | None = None) -> list:
-    """Per row (tokens, parents) host lists; rows where use [batch] is unset get none."""
-    tokens, parents = proposal.tokens.tolist(), proposal.parents.tolist()
-    take = use.tolist() if use is not None else [True] * len(tokens)
-    return [(t, p) if ok else ([], []) for t, p, ok in zip(tokens, parents, take)]
-
-
 def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.Tensor) -> DraftProposal:
     """Per row, the lookup's proposal where take_lookup [batch] is set, else the head's."""
     batch, dev = take_lookup.shape[0], head.tokens.device
@@ -185,21 +181,32 @@ def switch_rows(lookup: DraftProposal, head: DraftProposal, take_lookup: torch.T
     return DraftProposal(tokens, parents, probs, scores)
 
 
+def host_rows(proposal: DraftProposal) -> list[tuple[list[int], list[int], list | None]]:
+    """Per row the tree as host lists: (tokens, parents, scores or None), one read a tensor."""
+    tokens, parents = proposal.tokens.tolist(), proposal.parents.tolist()
+    scores = proposal.scores.tolist() if proposal.scores is not None else [None] * len(tokens)
+    return list(zip(tokens, parents, scores))
+
+
 def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Tensor) -> DraftProposal:
-    """Per row, the union of two trees as one prefix tree (first's nodes first); rows where
-    use_first [batch] is unset get the second tree only.  Verified as point masses.  Where both
-    score their nodes, a node in both trees keeps the higher score (either estimates the chance
-    of the same path)."""
-    scored = first.scores is not None and second.scores is not None
+    """Per row, the union of two trees (merge_host_rows); use_first [batch]."""
+    return merge_host_rows(host_rows(first), host_rows(second), use_first.tolist(),
+                           first.tokens.device)
+
+
+def merge_host_rows(first: list, second: list, use_first: list[bool], device) -> DraftProposal:
+    """Per row, the union of two trees (host_rows) as one prefix tree (first's nodes first);
+    rows where use_first is unset get the second tree only.  Verified as point masses.  Where
+    both score their nodes, a node in both trees keeps the higher score (either estimates the
+    chance of the same path)."""
+    scored = bool(first) and first[0][2] is not None and second[0][2] is not None
     rows, row_scores = [], []
-    for r in range(first.tokens.shape[0]):
+    for one, two, use in zip(first, second, use_first):
         tokens, parents, scores, index = [], [], [], {}  # index: (new parent, token) -> node
-        sources = (first, second) if bool(use_first[r]) else (second,)
-        for src in sources:
+        for src_tokens, src_parents, src_scores in ((one, two) if use else (two,)):
             remap = {}
-            # the merge walks node lists on the host (a few nodes per row)
-            src_scores = src.scores[r].tolist() if scored else [0.0] * src.tokens.shape[1]
-            for j, (tok, par) in enumerate(zip(src.tokens[r].tolist(), src.parents[r].tolist())):
+            src_scores = src_scores if scored else [0.0] * len(src_tokens)
+            for j, (tok, par) in enumerate(zip(src_tokens, src_parents)):
                 if tok == PAD or (par != ROOT and par not in remap):
                     continue
                 new_par = ROOT if par == ROOT else remap[par]
@@ -213,7 +220,7 @@ def merge_trees(first: DraftProposal, second: DraftProposal, use_first: torch.Te
                 remap[j] = index[key]
         rows.append((tokens, parents))
         row_scores.append(scores)
-    return DraftProposal.from_rows(rows, first.tokens.device, row_scores if scored else None)
+    return DraftProposal.from_rows(rows, device, row_scores if scored else None)
 
 
 def _head_spec(spec: DrafterSpec) -> DrafterSpec:
@@ -258,7 +265,8 @@ def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
     opts = spec.options
     lookup = build_drafter(_lookup_spec(opts), target)
     head = build_drafter(_head_spec(spec), target)
+    gated = option_is_set(opts.get("head_gate", "off"), "hybrid option head_gate")
     return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
                          int(opts.get("min_lookup_tokens", 1)),
                          float(opts.get("skip_head_tokens", 0.0)),
-                         HeadGate() if option_is_set(opts.get("head_gate", "off")) else None)
+                         HeadGate() if gated else None)

@@ -262,7 +262,7 @@ def _option(options: dict, name: str, kind, default):
     if value is None:
         return None
     if kind is bool and isinstance(value, str):
-        return option_is_set(value)
+        return option_is_set(value, f"specdiff option {name}")
     return kind(value)
 
 

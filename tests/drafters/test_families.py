@@ -44,3 +44,12 @@ def test_derived_sets_follow_the_records():
 def test_unknown_method_is_one_line():
     with pytest.raises(ValueError, match="unknown method 'nope'; known: none, "):
         family_of("nope")
+
+
+def test_on_off_options_reject_other_words():
+    from specplug.drafters.base import option_is_set
+    assert [option_is_set(v) for v in (True, 1, "on", "YES", "true")] == [True] * 5
+    assert [option_is_set(v) for v in (False, 0, "off", "No", "false")] == [False] * 5
+    for bad in ("maybe", "", "2", None):
+        with pytest.raises(ValueError, match="budget must be on or off"):
+            option_is_set(bad, "option budget")
