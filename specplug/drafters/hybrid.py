@@ -15,8 +15,9 @@ needs it (one catch-up pass over several entries instead of a head pass per step
                  the head's pass is most of a hybrid's drafting, and where the lookup is that
                  sure it rarely adds.
                  With `head_gate` on, the head runs only while the tokens it added on recent
-                 steps are worth its time in the step (drafters/head_gate.py); skipped steps
-                 keep its features the same way.
+                 steps are worth its time in the step (drafters/head_gate.py; the tokens
+                 credited x `head_gate_credit`, 1.5); skipped steps keep its features the
+                 same way.
 
 Worked example, gamma 3, committed "... the cat sat on the mat . the cat":
   lookup (3-gram ". the cat" matched) -> [sat, on, the];  head -> [sat, down, .]
@@ -30,8 +31,8 @@ target's random numbers (see verify.py).
 Options: head_method (default: detected from the drafter folder), head_* (passed to the head with
 the prefix removed, e.g. head_tree_topk), mode, lookup ("ngram" with max_ngram (4) and
 min_match (2), or "suffix" with suffix options prefixed lookup_), min_lookup_tokens (1),
-skip_head_tokens (0: never; tree mode), head_gate (off; tree mode).  DrafterSpec.path is the
-head's checkpoint folder.
+skip_head_tokens (0: never; tree mode), head_gate (off; tree mode), head_gate_credit (1.5).
+DrafterSpec.path is the head's checkpoint folder.
 """
 from __future__ import annotations
 
@@ -266,7 +267,7 @@ def build(spec: DrafterSpec, target: TargetInfo) -> HybridDrafter:
     lookup = build_drafter(_lookup_spec(opts), target)
     head = build_drafter(_head_spec(spec), target)
     gated = option_is_set(opts.get("head_gate", "off"), "hybrid option head_gate")
+    gate = HeadGate(credit=float(opts.get("head_gate_credit", 1.5))) if gated else None
     return HybridDrafter(lookup, head, str(opts.get("mode", "switch")),
                          int(opts.get("min_lookup_tokens", 1)),
-                         float(opts.get("skip_head_tokens", 0.0)),
-                         HeadGate() if gated else None)
+                         float(opts.get("skip_head_tokens", 0.0)), gate)

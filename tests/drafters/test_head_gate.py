@@ -1,5 +1,5 @@
 """The hybrid's head gate on literal steps: the walk that attributes accepted tokens to a tree,
-the G / N > H / T rule, and probing while the head is skipped."""
+the credit x G / N > H / T rule, and probing while the head is skipped."""
 from specplug.drafters.head_gate import HeadGate, _children, _walk
 from specplug.types import PAD, ROOT
 
@@ -51,7 +51,7 @@ def _steps(gate: HeadGate, clock: _Clock, committed_after: list[int], head_ms: f
 
 def test_a_head_that_adds_tokens_keeps_running():
     clock = _Clock(20.0)
-    gate = HeadGate(min_steps=3, clock=clock)
+    gate = HeadGate(min_steps=3, credit=1.0, clock=clock)
     # each step the head's second branch gets 3 accepted where the lookup's gets 1:
     # G / N = 2 / 4 = 0.5 > H / T = 5 / 20
     ran = _steps(gate, clock, [5, 9, 4, 1], head_ms=5.0, calls=30)
@@ -78,12 +78,14 @@ def test_a_head_that_adds_nothing_is_skipped_and_probed():
 
 
 def test_the_rule_weighs_gain_against_time():
-    clock = _Clock(20.0)
+    def gated(head_ms: float, credit: float) -> list[bool]:
+        clock = _Clock(20.0)
+        return _steps(HeadGate(min_steps=3, credit=credit, clock=clock), clock, [5, 9, 4, 1],
+                      head_ms=head_ms, calls=8)
     # G / N = 2 / 4 = 0.5 against H / T = 12 / 20 = 0.6: the head's gain does not pay
-    gate = HeadGate(min_steps=3, clock=clock)
-    ran = _steps(gate, clock, [5, 9, 4, 1], head_ms=12.0, calls=8)
-    assert ran[-1] is False and not gate.pays()
+    assert gated(12.0, credit=1.0)[-1] is False
     # at 8 ms (0.4) it does
-    clock = _Clock(20.0)
-    gate = HeadGate(min_steps=3, clock=clock)
-    assert all(_steps(gate, clock, [5, 9, 4, 1], head_ms=8.0, calls=8))
+    assert all(gated(8.0, credit=1.0))
+    # credited 1.5x (0.75), the 12 ms head pays and a 16 ms one (0.8) does not
+    assert all(gated(12.0, credit=1.5))
+    assert gated(16.0, credit=1.5)[-1] is False

@@ -247,6 +247,10 @@ def test_bad_options(llama, draft_folder):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"min_match": 6}), info)
     with pytest.raises(ValueError, match="head_gate applies to mode 'tree'"):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"head_gate": "on"}), info)
+    with pytest.raises(ValueError, match="head_gate_credit must be > 0, got 0.0"):
+        build_drafter(DrafterSpec("hybrid", draft_folder,
+                                  {"mode": "tree", "head_gate": "on", "head_gate_credit": "0"}),
+                      info)
     with pytest.raises(ValueError, match="head_gate must be on or off.*'maybe'"):
         build_drafter(DrafterSpec("hybrid", draft_folder, {"mode": "tree", "head_gate": "maybe"}),
                       info)
