@@ -30,13 +30,13 @@ class _Clock:
         self.now += self.step_ms / 1e3
 
 
-def _steps(gate: HeadGate, clock: _Clock, committed_after: list[int], head_ms: float,
+def _steps(gate: HeadGate, clock: _Clock, committed_after, head_ms: float,
            calls: int) -> list[bool]:
     """Run `calls` calls of one row whose lookup and head propose LOOKUP and HEAD every time,
-    and whose next committed tokens are `committed_after` each time; returns whether each
-    call ran the head."""
+    and whose next committed tokens are `committed_after` each time (a list, or a function of
+    the call's number); returns whether each call ran the head."""
     ids, ran = [1, 2, 3], []
-    for _ in range(calls):
+    for call in range(calls):
         gate.start_call([0], [ids])
         if gate.wants_head():
             gate.ran_head(head_ms, [0], [ids], [LOOKUP], [HEAD])
@@ -44,7 +44,7 @@ def _steps(gate: HeadGate, clock: _Clock, committed_after: list[int], head_ms: f
         else:
             gate.skipped_head()
             ran.append(False)
-        ids = ids + committed_after
+        ids = ids + (committed_after(call) if callable(committed_after) else committed_after)
         clock.tick()
     return ran
 
@@ -75,6 +75,24 @@ def test_a_head_that_adds_nothing_is_skipped_and_probed():
     assert ran[11:19] == [False] * 8 and ran[19:22] == [True] * 3
     assert ran[22:30] == [False] * 8
     assert not gate.pays()
+
+
+def test_a_bad_stretch_does_not_switch_off_a_head_that_pays():
+    # 16 calls where the head adds 2 of 4 committed tokens, then 16 where it adds none, and so
+    # on: G / N = 0.25 over the memory against H / T = 4 / 20 = 0.2.  A 16-step window would
+    # see only the bad stretch, switch the head off and probe it among old bad steps.
+    clock = _Clock(20.0)
+    gate = HeadGate(credit=1.0, clock=clock)
+    ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if (call // 16) % 2 else [5, 9, 4, 1],
+                 head_ms=4.0, calls=320)
+    assert all(ran)
+    # at 6 ms (0.3) a head whose gain alternates call by call (0.25 again) does not pay: after
+    # its first 16 measured steps it runs on probes only: 5 calls after 16, 32, 64, 64, 64 skips
+    clock = _Clock(20.0)
+    gate = HeadGate(credit=1.0, clock=clock)
+    ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
+                 head_ms=6.0, calls=320)
+    assert ran[:17] == [True] * 17 and sum(ran) == 17 + 5 * 5
 
 
 def test_the_rule_weighs_gain_against_time():
