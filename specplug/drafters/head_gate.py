@@ -14,17 +14,26 @@ Per step that ran the head, the gate measures:
      past where they follow the lookup's.  A path of the union lies in one of the two trees
      (merge_trees keeps each tree's shape), so the union accepts the longer walk;
   N  tokens committed: per row, the union's walk plus the one token verification adds.
-Skipping the head saves H of T and gives up G of N: with the head a step makes N / T tokens a
-ms, without it about (N - G) / (T - H), so the head pays while G / N > H / T.  A measured step is
-one whose previous call ran the head too: after skipped steps the head first catches up on
-their features, once.
+Skipping the head gives up G of N and shortens the step to S: with the head a step makes N / T
+tokens a ms, without it about (N - G) / S, so the head pays while G / N > 1 - S / T.  A
+measured step is one whose previous call ran the head too: after skipped steps the head first
+catches up on their features, once.
+
+S is measured, on steps that skip the head: the head's nodes also widen the verify pass, which
+H leaves out and which grows with the batch.  At batch 10 under the budget, a gate that took S
+as T - H kept a head that did not pay (0.906x of plain against 0.964x for the hybrid without a
+gate).  So while the head runs, every `check_every` steps it is skipped for `probe_steps` steps
+to time S; until `min_skips` are timed, S is taken as T - H (so G / N > H / T).
 
 G and N are sums over a long memory: each measured step first scales them by 1 - 1 / `memory`
 (128).  G is mostly 0 with a few 2s and 3s, so a short window swings across the threshold by
 chance, and a gate that switched off on one bad window stayed off: its probes added 2 steps to
 a window of old bad ones, each failed probe doubled the wait, and on MT-Bench the head ran on
 212 of 1237 steps where it paid.  H and T are the medians of the last `window` measured steps
-(a step that admits requests also pays for a prefill).
+(a step that admits requests also pays for a prefill).  Each timed skipped step gives S / T
+against the median T of the 8 measured steps before it (step times drift with the context by
+a third within a request on MT-Bench, so S and T must be timed close together), and 1 - S / T
+is taken from the median of the last `window` of those.
 
 G undercounts what the head is worth.  It assumes the steps would fall where they fell; they
 do not.  Measured on SmolLM2 with its EAGLE-3 head (bf16, batch 1, 128 tokens), the hybrid's
@@ -65,13 +74,20 @@ class _Proposed:
 class HeadGate:
     def __init__(self, memory: int = 128, window: int = 32, min_steps: int = 16,
                  probe_every: int = 16, probe_max: int = 64, probe_steps: int = 4,
-                 credit: float = 1.5, clock=time.perf_counter):
+                 check_every: int = 64, min_skips: int = 3, credit: float = 1.5,
+                 clock=time.perf_counter):
         if credit <= 0:
             raise ValueError(f"head_gate_credit must be > 0, got {credit}")
         self.keep, self.min_steps, self.credit = 1.0 - 1.0 / memory, min_steps, credit
         self.probe_every, self.probe_max, self.probe_steps = probe_every, probe_max, probe_steps
+        self.check_every, self.min_skips = check_every, min_skips
         self.clock = clock
         self.steps: deque = deque(maxlen=window)  # (G, N, H ms, T ms) of measured steps
+        self.skip_ratio: deque = deque(maxlen=window)  # S / T of timed skipped steps
+        self.pair_with = 8  # the measured steps whose median T a skipped step is timed against
+        self.since_check = 0  # calls that ran the head since S was last timed
+        self.checking = 0  # calls the current check still skips the head for
+        self._skip_start: float | None = None  # when the last call skipped the head
         self.measured = 0  # measured steps so far
         self.gained = self.committed = 0.0  # G and N over the memory
         self.wait = probe_every  # skipped steps before the next probe
@@ -86,6 +102,12 @@ class HeadGate:
         """The hybrid's call begins: settle the last step's record against the tokens committed
         since.  token_ids: per row, the committed ids (a 1-D tensor or list)."""
         now = self.clock()
+        if self._skip_start is not None and self.steps:
+            # against the steps with the head just before it: both grow with the context and
+            # swing with the batch, their ratio much less
+            recent_ms = statistics.median(s[3] for s in list(self.steps)[-self.pair_with:])
+            self.skip_ratio.append((now - self._skip_start) * 1e3 / recent_ms)
+        self._skip_start = None
         last, self._last = self._last, None
         if last is not None:
             started, head_ms, rows = last
@@ -110,13 +132,25 @@ class HeadGate:
         if self.forced:
             self.forced -= 1
             return True
-        if self.measured < self.min_steps or self.pays():
+        if self.checking:
+            self.checking -= 1
+            return self._skip()
+        if self.measured < self.min_steps:
+            return True
+        if self.pays():
             self.wait = self.probe_every
+            self.since_check += 1
+            if self.since_check > self.check_every:  # time S: skip probe_steps steps
+                self.since_check, self.checking = 0, self.probe_steps - 1
+                return self._skip()
             return True
         if self.skipped >= self.wait:  # probe: catch up, then measure probe_steps steps
             self.forced = self.probe_steps
             self.wait = min(2 * self.wait, self.probe_max)
             return True
+        return self._skip()
+
+    def _skip(self) -> bool:
         self.skipped += 1
         return False
 
@@ -132,13 +166,18 @@ class HeadGate:
         self.head_ran, self.skipped = True, 0
 
     def skipped_head(self) -> None:
-        self.head_ran = False
+        """This call did not run the head (the gate's choice or the hybrid's): its step is
+        timed as S, up to the next call."""
+        self.head_ran, self._skip_start = False, self._call_start
 
     def pays(self) -> bool:
-        """credit x G / N (over the memory) > H / T (medians over the window)."""
-        head_ms = statistics.median(s[2] for s in self.steps)
-        step_ms = statistics.median(s[3] for s in self.steps)
-        return self.credit * self.gained * step_ms > self.committed * head_ms
+        """credit x G / N (over the memory) > 1 - S / T (a median over the window)."""
+        if len(self.skip_ratio) >= self.min_skips:
+            saved = 1.0 - statistics.median(self.skip_ratio)
+        else:  # S taken as T - H
+            saved = (statistics.median(s[2] for s in self.steps)
+                     / statistics.median(s[3] for s in self.steps))
+        return self.credit * self.gained > self.committed * saved
 
 
 def _children(tokens: list[int], parents: list[int]) -> dict:

@@ -19,22 +19,24 @@ def test_walk_table():
 
 
 class _Clock:
-    """Each step takes `step_ms`; the gate reads the clock once a call (start_call)."""
+    """A step with the head takes `step_ms`; the gate reads the clock once a call (start_call)."""
     def __init__(self, step_ms: float):
         self.now, self.step_ms = 0.0, step_ms
 
     def __call__(self) -> float:
         return self.now
 
-    def tick(self) -> None:
-        self.now += self.step_ms / 1e3
+    def tick(self, ms: float) -> None:
+        self.now += ms / 1e3
 
 
 def _steps(gate: HeadGate, clock: _Clock, committed_after, head_ms: float,
-           calls: int) -> list[bool]:
+           calls: int, skip_ms: float | None = None) -> list[bool]:
     """Run `calls` calls of one row whose lookup and head propose LOOKUP and HEAD every time,
     and whose next committed tokens are `committed_after` each time (a list, or a function of
-    the call's number); returns whether each call ran the head."""
+    the call's number); returns whether each call ran the head.  A step that skips the head
+    takes skip_ms (default: the step less the head's time)."""
+    skip_ms = clock.step_ms - head_ms if skip_ms is None else skip_ms
     ids, ran = [1, 2, 3], []
     for call in range(calls):
         gate.start_call([0], [ids])
@@ -45,7 +47,7 @@ def _steps(gate: HeadGate, clock: _Clock, committed_after, head_ms: float,
             gate.skipped_head()
             ran.append(False)
         ids = ids + (committed_after(call) if callable(committed_after) else committed_after)
-        clock.tick()
+        clock.tick(clock.step_ms if ran[-1] else skip_ms)
     return ran
 
 
@@ -85,7 +87,8 @@ def test_a_bad_stretch_does_not_switch_off_a_head_that_pays():
     gate = HeadGate(credit=1.0, clock=clock)
     ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if (call // 16) % 2 else [5, 9, 4, 1],
                  head_ms=4.0, calls=320)
-    assert all(ran)
+    # skipped only to time steps without it: 4 calls after every 64 that ran it
+    assert _skipped_runs(ran) == [4] * 4 and ran[:65] == [True] * 65
     # at 6 ms (0.3) a head whose gain alternates call by call (0.25 again) does not pay: after
     # its first 16 measured steps it runs on probes only: 5 calls after 16, 32, 64, 64, 64 skips
     clock = _Clock(20.0)
@@ -93,6 +96,34 @@ def test_a_bad_stretch_does_not_switch_off_a_head_that_pays():
     ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
                  head_ms=6.0, calls=320)
     assert ran[:17] == [True] * 17 and sum(ran) == 17 + 5 * 5
+
+
+def test_the_time_a_skipped_step_saves_is_measured():
+    # G / N = 0.25 against H / T = 4 / 20 = 0.2, but the head's nodes also widen the verify
+    # pass: a step without it takes 10 ms, not 16 (1 - S / T = 0.5).  Once the first check has
+    # timed skipped steps, the head runs on probes only.
+    clock = _Clock(20.0)
+    gate = HeadGate(credit=1.0, clock=clock)
+    ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
+                 head_ms=4.0, calls=320, skip_ms=10.0)
+    assert ran[:65] == [True] * 65 and sum(ran[100:]) < 0.2 * len(ran[100:])
+    # where a skipped step saves only the head's time, the same head keeps running
+    clock = _Clock(20.0)
+    gate = HeadGate(credit=1.0, clock=clock)
+    ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
+                 head_ms=4.0, calls=320)
+    assert _skipped_runs(ran) == [4] * 4
+
+
+def _skipped_runs(ran: list[bool]) -> list[int]:
+    """The lengths of the runs of calls that skipped the head."""
+    runs, length = [], 0
+    for r in ran + [True]:
+        if not r:
+            length += 1
+        elif length:
+            runs, length = runs + [length], 0
+    return runs
 
 
 def test_the_rule_weighs_gain_against_time():
