@@ -87,8 +87,9 @@ def test_a_bad_stretch_does_not_switch_off_a_head_that_pays():
     gate = HeadGate(credit=1.0, clock=clock)
     ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if (call // 16) % 2 else [5, 9, 4, 1],
                  head_ms=4.0, calls=320)
-    # skipped only to time steps without it: 4 calls after every 64 that ran it
-    assert _skipped_runs(ran) == [4] * 4 and ran[:65] == [True] * 65
+    # skipped only to time steps without it: 4 calls after 32, 64 and 128 that ran it (after
+    # the 16 measured steps that come first)
+    assert _skipped_runs(ran) == [4] * 3 and ran[:49] == [True] * 49
     # at 6 ms (0.3) a head whose gain alternates call by call (0.25 again) does not pay: after
     # its first 16 measured steps it runs on probes only: 5 calls after 16, 32, 64, 64, 64 skips
     clock = _Clock(20.0)
@@ -106,13 +107,13 @@ def test_the_time_a_skipped_step_saves_is_measured():
     gate = HeadGate(credit=1.0, clock=clock)
     ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
                  head_ms=4.0, calls=320, skip_ms=10.0)
-    assert ran[:65] == [True] * 65 and sum(ran[100:]) < 0.2 * len(ran[100:])
+    assert ran[:49] == [True] * 49 and sum(ran[100:]) < 0.2 * len(ran[100:])
     # where a skipped step saves only the head's time, the same head keeps running
     clock = _Clock(20.0)
     gate = HeadGate(credit=1.0, clock=clock)
     ran = _steps(gate, clock, lambda call: [5, 6, 7, 8] if call % 2 else [5, 9, 4, 1],
                  head_ms=4.0, calls=320)
-    assert _skipped_runs(ran) == [4] * 4
+    assert _skipped_runs(ran) == [4] * 3
 
 
 def _skipped_runs(ran: list[bool]) -> list[int]:
