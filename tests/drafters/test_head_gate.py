@@ -64,6 +64,15 @@ def test_a_head_that_adds_tokens_keeps_running():
     assert abs(step_ms - 20.0) < 1e-6
 
 
+def test_walks_stop_at_the_tokens_accepted():
+    # the budget cut the head's tree to 5 -> 9 and verification then added 4, the node it cut:
+    # 2 drafts accepted, 1 of them past the lookup's walk; 3 tokens committed
+    clock = _Clock(20.0)
+    gate = HeadGate(min_steps=3, credit=1.0, clock=clock)
+    _steps(gate, clock, [5, 9, 4], head_ms=5.0, calls=4)
+    assert gate.steps[-1][:2] == (1, 3)
+
+
 def test_a_head_that_adds_nothing_is_skipped_and_probed():
     clock = _Clock(20.0)
     gate = HeadGate(min_steps=3, probe_every=4, probe_max=8, probe_steps=2, clock=clock)
