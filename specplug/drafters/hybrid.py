@@ -102,12 +102,13 @@ class HybridDrafter(Drafter):
         began = self.gate.clock() if self.gate is not None else 0.0
         from_head = self.head.propose(self._with_pending_features(inp))
         self.head_calls += 1
-        self.used_lookup += int(found.sum())
-        self.used_head += int((~found).sum()) if self.mode == "switch" else len(inp.row_ids)
+        use = found.tolist()  # one host read for the counts and the merge's per-row choice
+        self.used_lookup += sum(use)
+        self.used_head += len(use) - sum(use) if self.mode == "switch" else len(use)
         if self.mode == "switch":
             return switch_rows(from_lookup, from_head, found)
         # the merge walks node lists on the host (a few nodes per row); the gate reads the same
-        lookup_rows, head_rows, use = host_rows(from_lookup), host_rows(from_head), found.tolist()
+        lookup_rows, head_rows = host_rows(from_lookup), host_rows(from_head)
         merged = merge_host_rows(lookup_rows, head_rows, use, from_head.tokens.device)
         if self.gate is not None:
             self.gate.ran_head((self.gate.clock() - began) * 1e3, inp.row_ids, inp.token_ids,
