@@ -326,20 +326,20 @@ def _budget_modes(t: BenchTarget) -> tuple[bool, ...]:
 
 
 def _sglang_arms(t: BenchTarget) -> list[Arm]:
+    import atexit
     import os
 
     from specplug.integrations.sglang import generate as sg
     from specplug.integrations.sglang.cpu import cpu_env, on_cpu
 
-    def env_for(drafter: DrafterSpec | None) -> dict:
-        options = sg.drafter_options_for(drafter and drafter.method, drafter and drafter.path,
-                                         drafter and drafter.options)
-        env = dict(os.environ, **sg.drafter_env(options))
-        return cpu_env(env) if on_cpu() else env
+    env = cpu_env(dict(os.environ)) if on_cpu() else dict(os.environ)
+    cards = contextlib.ExitStack()  # the arms' drafter cards, kept until the benchmark ends
+    atexit.register(cards.close)
 
     def open_for(drafter: DrafterSpec | None) -> dict:
-        spec = sg.speculative_kwargs(drafter and drafter.method, drafter and drafter.path, t.gamma,
-                                     options=drafter and drafter.options)
+        method, options = drafter and drafter.method, drafter and drafter.options
+        path = cards.enter_context(sg.drafter_path_for(method, drafter and drafter.path, options))
+        spec = sg.speculative_kwargs(method, path, t.gamma, options=options)
         return {"target": t.path, "longest": t.longest, "spec": spec,
                 "engine_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
                                   "max_running_requests": t.batch_size}}
@@ -355,7 +355,7 @@ def _sglang_arms(t: BenchTarget) -> list[Arm]:
         return [RequestOutput(**o) for o in got["outputs"]]
 
     return _session_arms("sglang", t, _sglang_python(), SESSION_MODULES["sglang"],
-                         env_for, open_for, to_batch, from_result)
+                         lambda drafter: env, open_for, to_batch, from_result)
 
 
 def _from_job(got: dict, reqs: list[Request], tokenizer, stats: SpecStats) -> list[RequestOutput]:

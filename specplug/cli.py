@@ -1,4 +1,4 @@
-"""`specplug` command line: generate, bench, convert, train, models, methods."""
+"""`specplug` command line: generate, bench, convert, train, models, methods, sglang-card."""
 from __future__ import annotations
 
 import argparse
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_untested()
     # bench / convert / train own their argument parsing
     delegated = {"bench": "specplug.benchmarks.cli", "convert": "specplug.converters.cli",
-                 "train": "specplug.training.cli"}
+                 "train": "specplug.training.cli",
+                 "sglang-card": "specplug.integrations.sglang.card_cli"}
     if argv and argv[0] in delegated:
         try:
             return _delegate(delegated[argv[0]], argv[1:])

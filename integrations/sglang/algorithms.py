@@ -4,8 +4,8 @@
         --speculative-draft-model-path D [--speculative-num-draft-tokens K]
 
 Names (the user's vocabulary, not SGLang's):
-  SPECPLUG           the drafter family detected from the draft folder's config (a classic draft
-                     model, a SpecDiff diffusion drafter, ...); no folder means n-gram lookup
+  SPECPLUG           the drafter family a card names, else the one detected from the draft
+                     folder's config (a draft model, a SpecDiff drafter, ...); no folder: n-gram
   SPECPLUG_DRAFT     a draft causal LM, with the target's tokenizer or another one
   SPECPLUG_SPECDIFF  a SpecDiff/Dream diffusion drafter (a whole block per step)
   SPECPLUG_NGRAM     prompt lookup over each request's own tokens (no folder)
@@ -14,6 +14,9 @@ Names (the user's vocabulary, not SGLang's):
   SPECPLUG_EAGLE3    specplug's EAGLE-3 head runtime over an EAGLE-3 checkpoint
   SPECPLUG_DFLASH    specplug's DFlash block drafter over a DFlash checkpoint
   SPECPLUG_HYBRID    lookup and a trained head combined per row (the folder is the head's)
+--speculative-draft-model-path names the drafter's folder, or a drafter card: a folder whose
+specplug.json carries the drafter's options and folder (drafter_card.py).  SGLang has no server
+argument for them, and specplug passes none through the environment.
 The last four read target hidden states: the worker has the target capture the layers they need
 (target_features.py), and turns the radix cache off (a cached prefix is never run, so it has no
 hidden states).  EAGLE-1/2, EAGLE-3 and DFlash checkpoints also run on SGLang's own EAGLE /
@@ -28,11 +31,13 @@ request's committed tokens on the host, so the scheduler runs without overlap.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
+from specplug.drafter_block import DrafterBlock
 from specplug.drafters.base import families, family_of
+
+from .drafter_card import read_card
 
 # SGLang algorithm name -> specplug drafter method (None: detected from the draft folder); each
 # family that specplug's worker serves names its algorithm (Family.sglang_plugin_name)
@@ -48,10 +53,6 @@ SAMPLING_REFUSED = ("specplug on SGLang CPU refuses temperature > 0: SGLang's CP
 # specplug methods SGLang serves with its own workers (from converted checkpoints)
 SGLANG_BUILTINS = {f.method: f.sglang_algorithm for f in families() if f.sglang_algorithm}
 DEFAULT_NUM_STEPS = 4  # draft tokens per verify when neither steps nor draft tokens are given
-# JSON dict of drafter options, e.g. {"max_ngram": 4}; its "path" names the drafter folder when
-# --speculative-draft-model-path cannot (SGLang reads that folder's config with transformers'
-# AutoConfig, which rejects a Dream diffusion LM saved without its remote code)
-OPTIONS_ENV = "SPECPLUG_DRAFTER_OPTIONS"
 
 log = logging.getLogger("specplug.sglang")
 
@@ -68,41 +69,30 @@ def algorithm_for(method: str, native: bool = True) -> str:
                      f"{', '.join(sorted(set(SGLANG_BUILTINS) | {m for m in ALGORITHMS.values() if m}))}")
 
 
-def resolve_method(algorithm: str, draft_path: str | None) -> str:
-    """The specplug drafter method an algorithm name runs, with a one-line error if it cannot."""
+def resolve_method(algorithm: str, card: DrafterBlock) -> str:
+    """The specplug drafter method an algorithm name runs over the drafter card SGLang was given
+    (drafter_card.read_card), with a one-line error if it cannot."""
     name = algorithm.upper()
     if name not in ALGORITHMS:
         raise ValueError(f"{algorithm!r} is not a specplug algorithm; known: {', '.join(ALGORITHMS)}")
     method = ALGORITHMS[name]
     if method is None:
-        if not draft_path:
+        method = card.method
+        if method is None and not card.path:
             return "ngram"
-        from specplug.drafters.detect import detect_method
-        method = detect_method(draft_path)
+        if method is None:
+            from specplug.drafters.detect import detect_method
+            method = detect_method(card.path)
+    elif card.method not in (None, method):
+        raise ValueError(f"the drafter card names method {card.method!r}, but "
+                         f"--speculative-algorithm {name} runs {method!r}")
     family = family_of(method)
     if not family.sglang_plugin_name:
-        raise ValueError(f"{draft_path}: specplug method {method!r} is not served through SGLang")
-    if family.needs_weights and not draft_path:
+        raise ValueError(f"{card.path}: specplug method {method!r} is not served through SGLang")
+    if family.needs_weights and not card.path:
         raise ValueError(f"--speculative-algorithm {name} needs --speculative-draft-model-path "
                          f"(a {method} drafter folder)")
     return method
-
-
-def drafter_options() -> dict:
-    raw = os.environ.get(OPTIONS_ENV, "").strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{OPTIONS_ENV} is not JSON: {e}") from e
-    if not isinstance(options, dict):
-        raise ValueError(f"{OPTIONS_ENV} must be a JSON object, got {type(options).__name__}")
-    return options
-
-
-def drafter_path(draft_model_path: str | None) -> str | None:
-    return draft_model_path or drafter_options().get("path")
 
 
 def handle_server_args(args) -> None:
@@ -111,10 +101,13 @@ def handle_server_args(args) -> None:
     SGLang hands a recording stand-in: reads see the resolved args, writes become declarations.
     """
     name = str(args.speculative_algorithm).upper()
-    path = drafter_path(args.speculative_draft_model_path)
+    path = args.speculative_draft_model_path
     if path and not os.path.exists(path):
         raise ValueError(f"drafter folder {path} does not exist")
-    method = resolve_method(name, path)
+    card = read_card(path)
+    if card.path and not os.path.exists(card.path):
+        raise ValueError(f"{path}: the drafter card's folder {card.path} does not exist")
+    method = resolve_method(name, card)
     topk = args.speculative_eagle_topk or 1
     if topk < 1:
         raise ValueError(f"{name}: --speculative-eagle-topk must be >= 1, got {topk}")

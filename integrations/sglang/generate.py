@@ -16,6 +16,7 @@ builds it):  python -m specplug.integrations.sglang.generate JOB.json RESULT.jso
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,16 +24,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
-from specplug.drafters.base import DrafterSpec, family_of
+from specplug.drafter_block import DrafterBlock
+from specplug.drafters.base import DrafterSpec, option_is_set
 from specplug.jobfile import run_job_files
 from specplug.runners import register_runner
 from specplug.engine.rows import Request, RequestOutput
 from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
-from .algorithms import OPTIONS_ENV, algorithm_for, tree_shape
+from .algorithms import algorithm_for, tree_shape
 from .cpu import cpu_env, on_cpu, standins_active
+from .drafter_card import card_needed, temporary_card
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,24 +45,34 @@ def speculative_kwargs(method: str | None, path: str | None, num_draft_tokens: i
                        native: bool = True, options: dict | None = None) -> dict:
     """sglang.Engine / launch_server settings that run specplug `method` (empty: no speculation);
     native False runs specplug's own EAGLE/DFlash heads where SGLang has a worker for them.
-    Drafter options that ask for a tree (tree_topk, head_tree_topk, ...) set SGLang's tree shape."""
+    path is what --speculative-draft-model-path gets: the drafter's folder, or a drafter card
+    (`drafter_path_for`).  Drafter options that ask for a tree (tree_topk, head_tree_topk, ...)
+    set SGLang's tree shape."""
     if method in (None, "none"):
         return {}
     topk, steps, width = tree_shape(method, options or {}, num_draft_tokens)
     kwargs = {"speculative_algorithm": algorithm_for(method, native),
               "speculative_num_steps": steps, "speculative_eagle_topk": topk,
               "speculative_num_draft_tokens": width}
-    if path and not family_of(method).sglang_path_in_options:
+    if path:
         kwargs["speculative_draft_model_path"] = path
     return kwargs
 
 
-def drafter_options_for(method: str | None, path: str | None, options: dict | None) -> dict:
-    """The SPECPLUG_DRAFTER_OPTIONS block: options, plus the folder SGLang cannot be given."""
-    out = dict(options or {})
-    if path and method not in (None, "none") and family_of(method).sglang_path_in_options:
-        out["path"] = path
-    return out
+@contextlib.contextmanager
+def drafter_path_for(method: str | None, path: str | None, options: dict | None = None,
+                     budget: bool = False, native: bool = True) -> Iterator[str | None]:
+    """What --speculative-draft-model-path gets for the length of the block: a temporary drafter
+    card (drafter_card.py) where specplug's worker needs options, the budget, or a folder SGLang
+    cannot read; else the drafter's folder as it is.  SGLang's own workers get the folder."""
+    options = dict(options or {})
+    budget = option_is_set(options.pop("budget", budget), "option budget")
+    ours = method not in (None, "none") and algorithm_for(method, native).startswith("SPECPLUG")
+    if ours and card_needed(method, options, budget):
+        with temporary_card(DrafterBlock(None, path, options, budget)) as card:
+            yield card
+    else:
+        yield path
 
 
 def device_kwargs(cpu: bool | None = None) -> dict:
@@ -74,10 +88,6 @@ def device_kwargs(cpu: bool | None = None) -> dict:
     return {"device": "cpu", "attention_backend": "intel_amx",
             "speculative_draft_attention_backend": "intel_amx", "disable_cuda_graph": True,
             "max_total_tokens": cap, "sleep_on_idle": True}
-
-
-def drafter_env(options: dict | None) -> dict:
-    return {OPTIONS_ENV: json.dumps(options)} if options else {}
 
 
 class SglangSession:
@@ -134,24 +144,22 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
         target, requests, drafter, num_draft_tokens, sampling, batch_size = _from_config(cfg)
         budget = bool(cfg.budget)
     method = drafter.method if drafter else None
-    spec = speculative_kwargs(method, drafter.path if drafter else None, num_draft_tokens)
     engine_kwargs = {"max_running_requests": batch_size} if batch_size else {}
     if getattr(cfg, "dtype", None):
         engine_kwargs["dtype"] = cfg.dtype
-    options = drafter_options_for(method, drafter.path if drafter else None,
-                                  drafter.options if drafter else None)
-    if budget and str(spec.get("speculative_algorithm", "")).startswith("SPECPLUG_"):
-        options["budget"] = True
-    here = importlib.util.find_spec("sglang") is not None
-    if here and (standins_active() or not on_cpu()):
-        os.environ.update(drafter_env(options))
-        return run_engine(target, requests, spec, sampling, engine_kwargs=engine_kwargs)
-    job = {"target": target, "spec": spec, "options": options, "engine_kwargs": engine_kwargs,
-           "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-           "requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
-                         "stop": list(r.stop), "prompt": r.prompt} for r in requests]}
-    # on CPU the stand-ins must be on PYTHONPATH from interpreter start: a fresh process
-    result = run_job_subprocess(job, python=sys.executable if here else None)
+    options = drafter.options if drafter else None
+    with drafter_path_for(method, drafter.path if drafter else None, options, budget) as path:
+        spec = speculative_kwargs(method, path, num_draft_tokens, options=options)
+        here = importlib.util.find_spec("sglang") is not None
+        if here and (standins_active() or not on_cpu()):
+            return run_engine(target, requests, spec, sampling, engine_kwargs=engine_kwargs)
+        job = {"target": target, "spec": spec, "engine_kwargs": engine_kwargs,
+               "temperature": sampling.temperature, "top_p": sampling.top_p,
+               "top_k": sampling.top_k,
+               "requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
+                             "stop": list(r.stop), "prompt": r.prompt} for r in requests]}
+        # on CPU the stand-ins must be on PYTHONPATH from interpreter start: a fresh process
+        result = run_job_subprocess(job, python=sys.executable if here else None)
     outputs = [RequestOutput(**o) for o in result["outputs"]]
     stats = SpecStats.from_dict(result["stats"])
     return outputs, stats
@@ -232,7 +240,7 @@ def run_job_subprocess(job: dict, timeout: float = 600, env_extra: dict | None =
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
-        env = dict(os.environ, **drafter_env(job.get("options")), **(env_extra or {}))
+        env = dict(os.environ, **(env_extra or {}))
         if on_cpu():
             env = cpu_env(env)
         proc = subprocess.run([python or sglang_python(), "-m", "specplug.integrations.sglang.generate",

@@ -25,7 +25,7 @@ from specplug.stats import SpecStats
 from specplug.types import SamplingParams
 
 from .cpu import cpu_env, on_cpu
-from .generate import device_kwargs, drafter_env, stats_of, to_output, _params
+from .generate import device_kwargs, stats_of, to_output, _params
 
 HOST = "127.0.0.1"
 
@@ -67,7 +67,7 @@ class SGLangServer:
     """One launch_server process on a free loopback port; stopped on exit (or by stop())."""
 
     def __init__(self, target: str, python: str, spec: dict | None = None,
-                 extra: dict | None = None, options: dict | None = None, log_path: str | None = None,
+                 extra: dict | None = None, log_path: str | None = None,
                  env: dict | None = None, prefix: list[str] | None = None):
         cpu = on_cpu()
         self._settings = {"model_path": target, "host": HOST, "dtype": "float32",
@@ -76,7 +76,7 @@ class SGLangServer:
         # default the documented command: launch_cpu.py on CPU, else SGLang's own
         default = ["-m", "specplug.integrations.sglang.launch_cpu" if cpu else "sglang.launch_server"]
         self._launcher = [python, *(prefix or default)]
-        env = dict(os.environ, **drafter_env(options), **(env or {}))
+        env = dict(os.environ, **(env or {}))
         self.env = cpu_env(env) if cpu else env  # the stand-ins, for a custom prefix too
         self._fixed_log = log_path
         self._use_port(free_port())

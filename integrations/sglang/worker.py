@@ -17,7 +17,7 @@ capture (target_features.py): the prefill runs with CaptureHiddenMode.FULL and t
 drafter reads; verify already runs FULL.  Each step's states of the committed positions are filed
 per request and handed over as DraftInput.hidden_states / hidden_start, as every engine does.
 
-Speculation budget (drafter option "budget": true): SGLang verifies one width for the whole
+Speculation budget ("budget": true in the drafter card): SGLang verifies one width for the whole
 batch, so the worker asks specplug's budget (StepBudget over the padded cost model: rows x (1 +
 width) verified tokens) for a width each step, from 0 (the step verifies only each row's root,
 a plain decode step, and nobody drafts) up to the configured steps.  Chains only: a tree keeps
@@ -48,12 +48,11 @@ from sglang.srt.speculative.spec_utils import get_plan_stream
 from sglang.srt.utils import is_cpu
 
 from specplug.budget import SpeculationBudget, StepBudget
-from specplug.drafters.base import (DrafterSpec, TargetInfo, build_drafter, family_of,
-                                    option_is_set)
+from specplug.drafters.base import DrafterSpec, TargetInfo, build_drafter, family_of
 from specplug.types import PAD, DraftProposal
 
-from .algorithms import (SAMPLING_REFUSED, drafter_options, drafter_path, resolve_method,
-                         tree_options)
+from .algorithms import SAMPLING_REFUSED, resolve_method, tree_options
+from .drafter_card import read_card
 from .batch import RowIds, chain_tokens, draft_input, tree_verify_tensors
 from .target_features import FeatureTap
 
@@ -79,11 +78,10 @@ class SpecplugWorker(BaseSpecWorker):
         self.rows = RowIds()
         self.greedy_verify_only = is_cpu()  # see the module docstring
 
-        draft_path = drafter_path(spec.speculative_draft_model_path)
-        self.method = resolve_method(spec.speculative_algorithm, draft_path)
-        options = {k: v for k, v in drafter_options().items() if k not in ("path", "budget")}
-        self.steps = self._budget(option_is_set(drafter_options().get("budget", "off"),
-                                                "option budget"))
+        card = read_card(spec.speculative_draft_model_path)  # folder and options (drafter_card.py)
+        self.method = resolve_method(spec.speculative_algorithm, card)
+        options = card.options
+        self.steps = self._budget(card.budget)
         self._committed: dict[str, int] = {}  # rid -> tokens committed at the last step
         if self.topk > 1:
             options = {**tree_options(self.method, self.topk, self.speculative_num_steps,
@@ -92,7 +90,7 @@ class SpecplugWorker(BaseSpecWorker):
         info = _target_info(server_args, target_worker, self.device,
                             lend_modules=family.reads_hidden_states)
         self.drafter = build_drafter(
-            DrafterSpec(self.method, draft_path if family.needs_weights else None, options), info)
+            DrafterSpec(self.method, card.path if family.needs_weights else None, options), info)
         # hidden-state drafters: the target captures the layers they read (target_features.py)
         self.features = None
         if self.drafter.needs.hidden_layers:

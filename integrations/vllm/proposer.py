@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from specplug.budget import SpeculationBudget, StepBudget
-from specplug.drafters.base import Drafter, DrafterSpec, build_drafter
+from specplug.drafter_block import DrafterBlock, parse_block
+from specplug.drafters.base import Drafter, build_drafter
 from specplug.types import PAD, DraftInput, DraftProposal
 
 from .request_rows import RequestRows
@@ -41,18 +42,14 @@ CLASS_PATH = "specplug.integrations.vllm.proposer.SpecplugProposer"
 CONFIG_KEY = "specplug"
 
 
-def drafter_spec_from(additional_config) -> DrafterSpec:
-    """Read {"method", "path", "options"} from LLM(additional_config={"specplug": {...}})."""
+def drafter_block_from(additional_config) -> DrafterBlock:
+    """The block of LLM(additional_config={"specplug": {"method", "path", "options", "budget"}})."""
     block = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
     if not isinstance(block, dict) or not block.get("method"):
         raise ValueError(
             f"custom_class {CLASS_PATH} needs additional_config={{'{CONFIG_KEY}': "
             "{'method': ..., 'path': ..., 'options': {...}}} naming the specplug drafter")
-    unknown = set(block) - {"method", "path", "options", "budget"}
-    if unknown:
-        raise ValueError(f"additional_config['{CONFIG_KEY}'] has unknown keys {sorted(unknown)}; "
-                         "known: method, path, options, budget")
-    return DrafterSpec(str(block["method"]), block.get("path"), dict(block.get("options") or {}))
+    return parse_block(block, f"additional_config['{CONFIG_KEY}']")
 
 
 def proposal_to_lists(proposal: DraftProposal) -> list[list[int]]:
@@ -80,11 +77,12 @@ class SpecplugProposer:
         spec_config = vllm_config.speculative_config
         self.num_draft_tokens = int(spec_config.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
+        given = vllm_config.additional_config or {}
+        block = drafter_block_from(given) if drafter is None or CONFIG_KEY in given else None
         # built in load_model when not given: hidden-state drafters borrow the target's modules
-        self.spec = None if drafter is not None else drafter_spec_from(vllm_config.additional_config)
-        block = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
+        self.spec = block.spec() if drafter is None else None
         self.steps = (StepBudget(SpeculationBudget(self.num_draft_tokens))
-                      if block.get("budget") else None)
+                      if block and block.budget else None)
         self.fed_len: dict[int, int] = {}  # specplug row id -> committed length at its last draft
         self.drafter = drafter
         self.requests = RequestRows()

@@ -102,9 +102,9 @@ class Family:
     vllm_lookup_method: str | None = None
     sglang_algorithm: str | None = None  # SGLang's own worker for its converted checkpoints
     sglang_plugin_name: str | None = None  # SPECPLUG_* algorithm when specplug's worker serves it
-    # SGLang reads --speculative-draft-model-path with AutoConfig; folders it cannot read travel in
-    # the drafter options instead
-    sglang_path_in_options: bool = False
+    # SGLang reads --speculative-draft-model-path with AutoConfig; a folder it cannot read is
+    # named from a drafter card (integrations/sglang/drafter_card.py) instead
+    sglang_needs_card: bool = False
 
 
 _REGISTRY: dict[str, tuple[Family, Callable[[DrafterSpec, TargetInfo], Drafter]]] = {}

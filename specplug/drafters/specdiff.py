@@ -267,7 +267,7 @@ def _option(options: dict, name: str, kind, default):
 
 
 FAMILY = Family("specdiff", needs_weights=True, reads_hidden_states=False,
-                 sglang_plugin_name="SPECPLUG_SPECDIFF", sglang_path_in_options=True)
+                 sglang_plugin_name="SPECPLUG_SPECDIFF", sglang_needs_card=True)
 
 
 @register_drafter(FAMILY)

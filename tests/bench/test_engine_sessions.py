@@ -16,6 +16,7 @@ from specplug.jobfile import EngineSessionError, SessionClient
 
 FAKE_ENGINE = textwrap.dedent('''
     """Fake engine session: SGLang's batch format over the embedded engine."""
+    import json
     import os
     import sys
     import time
@@ -28,6 +29,7 @@ FAKE_ENGINE = textwrap.dedent('''
     from specplug.jobfile import run_job_files
     from specplug.models.loading import load_causal_lm, load_tokenizer, target_info
     from specplug.types import SamplingParams
+    from specplug.integrations.sglang.drafter_card import read_card
 
     LOG = os.environ["FAKE_ENGINE_LOG"]
 
@@ -43,7 +45,10 @@ FAKE_ENGINE = textwrap.dedent('''
                 raise RuntimeError("no such device")
             algo = job["spec"].get("speculative_algorithm")
             self.name = algo or "plain"
-            note(f"open {self.name} {os.getpid()}")
+            # the drafter's options, as specplug's SGLang worker reads them (a drafter card)
+            card = read_card(job["spec"].get("speculative_draft_model_path"))
+            options = json.dumps(card.options, separators=(",", ":"))
+            note(f"open {self.name} {os.getpid()} {options}")
             model = load_causal_lm(job["target"], dtype=torch.float64)
             tok = load_tokenizer(job["target"])
             drafter = build_drafter(DrafterSpec("ngram"), target_info(model, tok)) if algo else None
@@ -106,7 +111,7 @@ def test_session_serves_many_batches_and_reports_failures(fake_engine, tiny_mode
     finally:
         client.close()
     log = fake_engine.read_text().splitlines()
-    assert log[0] == f"open plain {client.proc.pid}" and len(log) == 4  # open + 3 runs
+    assert log[0] == f"open plain {client.proc.pid} {{}}" and len(log) == 4  # open + 3 runs
 
 
 def test_a_killed_client_takes_its_engine_down(fake_engine, tiny_models, tmp_path):
@@ -196,6 +201,7 @@ def test_compare_adds_engine_arms(fake_engine, tiny_models, tmp_path):
     assert run["arms"][2]["settings"]["options"] == {"max_ngram": "2"}  # as the CLI read it
     opens = [ln.split() for ln in fake_engine.read_text().splitlines() if ln.startswith("open")]
     assert len(opens) == 3  # every arm its own engine
+    assert [o[3] for o in opens] == ["{}", "{}", '{"max_ngram":"2"}']  # a card carried them
 
 
 def test_an_engine_that_fails_to_start_is_one_line(fake_engine, tiny_models, tmp_path, capsys,

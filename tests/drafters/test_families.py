@@ -22,7 +22,7 @@ def test_records_are_consistent():
     for f in families():
         if f.reads_hidden_states:  # SGLang's capture feeds them through specplug's worker
             assert f.sglang_plugin_name, f
-        if f.sglang_path_in_options:
+        if f.sglang_needs_card:
             assert f.needs_weights and f.sglang_plugin_name, f
         if f.vllm_method or f.sglang_algorithm:  # engines' own families load checkpoints
             assert f.needs_weights, f

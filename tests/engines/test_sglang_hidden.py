@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ import converted_fixtures as CF  # noqa: E402
 import diffusion_fixtures as DF  # noqa: E402
 from hidden_checks import assert_features_match, embedded_outputs, hf_features  # noqa: E402
 
+from specplug.drafter_block import DrafterBlock  # noqa: E402
 from specplug.integrations.sglang.cpu import cpu_env  # noqa: E402
+from specplug.integrations.sglang.drafter_card import write_card  # noqa: E402
 from specplug.integrations.sglang.generate import speculative_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -60,15 +63,19 @@ def _path(models, method: str) -> str:
 
 
 def _job(models, method=None, options=None, topk=1) -> dict:
-    spec = speculative_kwargs(method, _path(models, method) if method else None, GAMMA,
-                              native=False)
+    """A generate job; options travel in a drafter card (drafter_card.py) SGLang is given as
+    the draft model path, as `specplug sglang-card` writes one."""
+    path = _path(models, method) if method else None
+    if options:
+        options = dict(options)
+        block = DrafterBlock(None, path, options, bool(options.pop("budget", False)))
+        path = write_card(os.path.join(tempfile.mkdtemp(dir=models["root"]), "card"), block)
+    spec = speculative_kwargs(method, path, GAMMA, native=False)
     if topk > 1:  # SGLang's tree flags: depth GAMMA, topk nodes per depth (EAGLE-2's size)
         spec.update(speculative_eagle_topk=topk, speculative_num_draft_tokens=topk * GAMMA + 1)
     job = {"target": models["target"], "spec": spec, "ignore_eos": True,
            "engine_kwargs": {"max_running_requests": 8},
            "requests": [{"prompt_ids": p, "max_new_tokens": MAX_NEW} for p in models["prompts"]]}
-    if options:
-        job["options"] = options
     return job
 
 

@@ -14,7 +14,10 @@ from specplug.integrations.sglang import algorithms, compat, launch_cpu
 from specplug.integrations.sglang.batch import (RowIds, chain_tokens, draft_input,
                                                tree_verify_tensors)
 from specplug.integrations.sglang.cpu import STANDINS, cpu_env
-from specplug.integrations.sglang.generate import accept_lengths_of, speculative_kwargs
+from specplug.drafter_block import DrafterBlock
+from specplug.integrations.sglang.drafter_card import read_card, write_card
+from specplug.integrations.sglang.generate import (accept_lengths_of, drafter_path_for,
+                                                   speculative_kwargs)
 from specplug.integrations.sglang.server import cli_args
 from specplug.types import PAD, DraftProposal
 
@@ -68,16 +71,16 @@ def test_algorithm_names_and_methods():
     assert algorithms.algorithm_for("eagle3") == "EAGLE3"  # SGLang's own worker
     assert algorithms.algorithm_for("eagle3", native=False) == "SPECPLUG_EAGLE3"
     assert algorithms.algorithm_for("hybrid") == "SPECPLUG_HYBRID"
-    assert algorithms.resolve_method("SPECPLUG", None) == "ngram"
+    assert algorithms.resolve_method("SPECPLUG", read_card(None)) == "ngram"
     with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
-        algorithms.resolve_method("SPECPLUG_DRAFT", None)
+        algorithms.resolve_method("SPECPLUG_DRAFT", read_card(None))
     with pytest.raises(ValueError, match="not a specplug algorithm"):
-        algorithms.resolve_method("EAGLE", None)
+        algorithms.resolve_method("EAGLE", read_card(None))
 
 
 def test_auto_name_detects_a_head_for_specplugs_worker(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
-    assert algorithms.resolve_method("SPECPLUG", str(tmp_path)) == "eagle3"
+    assert algorithms.resolve_method("SPECPLUG", read_card(str(tmp_path))) == "eagle3"
 
 
 def args(**kw):
@@ -139,10 +142,67 @@ def test_server_args_errors(kw, msg):
         algorithms.handle_server_args(args(**kw))
 
 
-def test_bad_drafter_options_env(monkeypatch):
-    monkeypatch.setenv(algorithms.OPTIONS_ENV, "[1, 2]")
-    with pytest.raises(ValueError, match="must be a JSON object"):
-        algorithms.drafter_options()
+def test_a_drafter_card_carries_folder_options_and_budget(tmp_path):
+    """What `specplug sglang-card` writes is what the worker reads back: the drafter's folder
+    (absolute), its options and the budget; AutoConfig can read the card's config.json."""
+    head = tmp_path / "head"
+    head.mkdir()
+    card = write_card(str(tmp_path / "card"), DrafterBlock(None, str(head), {"lookup": "suffix"},
+                                                           True))
+    got = read_card(card)
+    assert (got.method, got.path, got.options, got.budget) == (None, str(head),
+                                                               {"lookup": "suffix"}, True)
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(card).architectures == ["SpecplugDrafterCard"]
+    a = args(speculative_algorithm="SPECPLUG_HYBRID", speculative_draft_model_path=card)
+    algorithms.handle_server_args(a)  # the card's folder is the head's: resolved, no error
+    # a folder without a card is the drafter itself, with no options
+    plain = read_card(str(head))
+    assert (plain.path, plain.options, plain.budget) == (str(head), {}, False)
+    # a checkpoint folder with a specplug.json beside its config is a card for itself
+    (head / "specplug.json").write_text('{"options": {"max_ngram": 2}}')
+    assert read_card(str(head)).path == str(head)
+    assert read_card(str(head)).options == {"max_ngram": 2}
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("[1, 2]", "must be a JSON object"),
+    ("{nope", "is not JSON"),
+    ('{"optoins": {}}', "unknown keys \\['optoins'\\]"),
+    ('{"budget": "maybe"}', "'budget' must be on or off"),
+    ('{"method": "draft"}', "names method 'draft', but --speculative-algorithm SPECPLUG_SUFFIX"),
+    ('{"path": "gone"}', "the drafter card's folder .*gone does not exist"),
+])
+def test_bad_drafter_cards_fail_with_one_line(tmp_path, content, msg):
+    (tmp_path / "specplug.json").write_text(content)
+    with pytest.raises(ValueError, match=msg):
+        algorithms.handle_server_args(args(speculative_algorithm="SPECPLUG_SUFFIX",
+                                           speculative_draft_model_path=str(tmp_path)))
+
+
+def test_write_card_leaves_nothing_behind_on_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="drafter folder .*missing does not exist"):
+        write_card(str(tmp_path / "card"), DrafterBlock(None, str(tmp_path / "missing"), {}, False))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        write_card(str(tmp_path / "full"), DrafterBlock(None, None, {}, False))
+    assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+def test_drafter_path_for_writes_a_card_only_where_needed(tmp_path):
+    """Options, the budget or a folder AutoConfig rejects (specdiff) need a card; a plain drafter
+    folder and SGLang's own workers get the folder as it is; the card goes with the block."""
+    with drafter_path_for("draft", "/d", None) as p:
+        assert p == "/d"
+    with drafter_path_for("eagle3", str(tmp_path), {"tree_topk": 2}, budget=True) as p:
+        assert p == str(tmp_path)  # EAGLE3: SGLang's own worker, which takes no card
+    with drafter_path_for("suffix", None, {"tree_nodes": 6, "budget": 1}) as p:
+        card = read_card(p)
+        assert (card.path == p, card.options, card.budget) == (True, {"tree_nodes": 6}, True)
+    assert not os.path.exists(p)
+    with drafter_path_for("specdiff", str(tmp_path), None) as p:
+        assert p != str(tmp_path) and read_card(p).path == str(tmp_path)
 
 
 def test_version_gate():
@@ -154,7 +214,6 @@ def test_result_and_cli_translation():
     assert accept_lengths_of({"spec_correct_drafts_histogram": [2, 0, 1]}) == [1, 1, 3]
     kw = speculative_kwargs("draft", "/d", 3)
     assert kw["speculative_num_draft_tokens"] == 4 and kw["speculative_draft_model_path"] == "/d"
-    assert "speculative_draft_model_path" not in speculative_kwargs("specdiff", "/d", 3)
     assert cli_args({"model_path": "/t", "disable_cuda_graph": True, "x": None}) == [
         "--model-path", "/t", "--disable-cuda-graph"]
 
@@ -277,21 +336,26 @@ def test_tree_tensors_verify_as_specplugs_own_tree_verify(tree_kernels):
 
 
 def test_run_sglang_passes_the_budget_to_specplug_algorithms_only(monkeypatch, tmp_path):
-    """GenerateConfig's budget (on by default) reaches specplug's worker as the drafter option
-    "budget"; SGLang's own EAGLE worker gets no such option, and --no-budget sends none."""
+    """GenerateConfig's budget (on by default) reaches specplug's worker in the drafter card;
+    SGLang's own EAGLE worker gets its folder and no card, and --no-budget writes no card."""
     from specplug.api import GenerateConfig
     from specplug.integrations.sglang import generate
     from specplug.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_model
     target = save_model(build_tiny_llama(0), build_tiny_tokenizer(), str(tmp_path / "t"))
-    jobs = []
-    monkeypatch.setattr(generate, "run_job_subprocess",
-                        lambda job, **kw: jobs.append(job) or {"outputs": [], "stats": {}})
+    jobs, budgets = [], []
+
+    def run(job, **kw):  # the card exists while the job runs, and is read back here
+        path = job["spec"].get("speculative_draft_model_path")
+        budgets.append(read_card(path).budget if path else None)
+        jobs.append(job)
+        return {"outputs": [], "stats": {}}
+    monkeypatch.setattr(generate, "run_job_subprocess", run)
     monkeypatch.setattr(generate.importlib.util, "find_spec", lambda name: None)
     for method, budget in (("suffix", True), ("suffix", False), ("eagle3", True)):
         cfg = GenerateConfig(target=target, prompts=["a b"], method=method, budget=budget,
                              drafter=str(tmp_path) if method == "eagle3" else None)
         generate.run_sglang(cfg)
-    assert [j["options"].get("budget") for j in jobs] == [True, None, None]
+    assert budgets == [True, None, False]  # the head's own folder: no card, so no budget
     assert jobs[2]["spec"]["speculative_algorithm"] == "EAGLE3"
 
 

@@ -13,7 +13,7 @@ from specplug.drafters.ngram import NgramDrafter, lookup
 from specplug.integrations.vllm import compat
 from specplug.integrations.vllm.generate import (_spec_counters, _stats, _to_output,
                                                  speculative_settings)
-from specplug.integrations.vllm.proposer import (CLASS_PATH, SpecplugProposer, drafter_spec_from,
+from specplug.integrations.vllm.proposer import (CLASS_PATH, SpecplugProposer, drafter_block_from,
                                                  proposal_to_lists)
 from specplug.engine.rows import Request
 from specplug.models.tiny import build_tiny_llama
@@ -74,13 +74,18 @@ def test_trees_are_refused_with_a_clear_error():
     assert proposal_to_lists(DraftProposal.chain(torch.tensor([[5, 6, -1]]))) == [[5, 6]]
 
 
-def test_drafter_spec_from_additional_config():
-    spec = drafter_spec_from({"specplug": {"method": "draft", "path": "/d", "options": {"k": 1}}})
-    assert (spec.method, spec.path, spec.options) == ("draft", "/d", {"k": 1})
+def test_drafter_block_from_additional_config():
+    block = drafter_block_from({"specplug": {"method": "draft", "path": "/d", "options": {"k": 1},
+                                             "budget": "on"}})
+    spec = block.spec()
+    assert (spec.method, spec.path, spec.options, block.budget) == ("draft", "/d", {"k": 1}, True)
     with pytest.raises(ValueError, match="needs additional_config"):
-        drafter_spec_from({})
+        drafter_block_from({})
     with pytest.raises(ValueError, match="unknown keys \\['gamma'\\]"):
-        drafter_spec_from({"specplug": {"method": "ngram", "gamma": 3}})
+        drafter_block_from({"specplug": {"method": "ngram", "gamma": 3}})
+    # a misspelt switch is an error, not a quiet "off" (it was read as truthy before)
+    with pytest.raises(ValueError, match="'budget' must be on or off"):
+        drafter_block_from({"specplug": {"method": "ngram", "budget": "maybe"}})
 
 
 def test_speculative_settings_per_family():

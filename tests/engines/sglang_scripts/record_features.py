@@ -63,12 +63,9 @@ def main(jobs_path: str, out_path: str, features_dir: str) -> None:
     for name, job in jobs.items():
         os.environ["SPECPLUG_TEST_FEATURES"] = os.path.join(features_dir, name)
         os.makedirs(os.environ["SPECPLUG_TEST_FEATURES"], exist_ok=True)
-        os.environ.pop("SPECPLUG_DRAFTER_OPTIONS", None)
         os.environ.pop("SPECPLUG_TEST_WIDTHS", None)
         if job.get("test_widths"):
             os.environ["SPECPLUG_TEST_WIDTHS"] = job["test_widths"]
-        if job.get("options"):
-            os.environ["SPECPLUG_DRAFTER_OPTIONS"] = json.dumps(job["options"])
         results[name] = run_job(job)
     with open(out_path, "w") as f:
         json.dump({"results": results}, f)
