@@ -404,3 +404,23 @@ def test_free_port_stays_below_the_ephemeral_range():
     from specplug.integrations.sglang.server import PORT_RANGE, free_port
     ports = {free_port() for _ in range(20)}
     assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] < 32768 for p in ports)
+
+
+def test_sglang_card_command(tmp_path, capsys):
+    """`specplug sglang-card`: the card it writes is what the worker reads; what SGLang could not
+    run is one line and leaves no folder."""
+    from specplug.cli import main
+    card = tmp_path / "suffix16"
+    assert main(["sglang-card", str(card), "--method", "suffix", "--option", "tree_nodes=16",
+                 "--budget"]) == 0
+    assert "--speculative-algorithm SPECPLUG_SUFFIX" in capsys.readouterr().out
+    got = read_card(str(card))
+    assert (got.method, got.options, got.budget) == ("suffix", {"tree_nodes": 16}, True)
+    for argv, msg in ((["--method", "hybrid"], "needs --drafter"),
+                      (["--method", "ngram", "--drafter", str(tmp_path)], "has no weights"),
+                      (["--method", "nope"], "unknown method 'nope'"),
+                      (["--method", "ngram", "--option", "budget=1"], "is --budget / --no-budget")):
+        assert main(["sglang-card", str(tmp_path / "bad"), *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, err
+    assert sorted(os.listdir(tmp_path)) == ["suffix16"]
