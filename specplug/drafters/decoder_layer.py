@@ -197,8 +197,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor, extend: Extend,
                 ragged: Ragged | None = None) -> torch.Tensor:
         """x [b, q, in], or [N, in] packed by `ragged`; rope (cos, sin) [b, q, head_dim]; mask
-        [b, q, n] bool over the entries `extend` returns (True = may attend) -> [b, q, hidden]
-        ([N, hidden] packed)."""
+        [b, q, n] bool or additive over the entries `extend` returns (True = may attend), or
+        [b, groups * q, n] tiled once for every layer (attention.tile_for_groups) ->
+        [b, q, hidden] ([N, hidden] packed)."""
         spread = ragged.unpack if ragged is not None else (lambda t: t)
         qs, ks, vs = self.project(x)
         qs = spread(qs)

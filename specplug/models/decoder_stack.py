@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..drafters.decoder_layer import DecoderLayer, LayerShape, Rope, rope_for_heads
+from .attention import tile_for_groups
 from .packed_linear import fuse_linears
 
 log = logging.getLogger("specplug")
@@ -42,6 +43,7 @@ class DecoderStack(nn.Module):
         qk_norm = hasattr(inner.layers[0].self_attn, "q_norm")
         shape = LayerShape.from_config(cfg.to_dict(), qk_norm=qk_norm)
         self.embed_tokens, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        self.groups = shape.heads // shape.kv_heads  # query heads per key/value head
         # HF's own rotary module: the same cos/sin for every rope variant it knows
         self.rope = Rope(shape.head_dim, 0.0, hf=inner.rotary_emb)
         with torch.device("meta"):  # shells: every weight is the HF model's
@@ -70,7 +72,8 @@ class DecoderStack(nn.Module):
         x = self.embed_tokens(input_ids)
         # cos/sin shaped for the heads once, not in every layer
         rope = rope_for_heads(self.rope(x, position_ids), x.dtype)
-        mask = attention_mask[:, 0]
+        # every layer attends under the same mask: tiled for grouped attention once, here
+        mask = tile_for_groups(attention_mask, self.groups)[:, 0]
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, lambda k, v, i=i: past_key_values.update(k, v, i))

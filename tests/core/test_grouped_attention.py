@@ -9,7 +9,8 @@ import torch
 
 from specplug.engine.embedded import EmbeddedEngine
 from specplug.engine.kv import SlotCache
-from specplug.models.attention import NAME, grouped_sdpa, use_grouped_attention
+from specplug.models.attention import (NAME, grouped_attention, grouped_sdpa, tile_for_groups,
+                                      use_grouped_attention)
 from specplug.models.tiny import build_tiny_llama
 
 
@@ -34,6 +35,27 @@ def test_grouped_sdpa_equals_transformers_sdpa(q, bool_mask, mask_rows):
     got, _ = grouped_sdpa(_Module(), query, key, value, mask, scaling=0.3)
     assert got.shape == (2, q, 6, 8)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("q", [1, 4])
+def test_a_mask_tiled_once_gives_what_the_mask_gives(q):
+    """A stack tiles its mask once for every layer (tile_for_groups); grouped_attention reads
+    the tiled mask as the untiled one, on the packed path and (its first q rows) elsewhere."""
+    g = torch.Generator().manual_seed(7 + q)
+    query = torch.randn(2, 6, q, 8, generator=g, dtype=torch.float64)
+    key, value = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    allowed = torch.rand(2, 1, q, 9, generator=g) < 0.6
+    allowed[..., 0] = True
+    tiled = tile_for_groups(allowed, 3)
+    assert tiled.shape == (2, 1, 3 * q if q > 1 else 1, 9)
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
+                                                            enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(query, key, value, tiled), want)
+    torch.testing.assert_close(grouped_attention(query, key, value, allowed), want)
+    # a tile in the wrong order (query-major) must not pass for the right one
+    if q > 1:
+        wrong = allowed.repeat_interleave(3, dim=2)
+        assert not torch.allclose(grouped_attention(query, key, value, wrong), want)
 
 
 def test_a_switched_model_gives_the_same_logits_on_a_ragged_block():
