@@ -69,7 +69,7 @@ def drafter_path_for(method: str | None, path: str | None, options: dict | None 
     budget = option_is_set(options.pop("budget", budget), "option budget")
     ours = method not in (None, "none") and algorithm_for(method, native).startswith("SPECPLUG")
     if ours and card_needed(method, options, budget):
-        with temporary_card(DrafterBlock(None, path, options, budget)) as card:
+        with temporary_card(DrafterBlock(method, path, options, budget)) as card:
             yield card
     else:
         yield path

@@ -199,7 +199,8 @@ def test_drafter_path_for_writes_a_card_only_where_needed(tmp_path):
         assert p == str(tmp_path)  # EAGLE3: SGLang's own worker, which takes no card
     with drafter_path_for("suffix", None, {"tree_nodes": 6, "budget": 1}) as p:
         card = read_card(p)
-        assert (card.path == p, card.options, card.budget) == (True, {"tree_nodes": 6}, True)
+        assert (card.method, card.path == p, card.options, card.budget) == (
+            "suffix", True, {"tree_nodes": 6}, True)
     assert not os.path.exists(p)
     with drafter_path_for("specdiff", str(tmp_path), None) as p:
         assert p != str(tmp_path) and read_card(p).path == str(tmp_path)
