@@ -56,15 +56,21 @@ def breakdown(target: str, method: str, drafter: str | None, options: dict, per_
 
     from specplug.api import GenerateConfig, build_embedded, load_target
     from specplug.datasets import load_prompts
+    from specplug.engine.embedded import context_limit
     from specplug.prompts import requests_for
 
     prompts = [item.turns[0] for item in load_prompts("mtbench", per_category=per_category)]
     model, tok = load_target(target, dtype)
     cfg = GenerateConfig(target=target, prompts=prompts, method=method, drafter=drafter,
-                         max_new_tokens=max_new, chat_template=True, dtype=dtype,
+                         max_new_tokens=max_new, dtype=dtype,
+                         chat_template=bool(getattr(tok, "chat_template", None)),
                          options=options, budget=False)
     engine = build_embedded(cfg, model, tok)
-    reqs = requests_for(cfg, tok)
+    # prompts too long for the model's context are left out, as the benchmarks leave them out
+    room = context_limit(model.config) - max_new - engine.num_draft_tokens - 1
+    reqs = [r for r in requests_for(cfg, tok) if len(r.prompt_ids) <= room]
+    if not reqs:
+        raise ValueError(f"no MT-Bench prompt fits the model's context with {max_new} new tokens")
     engine.generate(reqs, 1)  # warm-up: packing, allocation, first calls
     tops = engine.drafter.torch_modules()
     # a module another one holds (the target's embedding in an EAGLE head) is timed inside it
@@ -96,7 +102,7 @@ def breakdown(target: str, method: str, drafter: str | None, options: dict, per_
         rows.append(row)
     draft = stats.timing_ms.get("draft", 0.0)
     return {"method": method, "drafter": drafter, "options": options, "dtype": dtype,
-            "prompts": len(prompts), "max_new_tokens": max_new, "steps": steps,
+            "prompts": len(reqs), "max_new_tokens": max_new, "steps": steps,
             "tokens_per_step": stats.total_new_tokens / steps,
             "threads": torch.get_num_threads(),
             "draft_ms_per_step": draft / steps,
