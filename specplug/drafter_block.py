@@ -24,8 +24,8 @@ class DrafterBlock:
     options: dict  # the drafter's own options (tree sizes, lookup, ...)
     budget: bool  # the speculation budget picks each step's draft length
 
-    def spec(self, method: str | None = None) -> DrafterSpec:
-        return DrafterSpec(method or self.method or "", self.path, dict(self.options))
+    def spec(self) -> DrafterSpec:
+        return DrafterSpec(self.method or "", self.path, dict(self.options))
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "path": self.path, "options": dict(self.options),

@@ -45,7 +45,7 @@ CONFIG_KEY = "specplug"
 def drafter_block_from(additional_config) -> DrafterBlock:
     """The block of LLM(additional_config={"specplug": {"method", "path", "options", "budget"}})."""
     block = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
-    if not isinstance(block, dict) or not block.get("method"):
+    if not isinstance(block, dict):  # parse_block says what a present block lacks
         raise ValueError(
             f"custom_class {CLASS_PATH} needs additional_config={{'{CONFIG_KEY}': "
             "{'method': ..., 'path': ..., 'options': {...}}} naming the specplug drafter")

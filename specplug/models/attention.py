@@ -75,7 +75,8 @@ def tile_for_groups(mask: torch.Tensor, groups: int) -> torch.Tensor:
     """mask [batch, 1, q, kv] -> [batch, 1, groups * q, kv], the mask of grouped_attention's
     packed queries (one copy per group of query heads; one token a row needs none).  A stack of
     layers attending under one mask tiles it once (models/decoder_stack.py): made in every layer,
-    the copy cost about 20 us a layer on the EPYC, 0.6 ms of a 20 ms verify step."""
+    the copies took 127 us of a SmolLM2 verify step on the EPYC under torch.profiler (25 calls),
+    10 us made once."""
     return mask if mask.shape[2] == 1 or groups == 1 else mask.repeat(1, 1, groups, 1)
 
 

@@ -81,6 +81,8 @@ def test_drafter_block_from_additional_config():
     assert (spec.method, spec.path, spec.options, block.budget) == ("draft", "/d", {"k": 1}, True)
     with pytest.raises(ValueError, match="needs additional_config"):
         drafter_block_from({})
+    with pytest.raises(ValueError, match="additional_config\\['specplug'\\] needs 'method'"):
+        drafter_block_from({"specplug": {"path": "/d"}})
     with pytest.raises(ValueError, match="unknown keys \\['gamma'\\]"):
         drafter_block_from({"specplug": {"method": "ngram", "gamma": 3}})
     # a misspelt switch is an error, not a quiet "off" (it was read as truthy before)
