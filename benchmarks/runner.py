@@ -44,7 +44,8 @@ class BenchConfig:
     turns: int = 1
     max_new_tokens: int = 128
     batch_size: int = 1
-    gamma: int = 5
+    # draft tokens per step, one for every arm; None: the headline method's default (gamma_for)
+    gamma: int | None = None
     temperature: float = 0.0
     chat_template: bool = True
     seed: int = 0
@@ -80,9 +81,11 @@ class _ArmState:
 def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
-    from specplug.drafters.base import available_methods
+    from specplug.drafters.base import available_methods, gamma_for
     from specplug.models.loading import load_causal_lm, load_tokenizer
 
+    # the JSON's config records what ran (an unknown method is family_of's one-line error)
+    cfg.gamma = gamma_for(cfg.method, cfg.gamma)
     if cfg.turns not in (1, 2):
         raise ValueError(f"--turns must be 1 or 2, got {cfg.turns}")
     for name, v in (("--max-new-tokens", cfg.max_new_tokens), ("--batch-size", cfg.batch_size),

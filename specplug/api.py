@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import SpeculationBudget
-from .drafters.base import DrafterSpec, build_drafter, family_of
+from .drafters.base import DrafterSpec, build_drafter, family_of, gamma_for
 from .drafters.detect import resolve_method
 from .engine.embedded import EmbeddedEngine
 from .engine.rows import RequestOutput
@@ -25,7 +25,7 @@ class GenerateConfig:
     prompts: list[str]
     method: str | None = None  # None: inferred from drafter (ngram / draft / none)
     drafter: str | None = None
-    gamma: int = 5
+    gamma: int | None = None  # draft tokens per step; None: the method's default (gamma_for)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -93,7 +93,7 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
         drafter = build_drafter(DrafterSpec(method, path, dict(cfg.options)),
                                 target_info(model, tokenizer))
     # a tree drafter's depth is the number of draft tokens on its longest path
-    depth = int(cfg.options.get("tree_depth") or cfg.gamma)
+    depth = int(cfg.options.get("tree_depth") or gamma_for(method, cfg.gamma))
     # the embedded engine verifies the batch as one block padded to the widest row
     budget = (SpeculationBudget(depth, verify_pads_rows=True)
               if cfg.budget and drafter is not None else None)
@@ -101,11 +101,12 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
 
 
 def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[RequestOutput], SpecStats]:
+    cfg.method = resolve_method(cfg.method, cfg.drafter)
+    cfg.gamma = gamma_for(cfg.method, cfg.gamma)  # the stats JSON records what ran
     if cfg.engine != "embedded":
         return _generate_other_engine(cfg)
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.dtype)
-    cfg.method = resolve_method(cfg.method, cfg.drafter)
     engine = build_embedded(cfg, model, tokenizer)
     return engine.generate(requests_for(cfg, tokenizer), cfg.batch_size)
 

@@ -60,7 +60,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompts-file", help=".txt (one prompt a line) or .jsonl")
-    p.add_argument("--gamma", type=int, default=5, help="draft tokens per step (tree depth)")
+    p.add_argument("--gamma", type=int, default=None,
+                   help="draft tokens per step (tree depth); default: the method's (suffix 24, "
+                        "else 5)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -101,7 +103,8 @@ def config_from_args(args):
 
 def cmd_generate(args) -> int:
     from .api import generate, stats_json, write_stats
-    if args.gamma < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+    if (args.gamma is not None and args.gamma < 1) or args.batch_size < 1 \
+            or args.max_new_tokens < 1:
         raise CliError("--gamma, --batch-size and --max-new-tokens must be >= 1")
     if not os.path.exists(args.target):
         raise CliError(f"target path not found: {args.target}")

@@ -105,6 +105,9 @@ class Family:
     # SGLang reads --speculative-draft-model-path with AutoConfig; a folder it cannot read is
     # named from a drafter card (integrations/sglang/drafter_card.py) instead
     sglang_needs_card: bool = False
+    # draft tokens per step where the user names none: a lookup whose proposals stop by
+    # themselves (suffix: path probability, match length) can be given a long cap
+    default_gamma: int = 5
 
 
 _REGISTRY: dict[str, tuple[Family, Callable[[DrafterSpec, TargetInfo], Drafter]]] = {}
@@ -128,6 +131,15 @@ def family_of(method: str) -> Family:
     if method not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; known: none, {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[method][0]
+
+
+def gamma_for(method: str | None, gamma: int | None) -> int:
+    """The draft tokens per step a run uses: the user's, else the method's default."""
+    if gamma is not None:
+        return gamma
+    if method in (None, "none"):
+        return Family.default_gamma
+    return family_of(method).default_gamma
 
 
 def available_methods() -> list[str]:

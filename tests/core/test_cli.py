@@ -34,7 +34,7 @@ def run_cli(*args):
 
 def test_generate_writes_stats_and_matches_plain(tiny_dirs):
     outs = {}
-    for method in ("none", "draft", "ngram"):
+    for method in ("none", "draft", "ngram", "suffix"):
         stats_path = tiny_dirs["root"] / f"{method}.json"
         args = ["generate", "--target", tiny_dirs["target"], "--prompts-file", tiny_dirs["prompts"],
                 "--max-new-tokens", "12", "--batch-size", "2", "--method", method,
@@ -61,8 +61,10 @@ def test_generate_writes_stats_and_matches_plain(tiny_dirs):
             assert stats["config"]["budget"] is False and "budget_histogram" not in s
         if method == "ngram":  # the budget is on by default: each step's choice is recorded
             assert stats["config"]["budget"] is True and "budget_histogram" in s
+        # no --gamma: the method's own default, recorded (suffix's proposals stop by themselves)
+        assert stats["config"]["gamma"] == (24 if method == "suffix" else 5)
     # float32 here: the same weights as target give identical greedy output
-    assert outs["draft"] == outs["none"] == outs["ngram"]
+    assert outs["draft"] == outs["none"] == outs["ngram"] == outs["suffix"]
 
 
 @pytest.mark.parametrize("case", ["missing_target", "unknown_method", "unmappable_vocab",

@@ -46,6 +46,15 @@ def test_unknown_method_is_one_line():
         family_of("nope")
 
 
+def test_gamma_defaults_to_the_methods_own():
+    from specplug.drafters.base import gamma_for
+    assert gamma_for("suffix", None) == family_of("suffix").default_gamma == 24
+    assert gamma_for("ngram", None) == gamma_for("none", None) == gamma_for(None, None) == 5
+    assert gamma_for("suffix", 3) == 3  # the user's wins
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        gamma_for("nope", None)
+
+
 def test_on_off_options_reject_other_words():
     from specplug.drafters.base import option_is_set
     assert [option_is_set(v) for v in (True, 1, "on", "YES", "true")] == [True] * 5

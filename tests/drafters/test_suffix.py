@@ -124,10 +124,13 @@ def _input(rows, gamma=4):
 
 
 def test_drafter_proposes_what_followed_and_indexes_only_new_tokens():
-    drafter = SuffixDrafter(SuffixOptions(min_prob=0.0))
+    drafter = SuffixDrafter(SuffixOptions(min_prob=0.0, spec_factor=1.0))
     prompt = [5, 6, 7, 8, 9, 1, 2, 5, 6]
     proposal = drafter.propose(_input([prompt]))
     assert proposal.tokens[0].tolist() == [7, 8]  # match "5 6" (length 2): at most 2 tokens
+    # the default spec_factor (2) proposes up to twice the match length
+    doubled = SuffixDrafter(SuffixOptions(min_prob=0.0)).propose(_input([prompt], gamma=8))
+    assert doubled.tokens[0].tolist() == [7, 8, 9, 1]
     row = drafter.rows[0]
     assert row.cursor.length == len(prompt)
     drafter.propose(_input([prompt + [7, 8]]))
