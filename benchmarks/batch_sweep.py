@@ -55,6 +55,7 @@ def _cell(arm: dict | None) -> str:
 def sweep_table(runs: list[dict]) -> str:
     """Per sweep: one row per drafting arm, one column per batch size (speedup over the same
     batch size's plain run, median (min–max) of the repetitions, and τ)."""
+    from .report import gamma_text  # report imports this module
     parts = []
     for name, group in sweeps(runs).items():
         sizes = [r["config"]["batch_size"] for r in group]
@@ -65,7 +66,7 @@ def sweep_table(runs: list[dict]) -> str:
         cfg = group[0]["config"]
         prompts = len(group[0]["arms"][0]["requests"])
         lines = [f"`{name}`: {prompts} prompts × {cfg['max_new_tokens']} new tokens, "
-                 f"{cfg['dtype']}, gamma {cfg['gamma']}, {cfg['repeats']} repetitions; "
+                 f"{cfg['dtype']}, {gamma_text(group[0])}, {cfg['repeats']} repetitions; "
                  "speedup over plain decoding at the same batch size:", "",
                  "| arm | " + " | ".join(f"batch {b}" for b in sizes) + " |",
                  "|" + "---|" * (len(sizes) + 1)]

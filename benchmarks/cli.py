@@ -45,7 +45,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gamma", type=int, default=None,
-                   help="draft tokens per step, every arm; default: --method's (suffix 24, else 5)")
+                   help="draft tokens per step, every arm; default: each arm's method's own "
+                        "(suffix 24, else 5; SGLang arms 5: it verifies at full width)")
     p.add_argument("--budget", default="off", choices=("on", "off", "both"),
                    help="drafter arms (embedded, or vLLM through the plugin) without the "
                         "automatic speculation budget (gamma every step), with it (label suffix "

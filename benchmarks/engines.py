@@ -62,12 +62,17 @@ class BenchTarget:
     model: object  # HF causal LM (loaded once, shared by the embedded and HF arms)
     tokenizer: object
     drafter: DrafterSpec | None  # None: baseline and anchors only
-    gamma: int
+    gamma: int | None  # draft tokens per step for every arm; None: each method's own default
     sampling: SamplingParams
     batch_size: int
     compare: list = field(default_factory=list)  # [(label, DrafterSpec)]: more drafter arms
     budget: str = "off"  # embedded drafter arms: with the speculation budget, without, or both
     longest: int = 4096  # the most prompt + new tokens a request may need (engine sessions)
+
+    def gamma_of(self, method: str | None) -> int:
+        """The draft tokens per step of an arm running `method`."""
+        from specplug.drafters.base import gamma_for
+        return gamma_for(method, self.gamma)
 
 
 def build_arms(engine: str, t: BenchTarget) -> list[Arm]:
@@ -99,16 +104,17 @@ def _embedded_arms(t: BenchTarget) -> list[Arm]:
     specs = ([(t.drafter.method, t.drafter)] if t.drafter is not None else []) + list(t.compare)
     modes = _budget_modes(t)
     for label, dspec in specs:
+        gamma = t.gamma_of(dspec.method)
         for with_budget in modes:
             # each arm its own drafter: drafters keep per-row state
             drafter = build_drafter(dspec, target_info(t.model, t.tokenizer))
-            spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=t.gamma,
+            spec = EmbeddedEngine(t.model, t.tokenizer, drafter, num_draft_tokens=gamma,
                                   sampling=t.sampling,
-                                  budget=(SpeculationBudget(t.gamma, verify_pads_rows=True)
+                                  budget=(SpeculationBudget(gamma, verify_pads_rows=True)
                                           if with_budget else None))
             name = f"embedded/{label}" + ("/budget" if with_budget else "")
             arms.append(Arm(name, "embedded", dspec.method, "spec",
-                            runner(spec), {"batch_size": t.batch_size, "gamma": t.gamma,
+                            runner(spec), {"batch_size": t.batch_size, "gamma": gamma,
                                            "drafter_path": dspec.path, "budget": with_budget,
                                            "options": dict(dspec.options)}))
     return arms
@@ -118,10 +124,13 @@ def _hf_arms(t: BenchTarget) -> list[Arm]:
     from .hf_anchor import HFGenerate
 
     def arm(mode: str, role: str, assistant=None) -> Arm:
-        gen = HFGenerate(t.model, t.tokenizer, mode, t.gamma, t.sampling.temperature, assistant,
+        # prompt lookup drafts as n-gram does, assisted generation as the draft model does
+        gamma = t.gamma_of("draft" if mode == "assisted" else "ngram")
+        gen = HFGenerate(t.model, t.tokenizer, mode, gamma, t.sampling.temperature, assistant,
                          max_ngram=int((t.drafter.options if t.drafter else {}).get("max_ngram", 3)))
         method = "none" if mode == "plain" else mode
-        return Arm(f"hf/{method}", "hf", method, role, gen.generate, gen.settings())
+        settings = gen.settings() if mode == "plain" else dict(gen.settings(), gamma=gamma)
+        return Arm(f"hf/{method}", "hf", method, role, gen.generate, settings)
 
     arms = [arm("plain", "baseline"), arm("prompt_lookup", "anchor")]
     if t.drafter is not None and t.drafter.method == "draft" and t.drafter.path:
@@ -166,7 +175,8 @@ def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
     def runner(drafter: DrafterSpec | None) -> RunFn:
         def run(reqs: list[Request], stats: SpecStats) -> list[RequestOutput]:
             outs, got = fn(target=t.path, requests=reqs, drafter=drafter,
-                           num_draft_tokens=t.gamma, sampling=t.sampling,
+                           num_draft_tokens=t.gamma_of(drafter and drafter.method),
+                           sampling=t.sampling,
                            batch_size=t.batch_size)
             stats.merge(got)
             return outs
@@ -176,7 +186,8 @@ def _external_arms(engine: str, t: BenchTarget) -> list[Arm]:
                 {"batch_size": t.batch_size})]
     if t.drafter is not None:
         arms.append(Arm(f"{engine}/{t.drafter.method}", engine, t.drafter.method, "spec",
-                        runner(t.drafter), {"batch_size": t.batch_size, "gamma": t.gamma}))
+                        runner(t.drafter), {"batch_size": t.batch_size,
+                                            "gamma": t.gamma_of(t.drafter.method)}))
     return arms
 
 
@@ -252,20 +263,22 @@ def _drafter_arms(t: BenchTarget) -> list[tuple[str, DrafterSpec]]:
 
 
 def _session_arms(engine: str, t: BenchTarget, python: str, module: str, env_for, open_for,
-                  to_batch, from_result, drafters: list | None = None) -> list[Arm]:
+                  to_batch, from_result, drafters: list | None = None,
+                  gamma_for_session=None) -> list[Arm]:
     """A plain arm and one per (label, drafter) (default: the asked drafter and each --compare
-    one), each its own engine session."""
+    one), each its own engine session; gamma_for_session(method): its draft tokens per step."""
     import tempfile
     logs = tempfile.mkdtemp(prefix=f"specplug-bench-{engine}-")
     arms = []
     drafters = _drafter_arms(t) if drafters is None else drafters
+    gamma_for_session = gamma_for_session or t.gamma_of
     for label, drafter in [("none", None)] + drafters:
         method = drafter.method if drafter else "none"
         run = _SessionRun(python, module, env_for(drafter), open_for(drafter), to_batch,
                           from_result, f"{logs}/{label.replace('/', '-')}.log")
         settings = {"batch_size": t.batch_size, "python": python}
         if drafter is not None:
-            settings.update(gamma=t.gamma, drafter_path=drafter.path,
+            settings.update(gamma=gamma_for_session(drafter.method), drafter_path=drafter.path,
                             options=dict(drafter.options))
         arms.append(Arm(f"{engine}/{label}", engine, method,
                         "spec" if drafter else "baseline", run, settings, close=run.close,
@@ -283,7 +296,7 @@ def _vllm_arms(t: BenchTarget) -> list[Arm]:
         if drafter is not None:
             options = dict(drafter.options)
             job["specplug"] = {"method": drafter.method, "path": drafter.path,
-                               "num_draft_tokens": t.gamma,
+                               "num_draft_tokens": t.gamma_of(drafter.method),
                                "budget": option_is_set(options.pop("budget", False),
                                                        "option budget"),
                                "options": options}
@@ -339,10 +352,15 @@ def _sglang_arms(t: BenchTarget) -> list[Arm]:
     def open_for(drafter: DrafterSpec | None) -> dict:
         method, options = drafter and drafter.method, drafter and drafter.options
         path = cards.enter_context(sg.drafter_path_for(method, drafter and drafter.path, options))
-        spec = sg.speculative_kwargs(method, path, t.gamma, options=options)
+        spec = sg.speculative_kwargs(method, path, sglang_gamma(method), options=options)
         return {"target": t.path, "longest": t.longest, "spec": spec,
                 "engine_kwargs": {"dtype": str(t.model.dtype).replace("torch.", ""),
                                   "max_running_requests": t.batch_size}}
+
+    def sglang_gamma(method: str | None) -> int:
+        # SGLang verifies every request at its full width, drafted or not: a lookup's long
+        # default cap (suffix's 24) would verify 25 tokens a step, so it keeps the short one
+        return t.gamma if t.gamma is not None else t.gamma_of(None)
 
     def to_batch(reqs: list[Request]) -> dict:
         return {"requests": [{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
@@ -355,7 +373,8 @@ def _sglang_arms(t: BenchTarget) -> list[Arm]:
         return [RequestOutput(**o) for o in got["outputs"]]
 
     return _session_arms("sglang", t, _sglang_python(), SESSION_MODULES["sglang"],
-                         lambda drafter: env, open_for, to_batch, from_result)
+                         lambda drafter: env, open_for, to_batch, from_result,
+                         gamma_for_session=sglang_gamma)
 
 
 def _from_job(got: dict, reqs: list[Request], tokenizer, stats: SpecStats) -> list[RequestOutput]:

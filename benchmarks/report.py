@@ -108,6 +108,14 @@ def _cpu_detail(device: dict) -> str:
             + ("no AVX-512" if not best else "+".join(f for f in best if f.endswith("bf16")) or "AVX-512"))
 
 
+def gamma_text(run: dict) -> str:
+    """'gamma 5', or each drafter arm's where the run let every method pick its own."""
+    if run["config"].get("gamma") is not None:
+        return f"gamma {run['config']['gamma']}"
+    own = {a["label"]: a["settings"]["gamma"] for a in run["arms"] if "gamma" in a["settings"]}
+    return "gamma per arm (" + ", ".join(f"{k} {v}" for k, v in own.items()) + ")"
+
+
 def environment_lines(runs: list[dict]) -> str:
     out = []
     for run in runs:
@@ -121,7 +129,7 @@ def environment_lines(runs: list[dict]) -> str:
                           for label, e in sorted(env.get("engines", {}).items()))
         out.append(
             f"- `{run['name']}`: suite {cfg['suite']}, turns {cfg['turns']}, max_new_tokens "
-            f"{cfg['max_new_tokens']}, batch {cfg['batch_size']}, gamma {cfg['gamma']}, "
+            f"{cfg['max_new_tokens']}, batch {cfg['batch_size']}, {gamma_text(run)}, "
             f"{cfg.get('dtype', 'float32')}, temperature {cfg['temperature']}, "
             f"{passes}, target `{os.path.basename(cfg['target'].rstrip('/'))}`;"
             f" {env['device']['cpu']} ({env['device']['type']}{_cpu_detail(env['device'])}), torch threads "

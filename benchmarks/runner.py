@@ -44,7 +44,7 @@ class BenchConfig:
     turns: int = 1
     max_new_tokens: int = 128
     batch_size: int = 1
-    # draft tokens per step, one for every arm; None: the headline method's default (gamma_for)
+    # draft tokens per step for every arm; None: each arm's method's own default (gamma_for)
     gamma: int | None = None
     temperature: float = 0.0
     chat_template: bool = True
@@ -84,12 +84,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from specplug.drafters.base import available_methods, gamma_for
     from specplug.models.loading import load_causal_lm, load_tokenizer
 
-    # the JSON's config records what ran (an unknown method is family_of's one-line error)
-    cfg.gamma = gamma_for(cfg.method, cfg.gamma)
     if cfg.turns not in (1, 2):
         raise ValueError(f"--turns must be 1 or 2, got {cfg.turns}")
     for name, v in (("--max-new-tokens", cfg.max_new_tokens), ("--batch-size", cfg.batch_size),
-                    ("--gamma", cfg.gamma), ("--repeats", cfg.repeats)):
+                    ("--gamma", 1 if cfg.gamma is None else cfg.gamma),
+                    ("--repeats", cfg.repeats)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     items = load_prompts(cfg.suite, cfg.num_prompts, cfg.per_category)
@@ -116,7 +115,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, cfg.drafter, cfg.options)
     # engines round their context up (to 64 in our vLLM and SGLang sessions) and add room for
     # gamma drafts: prompt + new tokens must leave that much headroom below the model's limit
-    limit = context_limit(model.config) - 64 - cfg.gamma - 1
+    longest_draft = max(gamma_for(m, cfg.gamma) for m in
+                        [cfg.method] + [spec.method for _, spec in cfg.compare])
+    limit = context_limit(model.config) - 64 - longest_draft - 1
     target = BenchTarget(cfg.target, model, tokenizer, drafter, cfg.gamma,
                          SamplingParams(temperature=cfg.temperature), cfg.batch_size,
                          list(cfg.compare), cfg.budget, longest=limit)
@@ -310,8 +311,9 @@ def _assemble(cfg: BenchConfig, states, items: list[PromptItem], skipped, use_ch
         if base is not None and st is not base:
             entry["matches_baseline"] = _same_outputs(st, base)
             if summary["num_draft_tokens"]:
-                c = metrics.draft_cost(summary, base.stats.summary(), cfg.gamma)
-                entry["leviathan"] = metrics.leviathan_bound(summary["acceptance_rate"], cfg.gamma, c)
+                gamma = st.arm.settings.get("gamma") or gamma_for(None, cfg.gamma)
+                c = metrics.draft_cost(summary, base.stats.summary(), gamma)
+                entry["leviathan"] = metrics.leviathan_bound(summary["acceptance_rate"], gamma, c)
         arms.append(entry)
     head = next((a for a in arms if a["role"] == "spec"), None) or next(
         (a for a in arms if a["role"] == "anchor"), arms[0])

@@ -101,10 +101,10 @@ def build_embedded(cfg: GenerateConfig, model, tokenizer) -> EmbeddedEngine:
 
 
 def generate(cfg: GenerateConfig, model=None, tokenizer=None) -> tuple[list[RequestOutput], SpecStats]:
+    if cfg.engine != "embedded":
+        return _generate_other_engine(cfg)  # each engine's runner settles gamma its own way
     cfg.method = resolve_method(cfg.method, cfg.drafter)
     cfg.gamma = gamma_for(cfg.method, cfg.gamma)  # the stats JSON records what ran
-    if cfg.engine != "embedded":
-        return _generate_other_engine(cfg)
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.dtype)
     engine = build_embedded(cfg, model, tokenizer)

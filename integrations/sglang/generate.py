@@ -166,10 +166,15 @@ def run_sglang(cfg=None, *, target: str | None = None, requests: list[Request] |
 
 
 def _from_config(cfg):
+    from specplug.drafters.base import gamma_for
     from specplug.drafters.detect import resolve_method
     from specplug.models.loading import load_tokenizer
     from specplug.prompts import drafter_folder, requests_for
     cfg.method = resolve_method(cfg.method, cfg.drafter)
+    if cfg.gamma is None:
+        # SGLang verifies every request at its full width, drafted or not: a lookup's long
+        # default cap (suffix's 24) would verify 25 tokens a step, so the short default it is
+        cfg.gamma = gamma_for(None, None)
     requests = requests_for(cfg, load_tokenizer(cfg.target), seeded=False)
     path = drafter_folder(cfg)
     drafter = None if cfg.method == "none" else DrafterSpec(cfg.method, path, dict(cfg.options))

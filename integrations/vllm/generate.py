@@ -161,10 +161,12 @@ def _timed(session: VllmSession, requests: list[Request], sampling: SamplingPara
 
 def run_vllm(cfg) -> tuple[list[RequestOutput], SpecStats]:
     """`specplug generate --engine vllm`: cfg is a specplug.api.GenerateConfig."""
+    from specplug.drafters.base import gamma_for
     from specplug.drafters.detect import resolve_method
     from specplug.models.loading import load_tokenizer
     from specplug.prompts import drafter_folder, requests_for
     cfg.method = resolve_method(cfg.method, cfg.drafter)
+    cfg.gamma = gamma_for(cfg.method, cfg.gamma)  # vLLM verifies each request's own length
     requests = requests_for(cfg, load_tokenizer(cfg.target))
     path = drafter_folder(cfg)
     # --option via_plugin=1: eagle / eagle3 / dflash through specplug's drafter, not vLLM's;

@@ -12,11 +12,13 @@ whose path probability is at least `min_prob`, and at most `spec_factor` x match
 so a short, weak match proposes little and a long one proposes much.  The proposal stops by
 itself, so the family's default cap is long (24 tokens a step, `Family.default_gamma`).
 
-Defaults measured on HumanEval 40 (SmolLM2-135M, bf16, batch 1, 128 new tokens, 3 interleaved
-repetitions, CPU; /tmp runs, the same arms in one run each): gamma 5 held 13% of steps at the
-cap; gamma 12 took speedup from 1.87x (another run) to 1.99x; spec_factor 2 then to 2.11x
-(2.106-2.112, against 1.971-1.982 for spec_factor 1 in the same run), spec_factor 4 fell back
-to 1.99x (long guesses from short matches cost verify width).
+Defaults measured (SmolLM2-135M, bf16, batch 1, 128 new tokens, 3 interleaved repetitions,
+CPU; benchmarks/results/he40_suffix_*_explore.json, mt24_suffix_g24_explore.json): on HumanEval
+40, gamma 5 left 13% of steps at the cap; gamma 12 took the speedup from 1.87x (another run) to
+1.99x; spec_factor 2 then to 2.11x (2.106-2.112, against 1.971-1.982 for spec_factor 1 in the
+same run); spec_factor 4 fell back to 1.99x (long guesses from short matches cost verify width).
+On MT-Bench 24, spec_factor 2 ran at 1.450x (1.426-1.479) against 1.373x (1.359-1.401).  Trees
+of 24 nodes were within the chains' spread on both, so chains stay the default.
 
 Chains by default (the best path, what vLLM and SGLang verify); `tree_nodes` > 0 proposes the
 best tree of that many nodes instead (the embedded engine verifies trees).  Deterministic, so

@@ -186,6 +186,25 @@ def test_compare_adds_drafter_arms_to_the_same_run(tiny_models, tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
+def test_without_gamma_each_arm_drafts_its_methods_own(tiny_models, tmp_path):
+    """No --gamma: suffix arms get suffix's long cap, n-gram and HF prompt lookup n-gram's, and
+    the report says so; the recorded config keeps None (no one number ran)."""
+    from specplug.benchmarks.report import environment_lines, load_runs
+    out = tmp_path / "own"
+    assert main(["--suite", "mtbench", "--num-prompts", "2", "--target", tiny_models["target"],
+                 "--method", "suffix", "--compare", "ngram", "--max-new-tokens", "8",
+                 "--dtype", "float64", "--repeats", "1", "--output", str(out), "--no-progress",
+                 "--name", "own"]) == 0
+    run = json.loads((out / "own.json").read_text())
+    gammas = {a["label"]: a["settings"].get("gamma") for a in run["arms"]}
+    assert gammas == {"embedded/none": None, "embedded/suffix": 24, "embedded/ngram": 5,
+                      "hf/none": None, "hf/prompt_lookup": 5}, gammas
+    assert run["config"]["gamma"] is None
+    assert run["arms"][1]["leviathan"]["gamma"] == 24
+    assert "gamma per arm (embedded/suffix 24, embedded/ngram 5, hf/prompt_lookup 5)" in \
+        environment_lines(load_runs(str(out)))
+
+
 def test_also_engine_reports_its_plain_arm_against_the_main_engines(tiny_models, tmp_path):
     """--also-engine: another engine's arms join the run, and its plain arm carries its
     tokens/s over the main engine's plain arm, repetition by repetition."""

@@ -358,6 +358,8 @@ def test_run_sglang_passes_the_budget_to_specplug_algorithms_only(monkeypatch, t
         generate.run_sglang(cfg)
     assert budgets == [True, None, False]  # the head's own folder: no card, so no budget
     assert jobs[2]["spec"]["speculative_algorithm"] == "EAGLE3"
+    # no gamma given: SGLang verifies at full width, so suffix keeps the short default here
+    assert jobs[0]["spec"]["speculative_num_steps"] == 5
 
 
 # Stands in for launch_server: binds --port and answers /health, or (like SGLang's uvicorn,
